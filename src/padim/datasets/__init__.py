@@ -1,0 +1,49 @@
+"""Data sets: find the images of a category on disk and split them into train and test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .images import ImageFiles, read_image, read_mask
+from .mvtec import is_folder, is_mvtec, list_images, load_folder
+from .samples import DatasetError, Sample, Split
+from .visa import is_visa, load_visa
+
+LAYOUTS = ("auto", "visa", "mvtec", "folder")
+
+__all__ = [
+    "LAYOUTS", "DatasetError", "ImageFiles", "Sample", "Split", "detect_layout", "list_images",
+    "load_split", "read_image", "read_mask",
+]
+
+
+def detect_layout(root: Path, category: str) -> str:
+    """Name the layout of ``root/category``: 'visa', 'mvtec' or 'folder'."""
+    if not (root / category).is_dir():
+        raise DatasetError(
+            f"{root / category}: category folder not found. Point DATA_ROOT at the folder that "
+            f"holds '{category}/' (for VisA, the folder with split_csv/)"
+        )
+    for name, test in (("visa", is_visa), ("mvtec", is_mvtec), ("folder", is_folder)):
+        if test(root, category):
+            return name
+    raise DatasetError(
+        f"{root / category}: not a known layout (VisA Data/Images/, MVTec AD train/good + "
+        "ground_truth/, or plain train/good + test/)"
+    )
+
+
+def load_split(root: str | Path, category: str, split: str = "1cls", layout: str = "auto") -> Split:
+    """Load the train/test split of one category.
+
+    ``split`` applies to VisA ('1cls' official, 'seed' the seed's protocol); the MVTec and folder
+    layouts have a single fixed split. ``layout='auto'`` detects the layout from the folders.
+    """
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(root, category)
+    if layout == "visa":
+        return load_visa(root, category, split)
+    return load_folder(root, category, layout)

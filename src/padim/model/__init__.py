@@ -1,0 +1,11 @@
+"""The PaDiM model: streaming Gaussian statistics, the scoring module, the estimator, model files."""
+
+from .io import ModelFileError, load_model, read_model_file, save_model
+from .padim import Padim, Prediction
+from .scorer import PadimScorer
+from .stats import GaussianStats, whitening_factor
+
+__all__ = [
+    "GaussianStats", "ModelFileError", "Padim", "PadimScorer", "Prediction", "load_model",
+    "read_model_file", "save_model", "whitening_factor",
+]

@@ -1,0 +1,215 @@
+"""The PaDiM estimator: fit on normal images, predict anomaly maps and scores for new ones."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import FeatureExtractor, channel_index, get_spec
+from ..datasets.images import ImageFiles, ImageSource
+from .scorer import PadimScorer
+from .stats import GaussianStats, whitening_factor
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`Padim.predict` for N images.
+
+    scores: (N,) image scores (max of the map); maps: (N, H, W) anomaly maps at the model input
+    size; labels: (N,) 1 = anomalous at the model's stored threshold (None when it has none).
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray
+    labels: np.ndarray | None
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = image_size
+    return (int(h), int(w))
+
+
+class Padim:
+    """PaDiM (Defard et al., 2021): one Gaussian per patch position over CNN features.
+
+    Parameters
+    ----------
+    backbone: registered backbone name (see ``padim.backbones.list_backbones()``).
+    image_size: input side in pixels (square resize), or (height, width).
+    d: number of feature channels kept (fixed random subset, PaDiM's reduction).
+    eps: added to each covariance diagonal; keeps it invertible with few images.
+    sigma: Gaussian blur of the upsampled map, in input pixels (0 = none).
+    seed: fixes the channel subset and the calibration hold-out.
+    calibration_fraction: share of the training images held out to set the threshold; they are
+        scored by the model fit without them, then merged into the final statistics.
+    threshold_quantile: the threshold is this quantile of the held-out normal image scores.
+    batch_size, num_workers: batches for the backbone and decoding processes (None = auto).
+    device: 'cpu' or 'cuda'. weights: a backbone weights file, if not the default source.
+    progress: show progress bars.
+    """
+
+    def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = 256, d: int = 100,
+                 eps: float = 0.01, sigma: float = 4.0, seed: int = 0, calibration_fraction: float = 0.1,
+                 threshold_quantile: float = 0.99, batch_size: int = 16, num_workers: int | None = None,
+                 device: str = "cpu", weights: str | Path | None = None, progress: bool = False):
+        get_spec(backbone)  # fail early on an unknown name
+        if not 0.0 <= calibration_fraction < 1.0:
+            raise ValueError("calibration_fraction must be in [0, 1)")
+        if not 0.0 < threshold_quantile <= 1.0:
+            raise ValueError("threshold_quantile must be in (0, 1]")
+        self.backbone = backbone
+        self.image_size = _as_size(image_size)
+        self.d = d
+        self.eps = eps
+        self.sigma = sigma
+        self.seed = seed
+        self.calibration_fraction = calibration_fraction
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.weights = Path(weights) if weights is not None else None
+        self.progress = progress
+        self.scorer_: PadimScorer | None = None
+        self.threshold_: float | None = None
+        self.info_: dict = {}
+
+    # ----------------------------------------------------------------- feature extraction
+    def _extractor(self, pretrained: bool = True) -> FeatureExtractor:
+        total = sum(get_spec(self.backbone).channels)
+        channels = channel_index(total, self.d, self.seed)
+        return FeatureExtractor(self.backbone, channels, self.weights, pretrained).to(self.device)
+
+    def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str) -> Iterator[torch.Tensor]:
+        """uint8 (B, 3, H, W) batches on the model's device, decoded in worker processes."""
+        if isinstance(images, torch.Tensor):
+            batches = images.split(self.batch_size)
+        else:
+            workers = self.num_workers
+            if workers is None:
+                workers = min(2, os.cpu_count() or 1) if len(images) > self.batch_size else 0
+            batches = torch.utils.data.DataLoader(
+                ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers,
+            )
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            yield batch.to(self.device)
+
+    def _accumulate(self, extractor: FeatureExtractor, images, desc: str) -> GaussianStats:
+        stats = None
+        for batch in self._batches(images, desc):
+            emb = extractor(batch)
+            if stats is None:
+                stats = GaussianStats.empty(emb.shape[2] * emb.shape[3], emb.shape[1], self.device)
+                self.grid_ = tuple(emb.shape[-2:])
+            stats.update(emb)
+        if stats is None:
+            raise ValueError("no training images")
+        return stats
+
+    def _scorer(self, extractor: FeatureExtractor, stats: GaussianStats) -> PadimScorer:
+        factor = whitening_factor(stats.covariance(self.eps))
+        return PadimScorer(extractor, stats.mean(), factor, self.grid_, self.sigma)
+
+    # ----------------------------------------------------------------- public API
+    @torch.inference_mode()
+    def fit(self, images: Sequence[ImageSource] | torch.Tensor, pretrained: bool = True) -> Padim:
+        """Fit on normal images (paths, PIL images, HxWx3 uint8 arrays, or a uint8 (N,3,H,W) tensor).
+
+        ``pretrained=False`` uses random backbone weights (for tests only).
+        """
+        n = len(images)
+        n_cal = int(round(self.calibration_fraction * n)) if self.calibration_fraction > 0 else 0
+        if self.calibration_fraction > 0 and n >= 3:
+            n_cal = max(n_cal, 1)
+        if n - n_cal < 2:
+            raise ValueError(f"need at least {n_cal + 2} training images, got {n}")
+        order = np.random.default_rng(self.seed).permutation(n)
+        cal_idx, fit_idx = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+        pick = (lambda idx: images[torch.as_tensor(idx)]) if isinstance(images, torch.Tensor) else (
+            lambda idx: [images[i] for i in idx])
+
+        extractor = self._extractor(pretrained)
+        stats = self._accumulate(extractor, pick(fit_idx), "fit")
+        cal_scores, cal_maps = np.empty(0), np.empty(0)
+        if n_cal:
+            # score held-out images with the model that has not seen them, then merge them in
+            scorer = self._scorer(extractor, stats)
+            cal_stats = GaussianStats.empty(*stats.total.shape, self.device)
+            scores, maps = [], []
+            for batch in self._batches(pick(cal_idx), "calibrate"):
+                emb = extractor(batch)
+                cal_stats.update(emb)
+                m, s = scorer.score_embeddings(emb, self.image_size)
+                maps.append(m.cpu().numpy())
+                scores.append(s.cpu().numpy())
+            stats = stats + cal_stats
+            cal_scores, cal_maps = np.concatenate(scores), np.concatenate(maps)
+        self.scorer_ = self._scorer(extractor, stats)
+        self._calibrate(cal_scores, cal_maps, n)
+        return self
+
+    def _calibrate(self, scores: np.ndarray, maps: np.ndarray, n_train: int) -> None:
+        self.threshold_ = float(np.quantile(scores, self.threshold_quantile)) if scores.size else None
+        low = float(np.median(maps)) if maps.size else None
+        high = None
+        if self.threshold_ is not None and low is not None:
+            high = self.threshold_ + max(self.threshold_ - low, 1e-6)
+        self.info_ = {
+            "n_train": n_train,
+            "n_calibration": int(scores.size),
+            "calibration_scores": {
+                "min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max()),
+            } if scores.size else None,
+            # colour range for heat maps: the median normal pixel at the bottom, threshold mid-scale
+            "map_range": [low, high] if high is not None else None,
+        }
+
+    def _check_fitted(self) -> PadimScorer:
+        if self.scorer_ is None:
+            raise RuntimeError("this Padim is not fitted yet; call fit() or Padim.load()")
+        return self.scorer_
+
+    @torch.inference_mode()
+    def iter_predict(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "predict",
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (scores (B,), maps (B, H, W)) batch by batch, so large sets stream."""
+        scorer = self._check_fitted()
+        for batch in self._batches(images, desc):
+            maps, scores = scorer(batch)
+            yield scores.cpu().numpy(), maps.cpu().numpy()
+
+    def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
+        """Anomaly scores, maps and labels (at the stored threshold) for all images."""
+        parts = list(self.iter_predict(images))
+        if not parts:
+            h, w = self.image_size
+            return Prediction(np.empty(0, np.float32), np.empty((0, h, w), np.float32), None)
+        scores = np.concatenate([p[0] for p in parts])
+        maps = np.concatenate([p[1] for p in parts])
+        return Prediction(scores, maps, self.labels(scores))
+
+    def labels(self, scores: np.ndarray) -> np.ndarray | None:
+        """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
+        if self.threshold_ is None:
+            return None
+        return (np.asarray(scores) > self.threshold_).astype(np.int64)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to a .safetensors file (atomically); returns the path."""
+        from .io import save_model
+        return save_model(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", weights: str | Path | None = None,
+             progress: bool = False) -> Padim:
+        """Read a model written by :meth:`save`; never executes code from the file."""
+        from .io import load_model
+        return load_model(Path(path), device=device, weights=weights, progress=progress)

@@ -1,0 +1,67 @@
+"""Streaming, mergeable per-position Gaussian statistics (count, sum, sum of outer products)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GaussianStats:
+    """Sufficient statistics of one Gaussian per patch position, accumulated in float64.
+
+    ``total`` is (P, D) and ``outer`` (P, D, D) for P positions and D channels. Two partial fits
+    add up exactly to the fit on the union (``a + b``), so shards can be reduced in any order.
+    """
+
+    count: int
+    total: torch.Tensor
+    outer: torch.Tensor
+
+    @classmethod
+    def empty(cls, positions: int, dim: int, device: torch.device | str = "cpu") -> GaussianStats:
+        """Statistics of zero samples."""
+        return cls(
+            0,
+            torch.zeros(positions, dim, dtype=torch.float64, device=device),
+            torch.zeros(positions, dim, dim, dtype=torch.float64, device=device),
+        )
+
+    def update(self, embeddings: torch.Tensor) -> None:
+        """Add a batch of (B, D, h, w) embeddings; positions are the h*w grid cells."""
+        b, d, h, w = embeddings.shape
+        if (h * w, d) != tuple(self.total.shape):
+            raise ValueError(f"embedding grid {d}x{h}x{w} does not match statistics {tuple(self.total.shape)}")
+        x = embeddings.to(torch.float64).permute(2, 3, 0, 1).reshape(h * w, b, d)
+        self.count += b
+        self.total += x.sum(dim=1)
+        self.outer.baddbmm_(x.transpose(1, 2), x)
+
+    def __add__(self, other: GaussianStats) -> GaussianStats:
+        return GaussianStats(self.count + other.count, self.total + other.total, self.outer + other.outer)
+
+    def mean(self) -> torch.Tensor:
+        """(P, D) sample mean."""
+        if self.count < 1:
+            raise ValueError("no samples accumulated")
+        return self.total / self.count
+
+    def covariance(self, eps: float) -> torch.Tensor:
+        """(P, D, D) unbiased covariance (1/(N-1)) plus ``eps`` on the diagonal."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
+        mean = self.mean()
+        cov = (self.outer - self.count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (self.count - 1)
+        cov.diagonal(dim1=1, dim2=2).add_(eps)
+        return cov
+
+
+def whitening_factor(cov: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular W = L^-1 with cov = L L^T, so the Mahalanobis distance is |W (x - mean)|."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info.max()) > 0:
+        bad = int((info > 0).nonzero()[0])
+        raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)

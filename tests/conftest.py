@@ -1,0 +1,96 @@
+"""Shared fixtures: synthetic images and data sets made in the test, and the real VisA data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+VISA_ROOT = Path(os.environ.get("PADIM_VISA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "visa"))
+
+
+def texture(rng: np.random.Generator, size: int = 64, defect: bool = False) -> np.ndarray:
+    """A normal-looking stripe texture with noise; ``defect`` paints a bright blob at a random spot."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = 120 + 40 * np.sin(xx / 3.0) + rng.normal(0, 6, (size, size))
+    image = np.stack([base, base * 0.8 + 20, base * 0.6 + 40], axis=2)
+    if defect:
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = size // 8
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        image[blob] = [250, 30, 30]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def defect_mask(image: np.ndarray) -> np.ndarray:
+    """The painted blob of :func:`texture` as a bool mask."""
+    return (image[..., 0] == 250) & (image[..., 1] == 30)
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def make_folder_dataset(root: Path, rng: np.random.Generator, n_train: int = 12, n_good: int = 4,
+                        n_bad: int = 4, mvtec: bool = True, size: int = 64) -> Path:
+    """A tiny MVTec-style (or plain) data set under ``root/widget``."""
+    base = root / "widget"
+    for i in range(n_train):
+        write_png(base / "train" / "good" / f"{i:03d}.png", texture(rng, size))
+    for i in range(n_good):
+        write_png(base / "test" / "good" / f"{i:03d}.png", texture(rng, size))
+    for i in range(n_bad):
+        image = texture(rng, size, defect=True)
+        write_png(base / "test" / "blob" / f"{i:03d}.png", image)
+        name = f"{i:03d}_mask.png" if mvtec else f"{i:03d}.png"
+        write_png(base / "ground_truth" / "blob" / name, defect_mask(image).astype(np.uint8) * 255)
+    return root
+
+
+def make_visa_dataset(root: Path, rng: np.random.Generator, n_normal: int = 14, n_anomaly: int = 6,
+                      size: int = 64) -> Path:
+    """A tiny data set in VisA's own layout, category ``widget``, with its split and annotation csv."""
+    cat = root / "widget"
+    anno = ["image,label,mask"]
+    split = ["object,split,label,image,mask"]
+    for i in range(n_normal):
+        rel = f"widget/Data/Images/Normal/{i:03d}.JPG"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(texture(rng, size)).save(root / rel, format="JPEG", quality=95)
+        anno.append(f"{rel},normal,")
+        split.append(f"widget,{'train' if i < n_normal - 4 else 'test'},normal,{rel},")
+    for i in range(n_anomaly):
+        rel = f"widget/Data/Images/Anomaly/{i:03d}.JPG"
+        mrel = f"widget/Data/Masks/Anomaly/{i:03d}.png"
+        image = texture(rng, size, defect=True)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / rel, format="JPEG", quality=95)
+        write_png(root / mrel, defect_mask(image).astype(np.uint8) * 3)  # class ids, not 255
+        label = '"blob,scratch"' if i % 2 else "blob"
+        anno.append(f"{rel},{label},{mrel}")
+        split.append(f"widget,test,anomaly,{rel},{mrel}")
+    (cat / "image_anno.csv").write_text("\n".join(anno) + "\n")
+    (root / "split_csv").mkdir(exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(split) + "\n")
+    return root
+
+
+@pytest.fixture
+def visa_root() -> Path:
+    """The real VisA data; fails (not skips) under CI when it is missing."""
+    if not (VISA_ROOT / "fryum" / "Data" / "Images").is_dir():
+        message = f"real VisA fryum data not found at {VISA_ROOT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return VISA_ROOT

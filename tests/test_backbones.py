@@ -1,0 +1,69 @@
+"""padim.backbones: registry, packaged weights, ResNet loading without network, feature taps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from padim.backbones import BackboneError, FeatureExtractor, channel_index, get_spec, list_backbones
+from padim.backbones.torchvision_resnet import cached_weights
+
+
+def test_registry_lists_the_four_backbones():
+    assert {"mobilenet_v2", "efficientnet_lite0", "resnet18", "wide_resnet50_2"} <= set(list_backbones())
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        get_spec("vgg")
+
+
+@pytest.mark.parametrize("name, pretrained", [
+    ("mobilenet_v2", True), ("efficientnet_lite0", True), ("resnet18", False), ("wide_resnet50_2", False),
+])
+def test_taps_have_strides_4_8_16_and_declared_channels(name, pretrained):
+    spec = get_spec(name)
+    net = spec.build(None, pretrained).eval()
+    with torch.inference_mode():
+        maps = net(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (c, 64 // s, 96 // s) for c, s in zip(spec.channels, (4, 8, 16), strict=True)
+    ]
+
+
+def test_packaged_weights_are_real_imagenet_weights():
+    # random init would give BatchNorm running_var == 1 everywhere; trained weights never do
+    net = get_spec("mobilenet_v2").build(None, True)
+    assert not torch.allclose(net.blocks[0][1].running_var, torch.ones(32))
+
+
+def test_resnet_without_cached_weights_fails_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(BackboneError, match="never\\s+downloads") as info:
+        get_spec("resnet18").build(None, True)
+    assert cached_weights("https://x/resnet18-f37072fd.pth") == tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
+    assert "--weights" in str(info.value)
+
+
+def test_resnet_loads_a_weights_file_the_user_names(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    assert get_spec("resnet18").build(path, True) is not None
+    bad = tmp_path / "bad.pth"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(BackboneError, match="bad.pth"):
+        get_spec("resnet18").build(bad, True)
+
+
+def test_channel_index_is_fixed_by_seed_and_validated():
+    a = channel_index(152, 100, 0)
+    assert torch.equal(a, channel_index(152, 100, 0)) and not torch.equal(a, channel_index(152, 100, 1))
+    assert len(set(a.tolist())) == 100 and a.max() < 152
+    with pytest.raises(ValueError):
+        channel_index(152, 153, 0)
+
+
+def test_extractor_normalizes_uint8_and_concatenates_at_stride_4():
+    channels = channel_index(152, 40, 0)
+    extractor = FeatureExtractor("mobilenet_v2", channels)
+    out = extractor(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert out.shape == (2, 40, 16, 16) and out.dtype == torch.float32

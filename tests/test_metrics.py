@@ -1,0 +1,96 @@
+"""padim.metrics against independent computations: brute-force AUROC, F1 and AUPRO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from padim.metrics import aupro, auroc, compute_metrics, confusion, f1_max
+
+
+def brute_auroc(labels, scores):
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def brute_aupro(masks, maps, limit=0.3):
+    """Threshold sweep over every distinct score, regions by 8-connectivity, trapezoid to the limit."""
+    regions = []
+    for m, a in zip(masks, maps, strict=True):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [a[lab == i] for i in range(1, n + 1)]
+    normal = np.concatenate([a[~m] for m, a in zip(masks, maps, strict=True)])
+    points = [(0.0, 0.0)]
+    for t in np.unique(np.concatenate([a.ravel() for a in maps]))[::-1]:
+        points.append(((normal >= t).mean(), np.mean([(r >= t).mean() for r in regions])))
+    fpr, pro = np.array(points).T
+    grid_x, grid_y = [0.0], [0.0]
+    for i in range(1, len(fpr)):
+        if fpr[i] <= limit:
+            grid_x.append(fpr[i])
+            grid_y.append(pro[i])
+        else:
+            t = (limit - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
+            grid_x.append(limit)
+            grid_y.append(pro[i - 1] + t * (pro[i] - pro[i - 1]))
+            break
+    return np.trapezoid(grid_y, grid_x) / limit
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(4, 40))
+def test_auroc_and_f1_max_match_brute_force(seed, n):
+    r = np.random.default_rng(seed)
+    labels = r.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    scores = np.round(r.normal(size=n) + labels, 1)  # rounding makes ties
+    assert auroc(labels, scores) == pytest.approx(brute_auroc(labels, scores))
+    best = max(confusion(labels, scores >= t)["f1"] or 0 for t in np.unique(scores))
+    f1, threshold = f1_max(labels, scores)
+    assert f1 == pytest.approx(best)
+    assert confusion(labels, scores >= threshold)["f1"] == pytest.approx(best)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_aupro_matches_brute_force_on_tiny_maps(seed):
+    r = np.random.default_rng(seed)
+    masks = r.random((3, 6, 7)) > 0.8
+    masks[0, 0, 0], masks[0, 5, 6] = True, False
+    maps = np.round(r.random((3, 6, 7)) + masks * r.random(), 2)
+    assert aupro(masks, maps) == pytest.approx(brute_aupro(masks, maps), abs=1e-9)
+
+
+def test_aupro_perfect_and_undefined_cases():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 2:4, 2:4] = True
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0)
+    assert aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4))) is None
+    assert auroc(np.zeros(5), np.arange(5)) is None
+
+
+def test_diagonal_touching_pixels_form_one_region():
+    masks = np.zeros((1, 5, 5), bool)
+    masks[0, 1, 1] = masks[0, 2, 2] = masks[0, 2, 3] = True  # one 8-connected region, two 4-connected
+    maps = np.zeros((1, 5, 5))
+    maps[0, 1, 1] = 1.0
+    # curve (0, 1/3) -> (1, 1): PRO 1/3 at FPR 0 (4-connectivity would give 1/2), linear to FPR 0.3
+    assert aupro(masks, maps) == pytest.approx((1 / 3 + 1 / 3 + 0.3 * 2 / 3) / 2)
+
+
+def test_compute_metrics_per_defect_type_and_confusion():
+    labels = np.array([0, 1, 0, 1])
+    scores = np.array([0.1, 0.15, 0.2, 0.9])
+    masks = [np.zeros((2, 2), bool), None, np.zeros((2, 2), bool), np.eye(2, dtype=bool)]
+    maps = [np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)), np.eye(2)]
+    out = compute_metrics(labels, scores, [(), ("a", "b"), (), ("a",)], masks, maps, threshold=0.5)
+    assert out["overall"]["image_auroc"] == pytest.approx(0.75)
+    assert out["overall"]["n_pixel_images"] == 3  # the anomaly without a mask is left out
+    assert out["per_defect_type"]["b"]["image_auroc"] == pytest.approx(0.5)
+    assert out["per_defect_type"]["b"]["pixel_auroc"] is None
+    assert out["at_threshold"] == {"threshold": 0.5, "tp": 1, "fp": 0, "tn": 2, "fn": 1,
+                                   "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3)}

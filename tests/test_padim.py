@@ -1,0 +1,101 @@
+"""padim.model.padim and padim.model.io: the estimator on synthetic images, and model files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import defect_mask, texture
+from padim import Padim
+from padim.metrics import auroc
+from padim.model import ModelFileError, read_model_file
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Padim:
+    rng = np.random.default_rng(1)
+    train = [texture(rng) for _ in range(20)]
+    return Padim(image_size=64, d=32, sigma=1.0, calibration_fraction=0.2).fit(train)
+
+
+def test_fit_holds_out_calibration_images_and_stores_a_threshold(fitted):
+    assert fitted.info_["n_train"] == 20 and fitted.info_["n_calibration"] == 4
+    low, high = fitted.info_["map_range"]
+    assert low < fitted.threshold_ < high
+
+
+def test_defects_score_higher_and_maps_point_at_them(fitted):
+    rng = np.random.default_rng(2)
+    normal = [texture(rng) for _ in range(6)]
+    bad = [texture(rng, defect=True) for _ in range(6)]
+    pred = fitted.predict(normal + bad)
+    assert pred.maps.shape == (12, 64, 64) and pred.labels is not None
+    assert auroc(np.r_[np.zeros(6), np.ones(6)], pred.scores) > 0.9
+    masks = np.stack([defect_mask(b) for b in bad])
+    assert auroc(masks, pred.maps[6:]) > 0.8
+    assert pred.labels[6:].sum() >= 4
+
+
+def test_tensor_input_matches_array_input(fitted):
+    rng = np.random.default_rng(3)
+    images = [texture(rng) for _ in range(3)]
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    np.testing.assert_allclose(fitted.predict(tensor).scores, fitted.predict(images).scores, rtol=1e-6)
+
+
+def test_save_load_round_trip_gives_identical_predictions(fitted, tmp_path):
+    path = fitted.save(tmp_path / "m.safetensors")
+    again = Padim.load(path)
+    rng = np.random.default_rng(4)
+    images = [texture(rng, defect=True) for _ in range(3)]
+    np.testing.assert_allclose(again.predict(images).maps, fitted.predict(images).maps, rtol=1e-5, atol=1e-5)
+    assert again.threshold_ == fitted.threshold_
+    meta, tensors = read_model_file(path)
+    assert meta["backbone"] == "mobilenet_v2" and meta["image_size"] == [64, 64] and meta["package_version"]
+    assert tensors["factor_tril"].shape == (16 * 16, 32 * 33 // 2)
+
+
+def test_same_seed_gives_the_same_model_bytes(tmp_path):
+    rng = np.random.default_rng(5)
+    train = [texture(rng) for _ in range(8)]
+    a = Padim(image_size=64, d=16).fit(train).save(tmp_path / "a.safetensors")
+    b = Padim(image_size=64, d=16).fit(train).save(tmp_path / "b.safetensors")
+    strip = [json.dumps({k: v for k, v in read_model_file(p)[0].items() if k != "created"}) for p in (a, b)]
+    assert strip[0] == strip[1]
+    ta, tb = read_model_file(a)[1], read_model_file(b)[1]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_model_file_errors_are_clear(fitted, tmp_path):
+    path = fitted.save(tmp_path / "m.safetensors")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="t.safetensors"):
+        Padim.load(truncated)
+    other = tmp_path / "o.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ModelFileError, match="without padim metadata"):
+        Padim.load(other)
+    meta, tensors = read_model_file(path)
+    tensors["mean"] = tensors["mean"][:-1].contiguous()
+    wrong = tmp_path / "w.safetensors"
+    save_file(tensors, str(wrong), metadata={"padim": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="'mean'"):
+        Padim.load(wrong)
+    meta["format"] = "visa-padim/0"
+    save_file(read_model_file(path)[1], str(wrong), metadata={"padim": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="format"):
+        Padim.load(wrong)
+    with pytest.raises(ModelFileError, match="not found"):
+        Padim.load(tmp_path / "missing.safetensors")
+
+
+def test_too_few_images_and_unfitted_use_are_errors():
+    with pytest.raises(ValueError, match="at least"):
+        Padim(image_size=64, d=8).fit([texture(np.random.default_rng(0))])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Padim().predict([])

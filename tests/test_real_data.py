@@ -1,0 +1,49 @@
+"""End to end on the real VisA fryum data (../shared/data/visa), kept small so CI stays quick."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from padim import Padim
+from padim.cli import main
+from padim.datasets import load_split, read_mask
+from padim.metrics import aupro, auroc
+
+pytestmark = pytest.mark.real_data
+
+
+def test_official_split_is_read_as_published(visa_root):
+    split = load_split(visa_root, "fryum")
+    assert len(split.train) == 450 and all(s.label == 0 for s in split.train)
+    assert sum(s.label == 0 for s in split.test) == 50 and sum(s.label == 1 for s in split.test) == 100
+    assert all(s.mask is not None for s in split.test if s.label)
+    assert any(len(s.defects) > 1 for s in split.test)  # quoted multi-label rows
+
+
+def test_small_fit_detects_real_fryum_defects(visa_root):
+    split = load_split(visa_root, "fryum")
+    normal = [s for s in split.test if s.label == 0][:10]
+    anomalous = [s for s in split.test if s.label == 1][:20]
+    model = Padim(image_size=128, calibration_fraction=0.1).fit([s.path for s in split.train[:40]])
+    pred = model.predict([s.path for s in normal + anomalous])
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    masks = np.stack([read_mask(s.mask, model.image_size) for s in normal + anomalous])
+    assert auroc(labels, pred.scores) > 0.7
+    assert auroc(masks, pred.maps) > 0.85
+    assert aupro(masks, pred.maps) > 0.4
+
+
+def test_cli_seed_protocol_on_fryum(visa_root, tmp_path):
+    result = CliRunner().invoke(main, [
+        "run", str(visa_root), "--category", "fryum", "--split", "seed", "--image-size", "128",
+        "--out", str(tmp_path), "--no-figures", "--no-progress",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"]["n_train"] == 100 and metrics["dataset"]["n_test_anomalous"] == 100
+    assert metrics["overall"]["image_auroc"] is None
+    assert metrics["overall"]["pixel_auroc"] > 0.85
