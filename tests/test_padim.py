@@ -99,3 +99,15 @@ def test_too_few_images_and_unfitted_use_are_errors():
         Padim(image_size=64, d=8).fit([texture(np.random.default_rng(0))])
     with pytest.raises(RuntimeError, match="not fitted"):
         Padim().predict([])
+
+
+def test_sharded_accumulation_gives_the_same_model_as_fit():
+    rng = np.random.default_rng(6)
+    train = [texture(rng) for _ in range(10)]
+    whole = Padim(image_size=64, d=16, calibration_fraction=0.2).fit(train)
+    sharded = Padim(image_size=64, d=16, calibration_fraction=0.2)
+    fit_idx, cal_idx = sharded.calibration_split(len(train))
+    stats = sharded.accumulate([train[i] for i in fit_idx[:3]]) + sharded.accumulate([train[i] for i in fit_idx[3:]])
+    sharded.fit_from_stats(stats, [train[i] for i in cal_idx], n_train=len(train))
+    torch.testing.assert_close(sharded.scorer_.factor, whole.scorer_.factor, rtol=1e-5, atol=1e-6)
+    assert sharded.threshold_ == pytest.approx(whole.threshold_, rel=1e-6)

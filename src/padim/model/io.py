@@ -128,9 +128,8 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
     if not torch.equal(channels, channel_index(total, d, model.seed)):
         raise ModelFileError(f"{path}: channel index does not match backbone {model.backbone!r}, d={d}, "
                              f"seed={model.seed}")
-    extractor = model._extractor()
     model.grid_ = grid
-    model.scorer_ = PadimScorer(extractor, mean, _unpack(packed, d), grid, model.sigma).to(model.device)
+    model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grid, model.sigma).to(model.device)
     model.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
     model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
     model.meta_ = meta

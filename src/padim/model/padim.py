@@ -30,6 +30,12 @@ class Prediction:
     labels: np.ndarray | None
 
 
+def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequence[ImageSource] | torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(idx, dtype=torch.long)]
+    return [images[i] for i in idx]
+
+
 def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, int):
         return (image_size, image_size)
@@ -53,13 +59,14 @@ class Padim:
     threshold_quantile: the threshold is this quantile of the held-out normal image scores.
     batch_size, num_workers: batches for the backbone and decoding processes (None = auto).
     device: 'cpu' or 'cuda'. weights: a backbone weights file, if not the default source.
-    progress: show progress bars.
+    progress: show progress bars. pretrained=False: random backbone weights (tests only).
     """
 
     def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = 256, d: int = 100,
                  eps: float = 0.01, sigma: float = 4.0, seed: int = 0, calibration_fraction: float = 0.1,
                  threshold_quantile: float = 0.99, batch_size: int = 16, num_workers: int | None = None,
-                 device: str = "cpu", weights: str | Path | None = None, progress: bool = False):
+                 device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
+                 pretrained: bool = True):
         get_spec(backbone)  # fail early on an unknown name
         if not 0.0 <= calibration_fraction < 1.0:
             raise ValueError("calibration_fraction must be in [0, 1)")
@@ -78,15 +85,21 @@ class Padim:
         self.device = torch.device(device)
         self.weights = Path(weights) if weights is not None else None
         self.progress = progress
+        self.pretrained = pretrained
+        self.extractor_: FeatureExtractor | None = None
+        self.grid_: tuple[int, int] | None = None
         self.scorer_: PadimScorer | None = None
         self.threshold_: float | None = None
         self.info_: dict = {}
 
     # ----------------------------------------------------------------- feature extraction
-    def _extractor(self, pretrained: bool = True) -> FeatureExtractor:
-        total = sum(get_spec(self.backbone).channels)
-        channels = channel_index(total, self.d, self.seed)
-        return FeatureExtractor(self.backbone, channels, self.weights, pretrained).to(self.device)
+    def feature_extractor(self) -> FeatureExtractor:
+        """The backbone with its channel subset, built on first use and kept (loaded once)."""
+        if self.extractor_ is None:
+            total = sum(get_spec(self.backbone).channels)
+            channels = channel_index(total, self.d, self.seed)
+            self.extractor_ = FeatureExtractor(self.backbone, channels, self.weights, self.pretrained).to(self.device)
+        return self.extractor_
 
     def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str) -> Iterator[torch.Tensor]:
         """uint8 (B, 3, H, W) batches on the model's device, decoded in worker processes."""
@@ -102,58 +115,75 @@ class Padim:
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
             yield batch.to(self.device)
 
-    def _accumulate(self, extractor: FeatureExtractor, images, desc: str) -> GaussianStats:
+    @torch.inference_mode()
+    def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit") -> GaussianStats:
+        """Partial statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
+        extractor = self.feature_extractor()
         stats = None
         for batch in self._batches(images, desc):
             emb = extractor(batch)
             if stats is None:
                 stats = GaussianStats.empty(emb.shape[2] * emb.shape[3], emb.shape[1], self.device)
-                self.grid_ = tuple(emb.shape[-2:])
             stats.update(emb)
         if stats is None:
             raise ValueError("no training images")
         return stats
 
-    def _scorer(self, extractor: FeatureExtractor, stats: GaussianStats) -> PadimScorer:
+    def _scorer(self, stats: GaussianStats) -> PadimScorer:
         factor = whitening_factor(stats.covariance(self.eps))
-        return PadimScorer(extractor, stats.mean(), factor, self.grid_, self.sigma)
+        return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grid_, self.sigma)
+
+    def _grid(self, positions: int) -> tuple[int, int]:
+        """The feature grid for the model's input size (stride 4)."""
+        h, w = self.image_size
+        with torch.inference_mode():
+            probe = self.feature_extractor()(torch.zeros(1, 3, h, w, dtype=torch.uint8, device=self.device))
+        grid = tuple(probe.shape[-2:])
+        if grid[0] * grid[1] != positions:
+            raise ValueError(f"statistics have {positions} positions, the {h}x{w} input gives {grid}")
+        return grid
 
     # ----------------------------------------------------------------- public API
-    @torch.inference_mode()
-    def fit(self, images: Sequence[ImageSource] | torch.Tensor, pretrained: bool = True) -> Padim:
-        """Fit on normal images (paths, PIL images, HxWx3 uint8 arrays, or a uint8 (N,3,H,W) tensor).
-
-        ``pretrained=False`` uses random backbone weights (for tests only).
-        """
-        n = len(images)
+    def calibration_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (fit, calibration) of ``n`` training images; the hold-out is fixed by ``seed``."""
         n_cal = int(round(self.calibration_fraction * n)) if self.calibration_fraction > 0 else 0
         if self.calibration_fraction > 0 and n >= 3:
             n_cal = max(n_cal, 1)
         if n - n_cal < 2:
             raise ValueError(f"need at least {n_cal + 2} training images, got {n}")
         order = np.random.default_rng(self.seed).permutation(n)
-        cal_idx, fit_idx = np.sort(order[:n_cal]), np.sort(order[n_cal:])
-        pick = (lambda idx: images[torch.as_tensor(idx)]) if isinstance(images, torch.Tensor) else (
-            lambda idx: [images[i] for i in idx])
+        return np.sort(order[n_cal:]), np.sort(order[:n_cal])
 
-        extractor = self._extractor(pretrained)
-        stats = self._accumulate(extractor, pick(fit_idx), "fit")
+    def fit(self, images: Sequence[ImageSource] | torch.Tensor) -> Padim:
+        """Fit on normal images (paths, PIL images, HxWx3 uint8 arrays, or a uint8 (N,3,H,W) tensor)."""
+        fit_idx, cal_idx = self.calibration_split(len(images))
+        return self.fit_from_stats(self.accumulate(_take(images, fit_idx)), _take(images, cal_idx),
+                                   n_train=len(images))
+
+    @torch.inference_mode()
+    def fit_from_stats(self, stats: GaussianStats, calibration: Sequence[ImageSource] | torch.Tensor = (),
+                       n_train: int | None = None) -> Padim:
+        """Finish a fit from accumulated statistics (e.g. summed over shards).
+
+        The ``calibration`` images are scored by the model from ``stats`` alone (they set the
+        threshold), then their statistics are merged in before the final factor is computed.
+        """
+        self.grid_ = self._grid(stats.total.shape[0])
         cal_scores, cal_maps = np.empty(0), np.empty(0)
-        if n_cal:
-            # score held-out images with the model that has not seen them, then merge them in
-            scorer = self._scorer(extractor, stats)
+        if len(calibration):
+            scorer = self._scorer(stats)
             cal_stats = GaussianStats.empty(*stats.total.shape, self.device)
             scores, maps = [], []
-            for batch in self._batches(pick(cal_idx), "calibrate"):
-                emb = extractor(batch)
+            for batch in self._batches(calibration, "calibrate"):
+                emb = scorer.extractor(batch)
                 cal_stats.update(emb)
                 m, s = scorer.score_embeddings(emb, self.image_size)
                 maps.append(m.cpu().numpy())
                 scores.append(s.cpu().numpy())
             stats = stats + cal_stats
             cal_scores, cal_maps = np.concatenate(scores), np.concatenate(maps)
-        self.scorer_ = self._scorer(extractor, stats)
-        self._calibrate(cal_scores, cal_maps, n)
+        self.scorer_ = self._scorer(stats)
+        self._calibrate(cal_scores, cal_maps, stats.count if n_train is None else n_train)
         return self
 
     def _calibrate(self, scores: np.ndarray, maps: np.ndarray, n_train: int) -> None:
