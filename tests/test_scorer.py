@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.spatial.distance import mahalanobis
 
 from padim.backbones import FeatureExtractor, channel_index
 from padim.model import PadimScorer, whitening_factor
-from padim.model.scorer import blur_kernel_size
+from padim.model.scorer import GaussianBlur, blur_kernel_size
 
 
 def test_distances_equal_scipy_mahalanobis_at_every_position(rng):
@@ -27,14 +28,21 @@ def test_distances_equal_scipy_mahalanobis_at_every_position(rng):
             assert abs(got[b, y, x] - expected) < 1e-4 * max(1.0, expected)
 
 
-def test_smooth_upsamples_blurs_and_keeps_the_peak_where_it_was():
-    scorer = PadimScorer.__new__(PadimScorer)
-    torch.nn.Module.__init__(scorer)
-    scorer.sigma = 2.0
-    dist = torch.zeros(1, 8, 8)
-    dist[0, 2, 5] = 10.0
-    out = scorer.smooth(dist, (32, 32))
-    assert out.shape == (1, 32, 32)
-    y, x = divmod(int(out[0].argmax()), 32)
-    assert 8 <= y < 12 and 20 <= x < 24
+def test_separable_blur_equals_scipy_gaussian_filter(rng):
+    from scipy.ndimage import gaussian_filter
+
+    image = rng.random((40, 50))
+    got = GaussianBlur(2.5)(torch.from_numpy(image).float()[None, None])[0, 0].numpy()
+    # torch's 'reflect' padding is scipy's 'mirror'; scipy truncates at 4 sigma as we do
+    np.testing.assert_allclose(got, gaussian_filter(image, 2.5, mode="mirror"), atol=1e-5)
     assert blur_kernel_size(4.0) == 33
+
+
+def test_top_k_image_score_is_the_mean_of_the_largest_values():
+    d = 2
+    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
+    eye = torch.eye(d).expand(4, d, d)
+    scorer = PadimScorer(extractor, torch.zeros(4, d), eye, (2, 2), 0.0, top_k=3)
+    emb = torch.tensor([[[[3.0, 0.0], [4.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]]])  # distances 5, 0, 4, 1
+    maps, scores = scorer.score_embeddings(emb, (2, 2))
+    assert maps.shape == (1, 2, 2) and scores.item() == pytest.approx((5 + 4 + 1) / 3)

@@ -52,3 +52,12 @@ def test_fewer_images_than_dimensions_still_gives_a_usable_factor(rng):
     s = _stats(rng.normal(size=(3, 50, 1, 2)))  # 3 samples, 50 channels: singular without eps
     w = whitening_factor(s.covariance(0.01))
     assert torch.isfinite(w).all()
+
+
+def test_oas_matches_scikit_learn(rng):
+    from sklearn.covariance import OAS
+
+    x = rng.normal(size=(12, 8, 1, 1)) * np.linspace(0.5, 3, 8)[None, :, None, None]
+    s = _stats(x)
+    expected = OAS(assume_centered=False).fit(x[:, :, 0, 0]).covariance_
+    np.testing.assert_allclose(s.covariance(0.0, "oas")[0].numpy(), expected, rtol=1e-10, atol=1e-12)

@@ -70,12 +70,24 @@ def model_options(func):
                           "resnet18 and wide_resnet50_2 need torchvision weights in the local cache or --weights."),
         click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="Backbone weights file to use instead of the default source."),
-        click.option("--image-size", type=click.IntRange(32, 2048), default=256, show_default=True,
-                     help="Images are resized to this square size (pixels) before the backbone."),
+        click.option("--image-size", type=ImageSize(), default="256", show_default=True,
+                     help="Input size: N for N x N, or HxW (e.g. 256x384 keeps VisA's 2:3 aspect)."),
         click.option("--d", "d", type=click.IntRange(1), default=100, show_default=True,
                      help="Feature channels kept (fixed random subset)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the channel subset and the calibration hold-out."),
+        click.option("--pool", type=click.IntRange(1), default=1, show_default=True, callback=_odd,
+                     help="Average each feature tap over a pool x pool neighbourhood (odd; 1 = plain PaDiM)."),
+        click.option("--tap-resize", type=click.Choice(["nearest", "bilinear"]), default="nearest",
+                     show_default=True, help="How deeper feature taps are resized to the stride-4 grid."),
+        click.option("--covariance", type=click.Choice(["eps", "oas"]), default="eps", show_default=True,
+                     help="Covariance estimator: sample covariance + eps*I (PaDiM) or OAS shrinkage + eps*I."),
+        click.option("--eps", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
+                     help="Added to each covariance diagonal."),
+        click.option("--sigma", type=click.FloatRange(0), default=4.0, show_default=True,
+                     help="Gaussian blur of the anomaly map, in input pixels (0 = none)."),
+        click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
+                     help="Image score = mean of the K largest map values (1 = max)."),
         click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
                      show_default=True,
                      help="Share of training images held out to set the threshold (normal images only)."),
@@ -116,6 +128,32 @@ def eval_options(func):
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
+
+
+def _odd(ctx, param, value: int) -> int:
+    if value % 2 == 0:
+        raise click.BadParameter(f"must be odd, got {value}")
+    return value
+
+
+class ImageSize(click.ParamType):
+    """N or HxW, in pixels."""
+
+    name = "N|HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().split("x")
+        try:
+            sides = tuple(int(p) for p in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not N or HxW", param, ctx)
+        if len(sides) == 1:
+            sides = sides * 2
+        if len(sides) != 2 or not all(32 <= s <= 4096 for s in sides):
+            self.fail(f"{value!r}: give N or HxW with sides between 32 and 4096", param, ctx)
+        return sides
 
 
 def _check_device(device: str) -> None:
@@ -161,12 +199,9 @@ def main() -> None:
     """PaDiM anomaly detection: learn normal images, score new ones, show where defects are."""
 
 
-def _new_model(backbone, weights, image_size, d, seed, calibration_fraction, threshold_quantile, device,
-               batch_size, workers, progress) -> Padim:
+def _new_model(device: str, workers: int | None, **params) -> Padim:
     _check_device(device)
-    return Padim(backbone=backbone, image_size=image_size, d=d, seed=seed,
-                 calibration_fraction=calibration_fraction, threshold_quantile=threshold_quantile,
-                 batch_size=batch_size, num_workers=workers, device=device, weights=weights, progress=progress)
+    return Padim(device=device, num_workers=workers, **params)
 
 
 @main.command("fit")
@@ -176,11 +211,9 @@ def _new_model(backbone, weights, image_size, d, seed, calibration_fraction, thr
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder; the model is written to OUT/{MODEL_FILE}.")
 @handle_errors
-def fit_cmd(data_root, category, split, layout, backbone, weights, image_size, d, seed, calibration_fraction,
-            threshold_quantile, device, batch_size, workers, progress, out):
+def fit_cmd(data_root, category, split, layout, device, workers, out, **params):
     """Fit a model on the normal training images of a category."""
-    model = _new_model(backbone, weights, image_size, d, seed, calibration_fraction, threshold_quantile, device,
-                       batch_size, workers, progress)
+    model = _new_model(device, workers, **params)
     _, path, info = fit(DataArgs(data_root, category, split, layout), out, model)
     click.echo(f"fitted on {info['n_train']} images in {info['fit_seconds']:.1f} s; wrote {path} "
                f"(threshold {model.threshold_})")
@@ -215,12 +248,11 @@ def evaluate_cmd(data_root, category, split, layout, model_path, weights, device
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder for {MODEL_FILE}, metrics.json, scores.csv and figures.")
 @handle_errors
-def run_cmd(data_root, category, split, layout, backbone, weights, image_size, d, seed, calibration_fraction,
-            threshold_quantile, device, batch_size, workers, progress, metrics_resolution, figures, out):
+def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, **params):
     """Fit, then evaluate: the whole job in one command."""
     start = time.perf_counter()
-    model = _new_model(backbone, weights, image_size, d, seed, calibration_fraction, threshold_quantile, device,
-                       batch_size, workers, progress)
+    progress = params["progress"]
+    model = _new_model(device, workers, **params)
     data = DataArgs(data_root, category, split, layout)
     _, path, info = fit(data, out, model)
     click.echo(f"fitted on {info['n_train']} images in {info['fit_seconds']:.1f} s; wrote {path}")

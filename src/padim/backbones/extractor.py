@@ -20,22 +20,46 @@ def channel_index(total: int, d: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:d].sort().values
 
 
-class FeatureExtractor(nn.Module):
-    """uint8 (B, 3, H, W) images -> float32 (B, d, H/4, W/4) embeddings."""
+TAP_RESIZE = ("nearest", "bilinear")
 
-    def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True):
+
+class FeatureExtractor(nn.Module):
+    """uint8 (B, 3, H, W) images -> float32 (B, d, H/4, W/4) embeddings.
+
+    ``channels`` indexes the concatenated taps. ``pool`` > 1 averages each tap over a pool x pool
+    neighbourhood at its own resolution (PatchCore's local aggregation; 1 = plain PaDiM).
+    ``tap_resize`` is how the deeper taps are brought to the stride-4 grid.
+    """
+
+    def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
+                 pool: int = 1, tap_resize: str = "nearest"):
         super().__init__()
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"pool must be an odd size >= 1, got {pool}")
+        if tap_resize not in TAP_RESIZE:
+            raise ValueError(f"tap_resize must be one of {TAP_RESIZE}, got {tap_resize!r}")
         spec = get_spec(backbone)
         self.net = spec.build(weights, pretrained).eval().requires_grad_(False)
+        self.pool = pool
+        self.tap_resize = tap_resize
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("channels", channels.to(torch.long))
+        # the subset split per tap, so unused channels are never pooled or resized
+        offsets = torch.tensor([0, *spec.channels]).cumsum(0)
+        for i in range(3):
+            keep = channels[(channels >= offsets[i]) & (channels < offsets[i + 1])] - offsets[i]
+            self.register_buffer(f"tap{i}", keep.to(torch.long))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
-        maps = self.net(x)
+        maps = [m.index_select(1, getattr(self, f"tap{i}")) for i, m in enumerate(self.net(x))]
+        if self.pool > 1:
+            maps = [F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+                    for m in maps]
         size = maps[0].shape[-2:]
-        # nearest upsampling keeps each deep feature constant over the finer patches it covers,
-        # as in the PaDiM reference code
-        maps = [maps[0]] + [F.interpolate(m, size=size, mode="nearest") for m in maps[1:]]
-        return torch.cat(maps, dim=1).index_select(1, self.channels)
+        # nearest (the PaDiM reference) keeps each deep feature constant over the finer patches
+        # it covers; bilinear blends neighbouring deep features
+        kwargs = {"align_corners": False} if self.tap_resize == "bilinear" else {}
+        maps = [maps[0]] + [F.interpolate(m, size=size, mode=self.tap_resize, **kwargs) for m in maps[1:]]
+        return torch.cat(maps, dim=1)

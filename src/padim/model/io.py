@@ -54,6 +54,10 @@ def save_model(model: Padim, path: Path) -> Path:
         "seed": model.seed,
         "eps": model.eps,
         "sigma": model.sigma,
+        "pool": model.pool,
+        "tap_resize": model.tap_resize,
+        "covariance": model.covariance,
+        "top_k": model.top_k,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std), "input": "RGB uint8 / 255"},
         "resize": "bilinear, square" if model.image_size[0] == model.image_size[1] else "bilinear",
         "calibration_fraction": model.calibration_fraction,
@@ -112,7 +116,9 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
             backbone=meta["backbone"], image_size=tuple(meta["image_size"]), d=int(meta["d"]),
             eps=float(meta["eps"]), sigma=float(meta["sigma"]), seed=int(meta["seed"]),
             calibration_fraction=float(meta["calibration_fraction"]),
-            threshold_quantile=float(meta["threshold_quantile"]), device=device, weights=weights,
+            threshold_quantile=float(meta["threshold_quantile"]), pool=int(meta["pool"]),
+            tap_resize=str(meta["tap_resize"]), covariance=str(meta["covariance"]), top_k=int(meta["top_k"]),
+            device=device, weights=weights,
             progress=progress,
         )
         grid = (int(meta["grid"][0]), int(meta["grid"][1]))
@@ -129,7 +135,8 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
         raise ModelFileError(f"{path}: channel index does not match backbone {model.backbone!r}, d={d}, "
                              f"seed={model.seed}")
     model.grid_ = grid
-    model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grid, model.sigma).to(model.device)
+    model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grid, model.sigma,
+                                model.top_k).to(model.device)
     model.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
     model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
     model.meta_ = meta

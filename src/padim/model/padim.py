@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..datasets.images import ImageFiles, ImageSource
 from .scorer import PadimScorer
-from .stats import GaussianStats, whitening_factor
+from .stats import COVARIANCE_ESTIMATORS, GaussianStats, whitening_factor
 
 
 @dataclass
@@ -57,6 +57,10 @@ class Padim:
     calibration_fraction: share of the training images held out to set the threshold; they are
         scored by the model fit without them, then merged into the final statistics.
     threshold_quantile: the threshold is this quantile of the held-out normal image scores.
+    pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM).
+    tap_resize: 'nearest' (PaDiM) or 'bilinear' resizing of the deeper taps to the stride-4 grid.
+    covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
+    top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
     batch_size, num_workers: batches for the backbone and decoding processes (None = auto).
     device: 'cpu' or 'cuda'. weights: a backbone weights file, if not the default source.
     progress: show progress bars. pretrained=False: random backbone weights (tests only).
@@ -64,7 +68,8 @@ class Padim:
 
     def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = 256, d: int = 100,
                  eps: float = 0.01, sigma: float = 4.0, seed: int = 0, calibration_fraction: float = 0.1,
-                 threshold_quantile: float = 0.99, batch_size: int = 16, num_workers: int | None = None,
+                 threshold_quantile: float = 0.99, pool: int = 1, tap_resize: str = "nearest",
+                 covariance: str = "eps", top_k: int = 1, batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
         get_spec(backbone)  # fail early on an unknown name
@@ -72,6 +77,8 @@ class Padim:
             raise ValueError("calibration_fraction must be in [0, 1)")
         if not 0.0 < threshold_quantile <= 1.0:
             raise ValueError("threshold_quantile must be in (0, 1]")
+        if covariance not in COVARIANCE_ESTIMATORS:
+            raise ValueError(f"covariance must be one of {COVARIANCE_ESTIMATORS}, got {covariance!r}")
         self.backbone = backbone
         self.image_size = _as_size(image_size)
         self.d = d
@@ -80,6 +87,10 @@ class Padim:
         self.seed = seed
         self.calibration_fraction = calibration_fraction
         self.threshold_quantile = threshold_quantile
+        self.pool = pool
+        self.tap_resize = tap_resize
+        self.covariance = covariance
+        self.top_k = top_k
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.device = torch.device(device)
@@ -98,7 +109,8 @@ class Padim:
         if self.extractor_ is None:
             total = sum(get_spec(self.backbone).channels)
             channels = channel_index(total, self.d, self.seed)
-            self.extractor_ = FeatureExtractor(self.backbone, channels, self.weights, self.pretrained).to(self.device)
+            self.extractor_ = FeatureExtractor(self.backbone, channels, self.weights, self.pretrained,
+                                               self.pool, self.tap_resize).to(self.device)
         return self.extractor_
 
     def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str) -> Iterator[torch.Tensor]:
@@ -130,8 +142,8 @@ class Padim:
         return stats
 
     def _scorer(self, stats: GaussianStats) -> PadimScorer:
-        factor = whitening_factor(stats.covariance(self.eps))
-        return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grid_, self.sigma)
+        factor = whitening_factor(stats.covariance(self.eps, self.covariance))
+        return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grid_, self.sigma, self.top_k)
 
     def _grid(self, positions: int) -> tuple[int, int]:
         """The feature grid for the model's input size (stride 4)."""

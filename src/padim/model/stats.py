@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+COVARIANCE_ESTIMATORS = ("eps", "oas")
+
 
 @dataclass
 class GaussianStats:
@@ -47,14 +49,37 @@ class GaussianStats:
             raise ValueError("no samples accumulated")
         return self.total / self.count
 
-    def covariance(self, eps: float) -> torch.Tensor:
-        """(P, D, D) unbiased covariance (1/(N-1)) plus ``eps`` on the diagonal."""
+    def covariance(self, eps: float, estimator: str = "eps") -> torch.Tensor:
+        """(P, D, D) covariance per position plus ``eps`` on the diagonal.
+
+        estimator 'eps': the unbiased sample covariance (1/(N-1)), PaDiM's choice; 'oas': the same
+        shrunk towards a scaled identity by the Oracle Approximating Shrinkage coefficient (Chen et
+        al., 2010), which needs only the sample covariance, so it works on merged statistics.
+        """
+        if estimator not in COVARIANCE_ESTIMATORS:
+            raise ValueError(f"covariance estimator must be one of {COVARIANCE_ESTIMATORS}, got {estimator!r}")
         if self.count < 2:
             raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
         mean = self.mean()
         cov = (self.outer - self.count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (self.count - 1)
+        if estimator == "oas":
+            cov = oas_shrink(cov, self.count)
         cov.diagonal(dim1=1, dim2=2).add_(eps)
         return cov
+
+
+def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
+    """OAS estimate from an unbiased (D, D) covariance of ``n`` samples: its maximum-likelihood
+    version shrunk towards mu*I, as scikit-learn's ``OAS`` computes it."""
+    p = cov.shape[-1]
+    mle = cov * ((n - 1) / n)
+    mu = mle.diagonal(dim1=1, dim2=2).mean(dim=1)
+    alpha = mle.square().mean(dim=(1, 2))
+    num = alpha + mu.square()
+    den = (n + 1) * (alpha - mu.square() / p)
+    shrink = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(den))
+    eye = torch.eye(p, dtype=cov.dtype, device=cov.device)
+    return (1 - shrink).view(-1, 1, 1) * mle + (shrink * mu).view(-1, 1, 1) * eye
 
 
 def whitening_factor(cov: torch.Tensor) -> torch.Tensor:

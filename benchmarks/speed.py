@@ -1,0 +1,139 @@
+"""Speed and memory benchmark on real VisA images: prints a table and writes JSON.
+
+Figures (each the median of --repeats runs):
+  backbone_ips        the backbone alone (network forward to the last tap), batch B, images/s
+  fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
+  fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
+  predict_ips         Padim scoring from decoded uint8 tensors, batch 16: maps + image scores
+  predict_latency_ms  the same, batch 1
+  predict_files_ips   Padim.predict from JPEG files, batch 16
+  model_file_mb       size of the saved model
+
+    .venv/bin/python benchmarks/speed.py ../shared/data/visa --category fryum \
+        --out benchmarks/results/speed-fryum.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from padim import Padim
+from padim.datasets import load_split, read_image
+from padim.datasets.images import to_tensor
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls allocate and pick kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fit_child(args: argparse.Namespace) -> None:
+    """Fit on the first N training files in this (fresh) process; print seconds and peak RSS."""
+    split = load_split(args.data_root, args.category)
+    paths = [s.path for s in split.train[: args.n]]
+    model = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d)
+    model.feature_extractor()  # load weights before timing, like the backbone figure
+    start = time.perf_counter()
+    model.fit(paths)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        size = model.save(Path(tmp) / "m.safetensors").stat().st_size
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "model_bytes": size}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_root", type=Path)
+    parser.add_argument("--category", default="fryum")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--d", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--fit-sizes", type=int, nargs="+", default=[50, 150, 450])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--fit-child", type=int, default=None, dest="n", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.n is not None:
+        fit_child(args)
+        return
+
+    split = load_split(args.data_root, args.category)
+    size = (args.image_size, args.image_size)
+    test_paths = [s.path for s in split.test][: args.batch_size * 4]
+    images = torch.stack([to_tensor(read_image(p, size)) for p in test_paths])
+    batch = images[: args.batch_size]
+    result: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                    "torch": torch.__version__, "backbone": args.backbone, "image_size": args.image_size,
+                    "d": args.d, "batch_size": args.batch_size, "repeats": args.repeats}
+
+    fitted = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d).fit(
+        [s.path for s in split.train[:40]])
+    extractor = fitted.feature_extractor()
+    normalized = (batch.float() - extractor.mean) / extractor.std
+    with torch.inference_mode():
+        t = median_time(lambda: extractor.net(normalized), args.repeats)
+        result["backbone_ips"] = args.batch_size / t
+        t = median_time(lambda: fitted.scorer_(batch), args.repeats)
+        result["predict_ips"] = args.batch_size / t
+        one = batch[:1]
+        result["predict_latency_ms"] = 1000 * median_time(lambda: fitted.scorer_(one), args.repeats * 3)
+    fitted.progress = False
+    t = median_time(lambda: fitted.predict(test_paths), args.repeats)
+    result["predict_files_ips"] = len(test_paths) / t
+
+    result["fit"] = {}
+    for n in args.fit_sizes:
+        runs = []
+        for _ in range(args.repeats):
+            out = subprocess.run(
+                [sys.executable, __file__, str(args.data_root), "--category", args.category, "--backbone",
+                 args.backbone, "--image-size", str(args.image_size), "--d", str(args.d), "--fit-child", str(n)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+        result["fit"][n] = {
+            "fit_ips": n / statistics.median(r["seconds"] for r in runs),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        }
+        result["model_file_mb"] = runs[-1]["model_bytes"] / 1e6
+
+    fits = result["fit"]
+    print(f"machine: {result['machine']}; {args.backbone} {args.image_size}px d={args.d}; "
+          f"median of {args.repeats}")
+    print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s")
+    for n, f in fits.items():
+        print(f"fit N={n:<4d} from files          {f['fit_ips']:8.1f} img/s "
+              f"({f['fit_ips'] / result['backbone_ips']:.2f}x backbone)  peak RSS {f['peak_rss_mb']:7.0f} MB")
+    print(f"predict, tensors, batch {args.batch_size}  {result['predict_ips']:8.1f} img/s "
+          f"({result['predict_ips'] / result['backbone_ips']:.2f}x backbone)")
+    print(f"predict, tensors, batch 1   {result['predict_latency_ms']:8.1f} ms")
+    print(f"predict, JPEG files         {result['predict_files_ips']:8.1f} img/s")
+    print(f"model file                  {result['model_file_mb']:8.1f} MB")
+    sizes = sorted(fits)
+    ratio = fits[sizes[-1]]["peak_rss_mb"] / fits[sizes[0]]["peak_rss_mb"]
+    print(f"peak RSS N={sizes[-1]} / N={sizes[0]}: {ratio:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
