@@ -28,7 +28,8 @@ run: install
 		$(BIN)/padim run "$(DATA)" --category $(CATEGORY) --out $(OUT); \
 	else \
 		echo "No VisA data at $(DATA)/$(CATEGORY)."; \
-		echo "Download VisA (VisA_20220922.tar), unpack it, then: make run DATA=/path/to/VisA CATEGORY=fryum"; \
+		echo "Get VisA with: $(BIN)/padim download visa --root /path/to/VisA"; \
+		echo "then: make run DATA=/path/to/VisA CATEGORY=fryum"; \
 		exit 3; \
 	fi
 

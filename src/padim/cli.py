@@ -1,12 +1,14 @@
-"""Command line: ``padim fit | evaluate | run | predict``.
+"""Command line: ``padim fit | evaluate | run | predict | download``.
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 usage error; 3 bad or
-missing data; 4 bad or missing model file; 5 backbone weights unavailable; 130 interrupted.
+missing data; 4 bad or missing model file; 5 backbone weights unavailable; 6 download failed
+(no network, server or disk error); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,10 +18,11 @@ import click
 from . import __version__
 from .backbones import BackboneError, list_backbones
 from .datasets import LAYOUTS, DatasetError
+from .datasets.download import VISA_SHA256, VISA_URL, DownloadError, download_visa
 from .model import ModelFileError, Padim
 from .runs import MODEL_FILE, DataArgs, evaluate, fit, predict_files
 
-EXIT_DATA, EXIT_MODEL, EXIT_BACKBONE = 3, 4, 5
+EXIT_DATA, EXIT_MODEL, EXIT_BACKBONE, EXIT_DOWNLOAD = 3, 4, 5, 6
 
 
 def _fail(code: int, message: str) -> None:
@@ -40,6 +43,8 @@ def handle_errors(func):
             _fail(EXIT_MODEL, str(exc))
         except BackboneError as exc:
             _fail(EXIT_BACKBONE, str(exc))
+        except DownloadError as exc:
+            _fail(EXIT_DOWNLOAD, str(exc))
         except KeyboardInterrupt:
             _fail(130, "interrupted; files already written are complete, nothing half-written was kept")
 
@@ -280,6 +285,44 @@ def predict_cmd(model_path, paths, weights, device, batch_size, workers, progres
     rows = predict_files(model, paths, out, heatmaps)
     flagged = sum(1 for r in rows if r[2] == "anomaly")
     click.echo(f"scored {len(rows)} images, {flagged} above the threshold; wrote {out / 'scores.csv'}")
+
+
+@main.group("download")
+def download_group() -> None:
+    """Download a public data set into the layout padim reads."""
+
+
+def _check_sha256(ctx, param, value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise click.BadParameter("expected 64 hexadecimal digits", ctx, param)
+    return value.lower()
+
+
+@download_group.command("visa")
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder to unpack into; it becomes the DATA_ROOT of the other commands.")
+@click.option("--url", default=VISA_URL, show_default=True, help="Archive URL (for a mirror).")
+@click.option("--sha256", default=VISA_SHA256, show_default=True, callback=_check_sha256,
+              help="Expected sha256 of the archive (for a mirror that serves another file).")
+@click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
+              help="Retry a failed transfer (resuming it) up to this many times in a row without "
+                   "progress; 0 turns retrying off.")
+@click.option("--keep-archive", is_flag=True, help="Keep the .tar after unpacking (default: delete it).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@handle_errors
+def download_visa_cmd(root, url, sha256, retries, keep_archive, progress):
+    """Download VisA (VisA_20220922.tar), verify its sha256, unpack it safely into ROOT.
+
+    A dropped transfer is resumed (also by running the command again); a second run after a
+    finished one does nothing.
+    """
+    try:
+        download_visa(root, url, sha256, retries=retries, keep_archive=keep_archive, progress=progress,
+                      echo=lambda line: click.echo(line, err=True))
+    except KeyboardInterrupt:
+        _fail(130, "interrupted; run the same command again to go on (a partial download is resumed, "
+                   "an unfinished unpack is redone)")
+    click.echo(f"VisA is ready in {root}: padim run {root} --category fryum --out runs/fryum")
 
 
 if __name__ == "__main__":
