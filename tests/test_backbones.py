@@ -17,6 +17,7 @@ def test_registry_lists_the_four_backbones():
 
 @pytest.mark.parametrize("name, pretrained", [
     ("mobilenet_v2", True), ("efficientnet_lite0", True), ("resnet18", False), ("wide_resnet50_2", False),
+    ("mobilenet_v2+efficientnet_lite0", True),
 ])
 def test_taps_have_strides_4_8_16_and_declared_channels(name, pretrained):
     spec = get_spec(name)
@@ -67,3 +68,31 @@ def test_extractor_normalizes_uint8_and_concatenates_at_stride_4():
     extractor = FeatureExtractor("mobilenet_v2", channels)
     out = extractor(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
     assert out.shape == (2, 40, 16, 16) and out.dtype == torch.float32
+
+
+def test_concatenated_backbone_feeds_each_network_its_own_normalization():
+    pair = get_spec("mobilenet_v2+efficientnet_lite0").build(None, True).eval()
+    lite = get_spec("efficientnet_lite0").build(None, True).eval()
+    raw = torch.rand(1, 3, 64, 64)  # RGB in [0, 1]
+    imagenet = (raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        joint = pair(imagenet)
+        alone = lite((raw - 0.5) / 0.5)
+    torch.testing.assert_close(joint[2][:, 96:], alone[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool, resize", [(1, "nearest"), (3, "bilinear")])
+def test_extractor_equals_pool_resize_concat_then_select(pool, resize):
+    import torch.nn.functional as F
+
+    channels = channel_index(152, 50, 3)
+    extractor = FeatureExtractor("mobilenet_v2", channels, pool=pool, tap_resize=resize)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        taps = extractor.net((images.float() - extractor.mean) / extractor.std)
+        if pool > 1:
+            taps = [F.avg_pool2d(t, pool, 1, pool // 2, count_include_pad=False) for t in taps]
+        kw = {"align_corners": False} if resize == "bilinear" else {}
+        full = torch.cat([taps[0]] + [F.interpolate(t, size=(16, 16), mode=resize, **kw) for t in taps[1:]], 1)
+        torch.testing.assert_close(extractor(images), full[:, channels])

@@ -1,6 +1,6 @@
 """Backbones: ImageNet CNNs that give PaDiM its features, looked up by name."""
 
-from . import packaged, torchvision_resnet  # noqa: F401  (register the built-in backbones)
+from . import ensemble, packaged, torchvision_resnet  # noqa: F401  (register the built-in backbones)
 from .extractor import FeatureExtractor, channel_index
 from .registry import BackboneError, BackboneSpec, get_spec, list_backbones, register
 
