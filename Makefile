@@ -35,6 +35,7 @@ run: install
 
 test: install
 	$(BIN)/ruff check src tests
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 lint: install

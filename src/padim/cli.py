@@ -1,4 +1,4 @@
-"""Command line: ``padim fit | evaluate | run | predict | download``.
+"""Command line: ``padim fit | evaluate | run | predict | report | download``.
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 usage error; 3 bad or
 missing data; 4 bad or missing model file; 5 backbone weights unavailable; 6 download failed
@@ -194,7 +194,7 @@ def _run_evaluation(model: Padim, model_path: Path, data: DataArgs, out: Path, m
     report = evaluate(model, data, split, out, model_path, metrics_resolution, figures, progress)
     _print_table(report)
     click.echo(f"wrote {out / 'metrics.json'}, {out / 'scores.csv'}, {out / 'roc_curve.png'}"
-               + (f", {out / 'figures'}/" if figures else ""))
+               + (f", {out / 'figures'}/" if figures else "") + f", {out / 'report.html'}")
     return report
 
 
@@ -323,6 +323,16 @@ def download_visa_cmd(root, url, sha256, retries, keep_archive, progress):
         _fail(130, "interrupted; run the same command again to go on (a partial download is resumed, "
                    "an unfinished unpack is redone)")
     click.echo(f"VisA is ready in {root}: padim run {root} --category fryum --out runs/fryum")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@handle_errors
+def report_cmd(run_dir):
+    """(Re)write RUN_DIR/report.html from the files 'padim evaluate' or 'padim run' left in RUN_DIR."""
+    from .reports import write_report
+
+    click.echo(f"wrote {write_report(run_dir)}")
 
 
 if __name__ == "__main__":

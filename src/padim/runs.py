@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from .datasets import DatasetError, Sample, Split, load_split, read_image, read_
 from .datasets.mvtec import IMAGE_SUFFIXES
 from .metrics import compute_metrics
 from .model import Padim
-from .reports import five_panel, roc_figure, save_overlay
+from .reports import five_panel, roc_figure, save_overlay, save_pixel_curves, write_galleries, write_report
 
 MODEL_FILE = "model.safetensors"
 
@@ -88,7 +89,8 @@ def _pixel_data(test: list[Sample], maps: np.ndarray, resolution: str, size: tup
 
 def evaluate(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_path: Path | None = None,
              resolution: str = "model", figures: bool = True, progress: bool = True) -> dict:
-    """Score the test split; write metrics.json, scores.csv, roc_curve.png and per-image figures.
+    """Score the test split; write metrics.json, scores.csv, roc_curve.png, per-image figures and
+    report.html (with what it needs: curves.npz and the gallery tiles in tiles/).
 
     resolution: 'model' computes pixel metrics at the model input size (as anomalib does),
     'original' upsamples each map to its image's own size.
@@ -114,6 +116,7 @@ def evaluate(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_pa
         "metrics_resolution": resolution,
         "notes": list(split.notes),
         "predict_seconds": round(predict_seconds, 3),
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **metrics,
     }
     write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
@@ -126,13 +129,37 @@ def evaluate(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_pa
     write_text(out_dir / "scores.csv", _csv_text(["path", "label", "defect_type", "score", "predicted_label"], rows))
     keep = [i for i, m in enumerate(masks) if m is not None]
     overall = metrics["overall"]
-    roc_figure(out_dir / "roc_curve.png", labels, prediction.scores,
-               np.concatenate([masks[i].ravel() for i in keep]) if keep else None,
-               np.concatenate([maps[i].ravel() for i in keep]) if keep else None,
+    pixel_labels = np.concatenate([masks[i].ravel() for i in keep]) if keep else None
+    pixel_scores = np.concatenate([maps[i].ravel() for i in keep]) if keep else None
+    roc_figure(out_dir / "roc_curve.png", labels, prediction.scores, pixel_labels, pixel_scores,
                overall["image_auroc"], overall["pixel_auroc"], title=f"{data.category} ({split.name})")
     if figures:
         write_figures(model, test, prediction.maps, out_dir / "figures", progress)
+    save_pixel_curves(out_dir, pixel_labels, pixel_scores)
+    _write_gallery_tiles(model, test, prediction.scores, prediction.maps, out_dir, figures)
+    write_report(out_dir)
     return report
+
+
+def _write_gallery_tiles(model: Padim, test: list[Sample], scores: np.ndarray, maps: np.ndarray, out_dir: Path,
+                         figures: bool) -> None:
+    """The report's gallery tiles; without figures/, the full figures of the gallery images only."""
+    names = [_figure_name(s) for s in test]
+    vrange = _vrange(model, maps)
+
+    def load(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        s = test[i]
+        mask = read_mask(s.mask, model.image_size) if s.mask is not None else None
+        return np.asarray(read_image(s.path, model.image_size)), mask
+
+    def figure(i: int) -> str:
+        if figures:
+            return f"figures/{names[i]}"
+        write_figures(model, [test[i]], maps[i:i + 1], out_dir / "tiles" / "figures", False, vrange)
+        return f"tiles/figures/{names[i]}"
+
+    write_galleries(out_dir, names, np.array([s.label for s in test]), scores, [s.defect_type for s in test], maps,
+                    model.threshold_, vrange, load, figure)
 
 
 def _vrange(model: Padim, maps: np.ndarray) -> tuple[float, float]:
@@ -142,9 +169,10 @@ def _vrange(model: Padim, maps: np.ndarray) -> tuple[float, float]:
     return float(maps.min()), float(maps.max())  # no calibration: fall back to this batch
 
 
-def write_figures(model: Padim, samples: list[Sample], maps: np.ndarray, folder: Path, progress: bool) -> None:
-    """The 5-panel figure for every sample, in one folder."""
-    vrange = _vrange(model, maps)
+def write_figures(model: Padim, samples: list[Sample], maps: np.ndarray, folder: Path, progress: bool,
+                  vrange: tuple[float, float] | None = None) -> None:
+    """The 5-panel figure for every sample, in one folder; the colour scale is ``vrange`` or the model's."""
+    vrange = vrange or _vrange(model, maps)
     for s, amap in tqdm(list(zip(samples, maps, strict=True)), desc="figures", unit="img", disable=not progress):
         image = np.asarray(read_image(s.path, model.image_size))
         mask = read_mask(s.mask, model.image_size) if s.mask is not None else None
