@@ -90,6 +90,9 @@ def test_packed_stats_add_up_exactly_and_halve_the_outer_products():
 
 def test_shards_follow_the_batch_grid():
     assert [len(s) for s in shards(list(range(10)), 3, multiple=4)] == [4, 4, 2]
+    assert [len(s) for s in shards(list(range(405)), 512, multiple=16, at_least=2)] == [208, 197]  # one per worker
+    assert [len(s) for s in shards(list(range(1000)), 300, 16, at_least=1)] == [256, 256, 256, 232]  # balanced
+    assert [len(s) for s in shards(list(range(1000)), 300, 16)] == [304, 304, 304, 88]  # fixed: resumable cuts
     assert shards([], 5) == []
 
 

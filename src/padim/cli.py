@@ -157,8 +157,9 @@ def _run_evaluation(model: Padim, model_path: Path, data: DataArgs, out: Path, m
 
 def dask_options(func):
     """--dask and --shard-size: run the command on a Dask cluster (padim.distributed)."""
-    func = click.option("--shard-size", type=click.IntRange(1), default=64, show_default=True,
-                        help="With --dask: images per task (rounded up to a multiple of --batch-size).")(func)
+    func = click.option("--shard-size", type=click.IntRange(1), default=None,
+                        help="With --dask: images per task at most, on the --batch-size grid "
+                             "[default: 512 for fit, 64 for predict].")(func)
     return click.option("--dask", "dask_address", metavar="ADDRESS", default=None,
                         help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local:N for N "
                              "local worker processes. Needs 'pip install visa-padim[dask]'; workers read the "
@@ -205,7 +206,8 @@ def fit_cmd(data_root, category, split, layout, backbone, weights, image_size, d
     if dask_address:
         dist = _distributed()
         try:
-            _, path, info = dist.fit_job(data, out, model, dask_address, shard_size, progress, click.echo)
+            _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE, progress,
+                                         click.echo)
         except dist.ClusterError as exc:
             _fail(2, str(exc))
     else:
@@ -277,7 +279,8 @@ def predict_cmd(model_path, paths, weights, device, batch_size, workers, progres
         dist = _distributed()
         try:
             result = dist.predict_job(model_path, paths, out, dask_address, device=device, weights=weights,
-                                      batch_size=batch_size, heatmaps=heatmaps, shard_size=shard_size,
+                                      batch_size=batch_size, heatmaps=heatmaps,
+                                      shard_size=shard_size or dist.PREDICT_SHARD_SIZE,
                                       progress=progress, log=click.echo)
         except dist.ClusterError as exc:
             _fail(2, str(exc))

@@ -18,7 +18,11 @@ from ..datasets import DatasetError
 
 LOCAL = "local:"
 RETRIES = 2  # extra tries of a task that raised (a killed worker is rescheduled by Dask anyway)
-SHARD_SIZE = 64  # images per task: the unit of retry, of resumption, and of one partial statistic
+# Images per task at most. A fit task returns one partial statistic (169 MB at 256 px, d=100), far
+# more than its images (~136 kB each for VisA JPEGs), so fit shards are large; a scoring task
+# returns a row count, and its shard is the unit of resumption, so scoring shards are small.
+FIT_SHARD_SIZE = 512
+PREDICT_SHARD_SIZE = 64
 
 
 class ClusterError(RuntimeError):
@@ -78,14 +82,25 @@ def prepare(client: Client, probe: str | Path | None = None, timeout: float = 60
     return len(views)
 
 
-def shards(items: Sequence, size: int, multiple: int = 1) -> list[list]:
-    """``items`` cut into consecutive shards of ``size`` rounded up to a multiple of ``multiple``.
+def shards(items: Sequence, size: int, multiple: int = 1, at_least: int | None = None) -> list[list]:
+    """``items`` cut into consecutive shards on a grid of ``multiple`` items.
 
+    Without ``at_least``: shards of ``size`` rounded up to the grid (the last one shorter), so the
+    cut depends only on the items and the sizes. With ``at_least``: at least that many shards (one
+    per worker thread, when there are enough items) of equal length, none much above ``size``.
     With ``multiple`` = the batch size every shard's batches are exactly the single-process batches,
     so the backbone sees the same inputs in both and only the float64 summation order differs.
     """
-    size = max(1, ceil(max(1, size) / multiple)) * multiple
-    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+    if not items:
+        return []
+    n = ceil(len(items) / max(1, size)) if at_least is None else max(ceil(len(items) / max(1, size)), at_least)
+    per = ceil((len(items) / n if at_least is not None else size) / multiple) * multiple
+    return [list(items[i:i + per]) for i in range(0, len(items), per)]
+
+
+def worker_threads(client: Client) -> int:
+    """Tasks the cluster runs at once (the sum of its workers' threads)."""
+    return max(1, sum(client.nthreads().values()))
 
 
 class ModelCache(WorkerPlugin):

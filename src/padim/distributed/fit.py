@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..model import GaussianStats, Padim
 from ..runs import MODEL_FILE, DataArgs
-from .cluster import RETRIES, SHARD_SIZE, connect, prepare, shards, worker_cache
+from .cluster import FIT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache, worker_threads
 
 
 @dataclass
@@ -84,11 +84,11 @@ def tree_sum(client: Client, leaves: list[Future], retries: int = RETRIES) -> Fu
 
 
 def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: Client,
-                           shard_size: int = SHARD_SIZE, retries: int = RETRIES,
+                           shard_size: int = FIT_SHARD_SIZE, retries: int = RETRIES,
                            progress: bool = False) -> GaussianStats:
     """``model.accumulate(images)`` on the cluster: one task per shard, partials summed in a tree."""
     params = _fit_params(model)
-    parts = shards([str(p) for p in images], shard_size, model.batch_size)
+    parts = shards([str(p) for p in images], shard_size, model.batch_size, worker_threads(client))
     if not parts:
         raise ValueError("no training images")
     leaves = [client.submit(accumulate_shard, params, part, retries=retries,
@@ -101,7 +101,7 @@ def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: C
     return root.result().unpack(model.device)
 
 
-def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, shard_size: int = SHARD_SIZE,
+def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, shard_size: int = FIT_SHARD_SIZE,
                     retries: int = RETRIES, progress: bool = False) -> Padim:
     """Fit ``model`` on image files read by the cluster's workers; equals ``model.fit(images)``.
 
@@ -114,7 +114,7 @@ def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, 
     return model.fit_from_stats(stats, [images[i] for i in cal_idx], n_train=len(images))
 
 
-def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_size: int = SHARD_SIZE,
+def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_size: int = FIT_SHARD_SIZE,
             progress: bool = True, log: Callable[[str], None] = print) -> tuple[Padim, Path, dict]:
     """``padim fit --dask``: fit on the cluster at ``address`` and write ``out_dir/model.safetensors``."""
     split = data.load()

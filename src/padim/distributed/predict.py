@@ -18,7 +18,7 @@ from ..datasets import read_image
 from ..model import Padim, read_model_file
 from ..reports import save_overlay
 from ..runs import _csv_text, _vrange, collect_images
-from .cluster import RETRIES, SHARD_SIZE, connect, prepare, shards, worker_cache
+from .cluster import PREDICT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache
 
 HEADER = ["path", "score", "predicted_label"]
 PARTS = "parts"
@@ -68,7 +68,7 @@ def score_shard(model_path: str, model_sha: str, load: dict, files: list[tuple[s
 
 def predict_distributed(model_path: Path, paths: Sequence[Path], out_dir: Path, client: Client, *,
                         device: str = "cpu", weights: Path | None = None, batch_size: int = 16,
-                        heatmaps: bool = True, shard_size: int = SHARD_SIZE, retries: int = RETRIES,
+                        heatmaps: bool = True, shard_size: int = PREDICT_SHARD_SIZE, retries: int = RETRIES,
                         progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Score image files on the cluster; write ``out_dir/parts/*.csv`` and ``out_dir/scores.csv``.
 
@@ -84,7 +84,7 @@ def predict_distributed(model_path: Path, paths: Sequence[Path], out_dir: Path, 
     load = {"device": device, "weights": None if weights is None else str(weights), "batch_size": batch_size}
     heatmap_dir = str(out_dir / "heatmaps") if heatmaps else None
     plan = [(out_dir / PARTS / part_name(model_sha, heatmaps, part), part)
-            for part in shards(files, shard_size, batch_size)]
+            for part in shards(files, shard_size, batch_size)]  # independent of the cluster: resumable anywhere
     todo = [(p, part) for p, part in plan if not p.exists()]
     futures = [client.submit(score_shard, str(model_path), model_sha, load, part, str(p), heatmap_dir,
                              retries=retries, key=f"padim-score-{p.stem}") for p, part in todo]
@@ -109,7 +109,7 @@ def predict_distributed(model_path: Path, paths: Sequence[Path], out_dir: Path, 
 
 def predict_job(model_path: Path, paths: Sequence[Path], out_dir: Path, address: str, *,
                 device: str = "cpu", weights: Path | None = None, batch_size: int = 16, heatmaps: bool = True,
-                shard_size: int = SHARD_SIZE, progress: bool = True,
+                shard_size: int = PREDICT_SHARD_SIZE, progress: bool = True,
                 log: Callable[[str], None] = print) -> dict:
     """``padim predict --dask``: :func:`predict_distributed` on the cluster at ``address``."""
     first = next((p for p in paths if p.exists()), None)
