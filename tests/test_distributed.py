@@ -132,13 +132,16 @@ class KillOnce(WorkerPlugin):
 
 def test_killed_worker_task_is_retried_and_the_model_is_the_same(client, fryum, single, tmp_path):
     marker = tmp_path / "killed"
+    before = set(client.scheduler_info()["workers"])
     client.register_plugin(KillOnce(str(marker)))
     try:
         model = fit_distributed(Padim(**REAL), fryum, client, shard_size=4)
     finally:
         client.unregister_worker_plugin(KillOnce.name)
-    assert marker.exists()  # a worker did die mid-fit
-    assert_same_model(model, single)
+    assert marker.exists()
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed process under a new address
+    assert set(client.scheduler_info()["workers"]) != before
+    assert_same_model(model, single)  # its shard was rerun on a live worker: the same model
 
 
 @pytest.fixture(scope="module")
