@@ -198,6 +198,26 @@ def _run_evaluation(model: Padim, model_path: Path, data: DataArgs, out: Path, m
     return report
 
 
+def dask_options(func):
+    """--dask and --shard-size: run the command on a Dask cluster (padim.distributed)."""
+    func = click.option("--shard-size", type=click.IntRange(1), default=None,
+                        help="With --dask: images per task at most, on the --batch-size grid "
+                             "[default: 512 for fit, 64 for predict].")(func)
+    return click.option("--dask", "dask_address", metavar="ADDRESS", default=None,
+                        help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local:N for N "
+                             "local worker processes. Needs 'pip install visa-padim[dask]'; workers read the "
+                             "data (and write predict outputs) at the same paths as this machine.")(func)
+
+
+def _distributed():
+    """padim.distributed, or a usage error when the optional Dask extra is not installed."""
+    try:
+        from . import distributed
+    except ImportError as exc:
+        _fail(2, f"--dask needs Dask: pip install 'visa-padim[dask]' ({exc})")
+    return distributed
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="padim")
 def main() -> None:
@@ -215,11 +235,21 @@ def _new_model(device: str, workers: int | None, **params) -> Padim:
 @runtime_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder; the model is written to OUT/{MODEL_FILE}.")
+@dask_options
 @handle_errors
-def fit_cmd(data_root, category, split, layout, device, workers, out, **params):
+def fit_cmd(data_root, category, split, layout, device, workers, out, dask_address, shard_size, **params):
     """Fit a model on the normal training images of a category."""
     model = _new_model(device, workers, **params)
-    _, path, info = fit(DataArgs(data_root, category, split, layout), out, model)
+    data = DataArgs(data_root, category, split, layout)
+    if dask_address:
+        dist = _distributed()
+        try:
+            _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE,
+                                         params["progress"], click.echo)
+        except dist.ClusterError as exc:
+            _fail(2, str(exc))
+    else:
+        _, path, info = fit(data, out, model)
     click.echo(f"fitted on {info['n_train']} images in {info['fit_seconds']:.1f} s; wrote {path} "
                f"(threshold {model.threshold_})")
 
@@ -276,10 +306,25 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
               help="Write a heat-map overlay PNG per image to OUT/heatmaps/.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Output folder for scores.csv and heatmaps/.")
+@dask_options
 @handle_errors
-def predict_cmd(model_path, paths, weights, device, batch_size, workers, progress, heatmaps, out):
+def predict_cmd(model_path, paths, weights, device, batch_size, workers, progress, heatmaps, out, dask_address,
+                shard_size):
     """Score new images (files, or folders searched recursively)."""
     _check_device(device)
+    if dask_address:
+        dist = _distributed()
+        try:
+            result = dist.predict_job(model_path, paths, out, dask_address, device=device, weights=weights,
+                                      batch_size=batch_size, heatmaps=heatmaps,
+                                      shard_size=shard_size or dist.PREDICT_SHARD_SIZE,
+                                      progress=progress, log=click.echo)
+        except dist.ClusterError as exc:
+            _fail(2, str(exc))
+        flagged = sum(1 for r in result["rows"] if r[2] == "anomaly")
+        click.echo(f"scored {len(result['rows'])} images in {result['shards']} shards ({result['reused']} reused "
+                   f"from {out / 'parts'}), {flagged} above the threshold; wrote {out / 'scores.csv'}")
+        return
     model = Padim.load(model_path, device=device, weights=weights, progress=progress)
     model.batch_size, model.num_workers = batch_size, workers
     rows = predict_files(model, paths, out, heatmaps)

@@ -1,0 +1,130 @@
+"""Sharded fit: workers return partial statistics of their shards, summed in a tree on the
+cluster; the client computes the covariance and its factor once, then calibrates as Padim.fit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from dask.base import tokenize
+from distributed import Client, Future, as_completed
+from tqdm.auto import tqdm
+
+from ..model import GaussianStats, Padim
+from ..runs import MODEL_FILE, DataArgs
+from .cluster import FIT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache, worker_threads
+
+
+@dataclass
+class PackedStats:
+    """:class:`GaussianStats` as numpy arrays with only the lower triangle of each outer product.
+
+    The outer products are symmetric, so sending the (P, D(D+1)/2) triangle instead of the
+    (P, D, D) matrix halves the traffic; sums of triangles are the triangles of sums (exact).
+    """
+
+    count: int
+    total: np.ndarray  # (P, D) float64
+    tril: np.ndarray  # (P, D(D+1)/2) float64, np.tril_indices order
+
+    @classmethod
+    def pack(cls, stats: GaussianStats) -> PackedStats:
+        rows, cols = np.tril_indices(stats.total.shape[1])
+        outer = stats.outer.cpu().numpy()
+        return cls(stats.count, stats.total.cpu().numpy(), np.ascontiguousarray(outer[:, rows, cols]))
+
+    def unpack(self, device: torch.device | str = "cpu") -> GaussianStats:
+        """The full statistics (the upper triangle mirrored from the lower)."""
+        p, d = self.total.shape
+        rows, cols = np.tril_indices(d)
+        outer = np.empty((p, d, d), dtype=np.float64)
+        outer[:, rows, cols] = self.tril
+        outer[:, cols, rows] = self.tril
+        return GaussianStats(self.count, torch.from_numpy(self.total).to(device), torch.from_numpy(outer).to(device))
+
+    def __add__(self, other: PackedStats) -> PackedStats:
+        return PackedStats(self.count + other.count, self.total + other.total, self.tril + other.tril)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data one partial statistic sends."""
+        return self.total.nbytes + self.tril.nbytes
+
+
+def _fit_params(model: Padim) -> dict:
+    """What a worker needs to build the same feature extractor (decoding runs in the worker itself:
+    Dask worker processes may not start DataLoader processes)."""
+    return {"backbone": model.backbone, "image_size": model.image_size, "d": model.d, "seed": model.seed,
+            "pool": model.pool, "tap_resize": model.tap_resize,
+            "batch_size": model.batch_size, "num_workers": 0, "device": str(model.device),
+            "weights": None if model.weights is None else str(model.weights), "pretrained": model.pretrained}
+
+
+def accumulate_shard(params: dict, paths: list[str]) -> PackedStats:
+    """Task: partial statistics of one shard of image files, with the worker's cached backbone."""
+    model = worker_cache().get(("fit", *sorted(params.items())), lambda: Padim(**params))
+    return PackedStats.pack(model.accumulate(paths))
+
+
+def _add(a: PackedStats, b: PackedStats) -> PackedStats:
+    return a + b
+
+
+def tree_sum(client: Client, leaves: list[Future], retries: int = RETRIES) -> Future:
+    """Pairwise sums level by level (depth log2 n); a fixed order, so results are reproducible."""
+    level = list(leaves)
+    while len(level) > 1:
+        pairs = [client.submit(_add, a, b, retries=retries, key=f"padim-add-{tokenize(a.key, b.key)}")
+                 for a, b in zip(level[0::2], level[1::2], strict=False)]
+        level = pairs + ([level[-1]] if len(level) % 2 else [])
+    return level[0]
+
+
+def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: Client,
+                           shard_size: int = FIT_SHARD_SIZE, retries: int = RETRIES,
+                           progress: bool = False) -> GaussianStats:
+    """``model.accumulate(images)`` on the cluster: one task per shard, partials summed in a tree."""
+    params = _fit_params(model)
+    parts = shards([str(p) for p in images], shard_size, model.batch_size, worker_threads(client))
+    if not parts:
+        raise ValueError("no training images")
+    leaves = [client.submit(accumulate_shard, params, part, retries=retries,
+                            key=f"padim-fit-shard-{i}-{tokenize(params, part)}") for i, part in enumerate(parts)]
+    root = tree_sum(client, leaves, retries)
+    done = as_completed(leaves)
+    del leaves  # let the scheduler free each partial once it is summed
+    for _ in tqdm(done, total=len(parts), desc="fit shards", unit="shard", disable=not progress):
+        pass
+    return root.result().unpack(model.device)
+
+
+def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, shard_size: int = FIT_SHARD_SIZE,
+                    retries: int = RETRIES, progress: bool = False) -> Padim:
+    """Fit ``model`` on image files read by the cluster's workers; equals ``model.fit(images)``.
+
+    The hold-out of :meth:`Padim.calibration_split` is kept out of the shards; the client scores it
+    with the model from the summed statistics and merges it in, exactly as :meth:`Padim.fit`.
+    """
+    images = [str(p) for p in images]
+    fit_idx, cal_idx = model.calibration_split(len(images))
+    stats = accumulate_distributed(model, [images[i] for i in fit_idx], client, shard_size, retries, progress)
+    return model.fit_from_stats(stats, [images[i] for i in cal_idx], n_train=len(images))
+
+
+def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_size: int = FIT_SHARD_SIZE,
+            progress: bool = True, log: Callable[[str], None] = print) -> tuple[Padim, Path, dict]:
+    """``padim fit --dask``: fit on the cluster at ``address`` and write ``out_dir/model.safetensors``."""
+    split = data.load()
+    paths = [s.path for s in split.train]
+    with connect(address) as client:
+        n_workers = prepare(client, paths[0] if paths else None)
+        log(f"dask: {n_workers} workers, dashboard {client.dashboard_link}")
+        start = time.perf_counter()
+        fit_distributed(model, paths, client, shard_size, progress=progress)
+        seconds = time.perf_counter() - start
+    path = model.save(out_dir / MODEL_FILE)
+    return model, path, {"fit_seconds": seconds, "n_train": len(split.train), "split": split}
