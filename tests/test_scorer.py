@@ -38,3 +38,16 @@ def test_smooth_upsamples_blurs_and_keeps_the_peak_where_it_was():
     y, x = divmod(int(out[0].argmax()), 32)
     assert 8 <= y < 12 and 20 <= x < 24
     assert blur_kernel_size(4.0) == 33
+
+
+def test_blur_equals_torchvision_gaussian_blur():
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    scorer = PadimScorer.__new__(PadimScorer)
+    torch.nn.Module.__init__(scorer)
+    scorer.sigma = 4.0
+    dist = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 5
+    k = blur_kernel_size(4.0)
+    upsampled = torch.nn.functional.interpolate(dist[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled, [k, k], [4.0, 4.0])[:, 0]
+    assert torch.allclose(scorer.smooth(dist, (64, 64)), expected, atol=1e-5, rtol=0)

@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from ..backbones import FeatureExtractor
 
@@ -16,6 +15,16 @@ from ..backbones import FeatureExtractor
 def blur_kernel_size(sigma: float) -> int:
     """Odd kernel covering +-4 sigma (scipy.ndimage.gaussian_filter's default truncation)."""
     return 2 * math.ceil(4.0 * sigma) + 1
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalized 2-D Gaussian (k, k), k = blur_kernel_size(sigma): torchvision's gaussian_blur kernel.
+
+    Built from Python floats so a traced graph holds it as a constant (ONNX needs a known kernel)."""
+    k = blur_kernel_size(sigma)
+    g = [math.exp(-0.5 * ((i - k // 2) / sigma) ** 2) for i in range(k)]
+    g1 = torch.tensor([v / sum(g) for v in g], dtype=torch.float32)
+    return g1[:, None] * g1[None, :]
 
 
 class PadimScorer(nn.Module):
@@ -37,7 +46,8 @@ class PadimScorer(nn.Module):
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) embeddings -> (B, h, w) Mahalanobis distances."""
         b, d, h, w = embeddings.shape
-        x = embeddings.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        # contiguous: the permuted view is legal for bmm but an order of magnitude slower on CPU
+        x = embeddings.permute(2, 3, 0, 1).reshape(h * w, b, d).contiguous()
         z = torch.baddbmm(-self.bias.unsqueeze(1), x, self.factor.transpose(1, 2))
         return z.square().sum(dim=2).clamp_min(0).sqrt().reshape(h, w, b).permute(2, 0, 1)
 
@@ -45,8 +55,10 @@ class PadimScorer(nn.Module):
         """Upsample (B, h, w) distances to ``size`` and blur them."""
         maps = F.interpolate(distances.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
         if self.sigma > 0:
-            k = blur_kernel_size(self.sigma)
-            maps = gaussian_blur(maps, [k, k], [self.sigma, self.sigma])
+            # reflect padding + one convolution, as torchvision's gaussian_blur, with a fixed kernel
+            kernel = gaussian_kernel(self.sigma).to(maps)
+            pad = kernel.shape[-1] // 2
+            maps = F.conv2d(F.pad(maps, [pad, pad, pad, pad], mode="reflect"), kernel[None, None])
         return maps.squeeze(1)
 
     def score_embeddings(self, embeddings: torch.Tensor, size: tuple[int, int],
