@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
 from ..backbones.registry import sha256_of
@@ -53,7 +53,7 @@ class Scored:
 
 
 def decode(data: bytes, name: str, size: tuple[int, int], limits: Limits) -> tuple[np.ndarray, int, int]:
-    """Uploaded bytes -> (uint8 (h, w, 3) at the model size, original width, original height).
+    """Uploaded bytes -> (uint8 (h, w, 3) at the model size, original width, original height, upright).
 
     Follows :func:`padim.datasets.images.read_image` on a file (JPEG draft scale, EXIF rotation,
     bilinear resize), so a served image scores the same as ``padim predict`` on the same file.
@@ -69,11 +69,11 @@ def decode(data: bytes, name: str, size: tuple[int, int], limits: Limits) -> tup
             width, height = image.size  # from the header: refuse huge images before decoding them
             if width * height > limits.max_pixels:
                 raise ImageRejected(413, f"{name}: {width}x{height} pixels, the limit is {limits.max_pixels}")
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the sides
+                width, height = height, width
             if image.format == "JPEG":
                 image.draft("RGB", (max(size), max(size)))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            width, height = image.size
             array = np.asarray(read_image(image, size))
     except ImageRejected:
         raise
