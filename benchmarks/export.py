@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--category", default="fryum")
     parser.add_argument("--repeats", type=int, default=5, help="timed batch-16 calls per path")
     parser.add_argument("--latency-repeats", type=int, default=20, help="timed batch-1 calls per path")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                        help="intra-op thread counts to time (torch.set_num_threads, onnxruntime intra_op)")
     args = parser.parse_args()
 
     native = Padim.load(args.model)
@@ -56,26 +58,29 @@ def main() -> None:
     if onnx_path is None:
         tmp = tempfile.TemporaryDirectory()
         onnx_path = export_onnx(native, Path(tmp.name) / "model.onnx", source=args.model)
-    exported = OnnxModel.load(onnx_path)
     scorer = native.scorer_
 
     def run_native(batch):
         with torch.inference_mode():
             scorer(batch)
 
-    def run_onnx(batch):
-        exported.session.run(None, {"images": batch})
-
     print(f"image size {h}x{w}, {len(images)} {'real' if args.data else 'random'} images, "
-          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'path':8s} {'batch 16 img/s':>15s} {'batch 1 p50 ms':>15s} {'batch 1 p90 ms':>15s}")
-    for name, fn, batch16, batch1 in (("native", run_native, images, images[:1]),
-                                      ("onnx", run_onnx, images.numpy(), images[:1].numpy())):
-        t16 = timed(lambda f=fn, b=batch16: f(b), args.repeats)
-        t1 = sorted(timed(lambda f=fn, b=batch1: f(b), args.latency_repeats))
-        p90 = t1[min(len(t1) - 1, int(0.9 * len(t1)))]
-        print(f"{name:8s} {len(images) / statistics.median(t16):15.1f} {1000 * statistics.median(t1):15.1f} "
-              f"{1000 * p90:15.1f}")
+          f"cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
+    print(f"{'path':8s} {'threads':>7s} {'batch 16 img/s':>15s} {'batch 1 p50 ms':>15s} {'batch 1 p90 ms':>15s}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        session = OnnxModel.load(onnx_path, threads=threads).session
+
+        def run_onnx(batch, session=session):
+            session.run(None, {"images": batch})
+
+        for name, fn, batch16, batch1 in (("native", run_native, images, images[:1]),
+                                          ("onnx", run_onnx, images.numpy(), images[:1].numpy())):
+            t16 = timed(lambda f=fn, b=batch16: f(b), args.repeats)
+            t1 = sorted(timed(lambda f=fn, b=batch1: f(b), args.latency_repeats))
+            p90 = t1[min(len(t1) - 1, int(0.9 * len(t1)))]
+            print(f"{name:8s} {threads:7d} {len(images) / statistics.median(t16):15.1f} "
+                  f"{1000 * statistics.median(t1):15.1f} {1000 * p90:15.1f}")
     if tmp is not None:
         tmp.cleanup()
 

@@ -181,3 +181,14 @@ def test_reports_the_upright_original_size_of_a_jpeg(client):
     image.save(buffer, format="JPEG", exif=exif)
     body = client.post("/predict", content=buffer.getvalue()).json()
     assert (body["width"], body["height"]) == (200, 300)
+
+
+def test_serve_command_help_and_missing_model(tmp_path):
+    from click.testing import CliRunner
+
+    from padim.cli import main
+
+    text = CliRunner().invoke(main, ["serve", "--help"]).output
+    assert "--host" in text and "--port" in text and "--max-upload-mb" in text
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "none.onnx")])
+    assert result.exit_code == 4 and "none.onnx" in result.output and "Traceback" not in result.output
