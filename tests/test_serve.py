@@ -192,3 +192,21 @@ def test_serve_command_help_and_missing_model(tmp_path):
     assert "--host" in text and "--port" in text and "--max-upload-mb" in text
     result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "none.onnx")])
     assert result.exit_code == 4 and "none.onnx" in result.output and "Traceback" not in result.output
+
+
+def test_a_bug_is_a_500_without_internals(served):
+    from fastapi.testclient import TestClient
+
+    from padim.serve import Inspector
+    from padim.serve.app import create_app
+
+    inspector = Inspector.open(served[0])
+
+    def broken(images):
+        raise RuntimeError("secret internals")
+
+    inspector.score = broken
+    client = TestClient(create_app(inspector), raise_server_exceptions=False)
+    response = client.post("/predict", content=png_bytes(served[3][0]))
+    assert response.status_code == 500 and "internal error" in response.json()["detail"]
+    assert "secret" not in response.text and "Traceback" not in response.text

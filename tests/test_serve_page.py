@@ -3,6 +3,7 @@ with a real fryum anomaly; the screenshot lands in test-artifacts/."""
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -68,6 +69,25 @@ def test_page_scores_a_real_fryum_anomaly_and_shows_the_overlay(browser, site):
     assert not page.is_visible("#error") and not errors
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
+    page.close()
+
+
+def test_dropping_an_image_scores_it(browser, site):
+    url, path, test = site
+    normal = next(s.path for s in test if s.label == 0)
+    expected = Padim.load(path).predict([normal])
+    page = browser.new_page()
+    page.goto(url + "/")
+    # what a drag from the file manager delivers: a 'drop' event whose DataTransfer holds the file
+    page.evaluate("""([name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: "image/jpeg"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+    }""", [normal.name, base64.b64encode(normal.read_bytes()).decode()])
+    page.wait_for_selector("#result.shown", timeout=60_000)
+    assert page.inner_text("#verdict").lower() == ("anomaly" if expected.labels[0] else "normal")
+    assert float(page.inner_text("#score")) == pytest.approx(float(expected.scores[0]), abs=1e-3)
     page.close()
 
 
