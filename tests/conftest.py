@@ -94,3 +94,35 @@ def visa_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return VISA_ROOT
+
+
+def require(module: str):
+    """Import an optional dependency the test needs; fail under CI when it is missing, else skip."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        message = f"{module} is not installed (make install installs the test, onnx and serve extras)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def fryum_small(tmp_path_factory):
+    """A small real model: 128 px, fitted on 40 fryum training images and saved; with the test split.
+
+    Returns (model path, test samples). Shared by the export and service tests (fit once)."""
+    if not (VISA_ROOT / "fryum" / "Data" / "Images").is_dir():
+        message = f"real VisA fryum data not found at {VISA_ROOT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from padim import Padim
+    from padim.datasets import load_split
+
+    split = load_split(VISA_ROOT, "fryum")
+    model = Padim(image_size=128, num_workers=0).fit([s.path for s in split.train[:40]])
+    path = model.save(tmp_path_factory.mktemp("fryum_small") / "model.safetensors")
+    return path, split.test

@@ -297,7 +297,7 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
 
 @main.command("predict")
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Model file written by 'padim fit'.")
+              help="Model file written by 'padim fit' (.safetensors) or 'padim export' (.onnx).")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Backbone weights file, if the model was fitted with --weights.")
@@ -310,7 +310,9 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
 @handle_errors
 def predict_cmd(model_path, paths, weights, device, batch_size, workers, progress, heatmaps, out, dask_address,
                 shard_size):
-    """Score new images (files, or folders searched recursively)."""
+    """Score new images (files, or folders searched recursively) with a .safetensors or .onnx model."""
+    from .export import open_model
+
     _check_device(device)
     if dask_address:
         dist = _distributed()
@@ -325,7 +327,9 @@ def predict_cmd(model_path, paths, weights, device, batch_size, workers, progres
         click.echo(f"scored {len(result['rows'])} images in {result['shards']} shards ({result['reused']} reused "
                    f"from {out / 'parts'}), {flagged} above the threshold; wrote {out / 'scores.csv'}")
         return
-    model = Padim.load(model_path, device=device, weights=weights, progress=progress)
+    if model_path.suffix.lower() == ".onnx" and device != "cpu":
+        raise click.BadParameter("ONNX models run on the CPU (onnxruntime); use --device cpu", param_hint="--device")
+    model = open_model(model_path, device=device, weights=weights, progress=progress)
     model.batch_size, model.num_workers = batch_size, workers
     rows = predict_files(model, paths, out, heatmaps)
     flagged = sum(1 for r in rows if r[2] == "anomaly")
@@ -378,6 +382,45 @@ def report_cmd(run_dir):
     from .reports import write_report
 
     click.echo(f"wrote {write_report(run_dir)}")
+
+
+@main.command("export")
+@click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Model file written by 'padim fit'.")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="Export format.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Output file, e.g. model.onnx.")
+@click.option("--batch", "batch", default="dynamic", show_default=True,
+              help="'dynamic' (any batch size) or a fixed number of images per call.")
+@click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Backbone weights file, if the model was fitted with --weights.")
+@handle_errors
+def export_cmd(model_path, fmt, out, batch, opset, weights):
+    """Export the whole scoring pipeline (uint8 images -> maps, scores) as one ONNX graph."""
+    from .export.cli import export_command
+
+    click.echo(export_command(model_path, out, batch, opset, weights))
+
+
+@main.command("serve")
+@click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Model file: .safetensors (native) or .onnx (onnxruntime).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True,
+              help="Largest accepted upload (per image).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest accepted image (width x height).")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Backbone weights file, if the model was fitted with --weights.")
+@handle_errors
+def serve_cmd(model_path, host, port, max_upload_mb, max_pixels, weights):
+    """Run the inspection service: HTTP API + a page at / to try images."""
+    from .serve.run import serve
+
+    serve(model_path, host, port, int(max_upload_mb * 1024 * 1024), max_pixels, weights)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""ONNX export of a fitted model and an onnxruntime runner with the native model's predict surface.
+
+The exported graph is :class:`padim.model.PadimScorer` traced whole: uint8 RGB images
+(B, 3, H, W) in; ``maps`` (B, H, W) float32 and ``scores`` (B,) float32 out. Normalization,
+backbone taps, channel selection, Mahalanobis distance, bilinear upsampling, Gaussian blur and
+the max all run inside the graph. The threshold, heat-map range and provenance travel in the
+file's ``metadata_props`` (key ``padim``, JSON), so the file alone is a deployable model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..atomic import atomic_path
+from ..backbones.registry import sha256_of
+from ..datasets.images import ImageFiles, ImageSource
+from ..model import ModelFileError, Padim, Prediction
+
+OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
+META_KEY = "padim"
+ONNX_FORMAT = "visa-padim-onnx/1"
+
+
+def model_id(sha256: str) -> str:
+    """Short model id: the first 12 hex digits of the source model file's sha256."""
+    return sha256[:12]
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelFileError(
+            f"ONNX support needs the optional packages onnx and onnxruntime ({exc.name} missing); "
+            "install them with: pip install 'visa-padim[onnx]'"
+        ) from None
+    return onnx, onnxruntime
+
+
+def _set_shape(value, dims: Sequence[int | str]) -> None:
+    """Overwrite a graph input/output shape (the tracer's names for derived dims are noise)."""
+    shape = value.type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        dim = shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+
+
+def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_batch: bool = True,
+                batch_size: int = 1, opset: int = OPSET) -> Path:
+    """Write ``model``'s whole scoring pipeline as one ONNX graph to ``out`` (atomically).
+
+    dynamic_batch: the batch dimension is free; otherwise the graph takes exactly ``batch_size``
+    images. source: the .safetensors file the model came from (its sha256 goes in the metadata).
+    """
+    onnx, _ = _import_onnx()
+    scorer = model._check_fitted()
+    h, w = model.image_size
+    meta = dict(getattr(model, "meta_", {}) or {})
+    if not meta:  # a model fitted in this process, never saved: describe it the same way
+        from ..model.io import FORMAT
+        meta = {"format": FORMAT, "backbone": model.backbone, "image_size": [h, w], "d": model.d,
+                "seed": model.seed, "sigma": model.sigma, "threshold": model.threshold_, **model.info_}
+    sha = sha256_of(source) if source is not None else None
+    meta.update({
+        "onnx_format": ONNX_FORMAT,
+        "opset": opset,
+        "exported_with": __version__,
+        "source_model": source.name if source is not None else None,
+        "source_sha256": sha,
+        "model_id": model_id(sha) if sha else None,
+        "batch": "dynamic" if dynamic_batch else batch_size,
+        "input": "images: uint8 (batch, 3, H, W) RGB, already resized to image_size",
+        "outputs": "maps: float32 (batch, H, W); scores: float32 (batch,) = max of each map",
+    })
+    example = torch.zeros(1 if dynamic_batch else batch_size, 3, h, w, dtype=torch.uint8)
+    cpu_scorer = scorer.to("cpu").eval()
+    axes = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of torch.export, but it handles this
+        # module as is and gives a plain static graph; its warnings are not actionable here
+        warnings.simplefilter("ignore")
+        torch.onnx.export(cpu_scorer, (example,), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["maps", "scores"], dynamic_axes=axes,
+                          do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        b = "batch" if dynamic_batch else batch_size
+        _set_shape(proto.graph.input[0], [b, 3, h, w])
+        _set_shape(proto.graph.output[0], [b, h, w])
+        _set_shape(proto.graph.output[1], [b])
+        flat = {
+            META_KEY: json.dumps(meta),
+            "model_id": meta["model_id"] or "",
+            "threshold": "" if model.threshold_ is None else repr(float(model.threshold_)),
+            "image_size": f"{h}x{w}",
+            "backbone": model.backbone,
+            "package_version": __version__,
+        }
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, flat)
+        proto.producer_name, proto.producer_version = "visa-padim", __version__
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    scorer.to(model.device)
+    return out
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime on the CPU, with :class:`padim.Padim`'s predict surface
+    (``iter_predict``, ``predict``, ``labels``, ``image_size``, ``threshold_``, ``info_``, ``meta_``)."""
+
+    def __init__(self, path: Path, session, meta: dict, batch_size: int = 16, num_workers: int | None = None,
+                 progress: bool = False):
+        self.path = path
+        self.session = session
+        self.meta_ = meta
+        self.backbone = meta.get("backbone")
+        self.image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+        self.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
+        self.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
+        fixed = session.get_inputs()[0].shape[0]
+        self.fixed_batch = fixed if isinstance(fixed, int) else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, progress: bool = False) -> OnnxModel:
+        """Open a file written by :func:`export_onnx`; ModelFileError when it is not one."""
+        onnx, ort = _import_onnx()
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelFileError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
+        raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if raw is None:
+            raise ModelFileError(f"{path}: ONNX file without padim metadata; export it with 'padim export'")
+        try:
+            meta = json.loads(raw)
+            if meta.get("onnx_format") != ONNX_FORMAT:
+                raise ModelFileError(f"{path}: ONNX model format {meta.get('onnx_format')!r}, this version reads "
+                                     f"{ONNX_FORMAT!r}; re-export it")
+            model = cls(path, session, meta, progress=progress)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ModelFileError(f"{path}: corrupt padim metadata ({exc!r})") from None
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != (["images"], ["maps", "scores"]):
+            raise ModelFileError(f"{path}: graph has inputs/outputs {names}, expected images -> maps, scores")
+        return model
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, 3, H, W) -> (scores (B,), maps (B, H, W)); pads to a fixed graph batch."""
+        n = batch.shape[0]
+        if self.fixed_batch is None:
+            maps, scores = self.session.run(None, {"images": batch})
+            return scores, maps
+        parts = []
+        for start in range(0, n, self.fixed_batch):
+            chunk = batch[start:start + self.fixed_batch]
+            pad = self.fixed_batch - chunk.shape[0]
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            maps, scores = self.session.run(None, {"images": chunk})
+            parts.append((scores[: len(chunk) - pad], maps[: len(chunk) - pad]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def iter_predict(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "predict",
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (scores (B,), maps (B, H, W)) batch by batch; inputs as for :meth:`Padim.iter_predict`
+        (paths, PIL images, HxWx3 arrays, or a uint8 (N, 3, H, W) tensor)."""
+        if isinstance(images, torch.Tensor):
+            array = np.ascontiguousarray(images.cpu().numpy().astype(np.uint8, copy=False))
+            batches = (array[i:i + self.batch_size] for i in range(0, len(array), self.batch_size))
+        else:
+            workers = self.num_workers
+            if workers is None:
+                workers = min(2, os.cpu_count() or 1) if len(images) > self.batch_size else 0
+            batches = (b.numpy() for b in torch.utils.data.DataLoader(
+                ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers))
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            yield self._run(batch)
+
+    def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
+        """Anomaly scores, maps and labels (at the stored threshold) for all images."""
+        parts = list(self.iter_predict(images))
+        if not parts:
+            h, w = self.image_size
+            return Prediction(np.empty(0, np.float32), np.empty((0, h, w), np.float32), None)
+        scores = np.concatenate([p[0] for p in parts])
+        return Prediction(scores, np.concatenate([p[1] for p in parts]), self.labels(scores))
+
+    def labels(self, scores: np.ndarray) -> np.ndarray | None:
+        """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
+        if self.threshold_ is None:
+            return None
+        return (np.asarray(scores) > self.threshold_).astype(np.int64)

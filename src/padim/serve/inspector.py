@@ -1,0 +1,166 @@
+"""The model behind the service: decode uploaded bytes exactly as the CLI decodes files, score them
+one call at a time, draw heat-map overlays. No web framework here, so it is tested on its own."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .. import __version__
+from ..backbones.registry import sha256_of
+from ..datasets.images import read_image
+from ..export import OnnxModel, model_id, open_model
+from ..model import Padim
+from ..reports.figures import overlay
+
+
+class ImageRejected(ValueError):
+    """An upload that is not an acceptable image; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the service accepts: bytes per image, pixels per image (width x height), images per batch."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_batch: int = 32
+
+
+@dataclass
+class Scored:
+    """One scored image: score, verdict, original size, the input-size RGB image and its map."""
+
+    score: float
+    label: str | None
+    width: int
+    height: int
+    image: np.ndarray
+    amap: np.ndarray
+
+
+def decode(data: bytes, name: str, size: tuple[int, int], limits: Limits) -> tuple[np.ndarray, int, int]:
+    """Uploaded bytes -> (uint8 (h, w, 3) at the model size, original width, original height, upright).
+
+    Follows :func:`padim.datasets.images.read_image` on a file (JPEG draft scale, EXIF rotation,
+    bilinear resize), so a served image scores the same as ``padim predict`` on the same file.
+    """
+    if not data:
+        raise ImageRejected(400, f"{name}: empty upload; send the image bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(413, f"{name}: {len(data)} bytes, the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header: refuse huge images before decoding them
+            if width * height > limits.max_pixels:
+                raise ImageRejected(413, f"{name}: {width}x{height} pixels, the limit is {limits.max_pixels}")
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the sides
+                width, height = height, width
+            if image.format == "JPEG":
+                image.draft("RGB", (max(size), max(size)))
+            image.load()
+            array = np.asarray(read_image(image, size))
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(413, f"{name}: too many pixels ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageRejected(400, f"{name}: not an image format this server reads; send a PNG, JPEG, BMP or "
+                                 "TIFF file") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise ImageRejected(400, f"{name}: cannot decode image ({exc}); send a PNG, JPEG, BMP or TIFF file") from None
+    return array, width, height
+
+
+class Inspector:
+    """A loaded model (native or ONNX) with its id; ``score`` runs one model call at a time, so
+    concurrent requests never share or interleave a call."""
+
+    def __init__(self, model: Padim | OnnxModel, path: Path, limits: Limits = Limits()):
+        self.model = model
+        self.path = path
+        self.limits = limits
+        self.format = "onnx" if isinstance(model, OnnxModel) else "safetensors"
+        meta = getattr(model, "meta_", {}) or {}
+        if self.format == "onnx" and meta.get("model_id"):
+            self.model_id = meta["model_id"]  # the id of the fitted model it was exported from
+            self.source_sha256 = meta.get("source_sha256")
+        else:
+            self.source_sha256 = sha256_of(path)
+            self.model_id = model_id(self.source_sha256)
+        self.meta = meta
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path, limits: Limits = Limits(), weights: str | Path | None = None) -> Inspector:
+        """Load a .safetensors or .onnx model file."""
+        path = Path(path)
+        return cls(open_model(path, weights=weights), path, limits)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.model.image_size
+
+    @property
+    def threshold(self) -> float | None:
+        return self.model.threshold_
+
+    def info(self) -> dict:
+        """What GET /model reports."""
+        h, w = self.image_size
+        return {
+            "model_id": self.model_id,
+            "format": self.format,
+            "file": self.path.name,
+            "source_sha256": self.source_sha256,
+            "backbone": self.meta.get("backbone", getattr(self.model, "backbone", None)),
+            "image_size": [h, w],
+            "threshold": self.threshold,
+            "map_range": self.model.info_.get("map_range"),
+            "n_train": self.model.info_.get("n_train"),
+            "model_package_version": self.meta.get("package_version"),
+            "server_version": __version__,
+            "limits": {"max_bytes": self.limits.max_bytes, "max_pixels": self.limits.max_pixels,
+                       "max_batch": self.limits.max_batch},
+        }
+
+    def score(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """uint8 (h, w, 3) images at the model size -> (scores, maps, seconds waited, seconds computed)."""
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        asked = time.perf_counter()
+        with self._lock:
+            start = time.perf_counter()
+            parts = list(self.model.iter_predict(batch))
+            done = time.perf_counter()
+        scores = np.concatenate([p[0] for p in parts])
+        maps = np.concatenate([p[1] for p in parts])
+        return scores, maps, start - asked, done - start
+
+    def label(self, score: float) -> str | None:
+        """'anomaly' above the stored threshold, else 'normal'; None when the model has no threshold."""
+        if self.threshold is None:
+            return None
+        return "anomaly" if score > self.threshold else "normal"
+
+    def overlay_png(self, image: np.ndarray, amap: np.ndarray) -> str:
+        """Base64 PNG of the heat map over the image, coloured over the model's stored map range."""
+        stored = self.model.info_.get("map_range")
+        vrange = (float(stored[0]), float(stored[1])) if stored else (float(amap.min()), float(amap.max()))
+        buffer = io.BytesIO()
+        Image.fromarray(overlay(image, amap, vrange)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
