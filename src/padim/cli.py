@@ -1,12 +1,14 @@
 """Command line: ``padim fit | evaluate | run | predict``.
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 usage error; 3 bad or
-missing data; 4 bad or missing model file; 5 backbone weights unavailable; 130 interrupted.
+missing data; 4 bad or missing model file; 5 backbone weights unavailable or unusable (they give
+NaN/inf features); 130 interrupted. Warnings (accepted but doubtful input) go to stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,9 @@ def handle_errors(func):
             _fail(EXIT_MODEL, str(exc))
         except BackboneError as exc:
             _fail(EXIT_BACKBONE, str(exc))
+        except FloatingPointError as exc:
+            # input images cannot hold NaN; non-finite features come from the backbone's weights
+            _fail(EXIT_BACKBONE, f"{exc}; check the backbone weights (--weights)")
         except KeyboardInterrupt:
             _fail(130, "interrupted; files already written are complete, nothing half-written was kept")
 
@@ -155,10 +160,30 @@ def _run_evaluation(model: Padim, model_path: Path, data: DataArgs, out: Path, m
     return report
 
 
+class _StderrHandler(logging.Handler):
+    """Log records as 'warning: ...' lines on the current stderr (looked up per record, so it
+    follows click's test runner and redirections)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.secho(f"{record.levelname.lower()}: {self.format(record)}", fg="yellow", err=True)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+def _show_warnings() -> None:
+    log = logging.getLogger("padim")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
+    if log.level == logging.NOTSET or log.level > logging.WARNING:
+        log.setLevel(logging.WARNING)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="padim")
 def main() -> None:
     """PaDiM anomaly detection: learn normal images, score new ones, show where defects are."""
+    _show_warnings()
 
 
 def _new_model(backbone, weights, image_size, d, seed, calibration_fraction, threshold_quantile, device,
