@@ -47,32 +47,40 @@ def test_leftover_temporaries_of_killed_writers_are_removed_by_the_next_write(tm
 
 
 def test_every_writer_in_the_package_goes_through_atomic():
-    """Static guard: outside atomic.py, files are only written to the ``tmp`` path of atomic_path
-    or through atomic.write_text/write_bytes."""
+    """Static guard: outside atomic.py, files are only written to the ``tmp`` path of atomic_path,
+    to in-memory buffers (io.BytesIO/StringIO), or through atomic.write_text/write_bytes."""
     import ast
     from pathlib import Path
 
     import padim
 
+    def called(node: ast.AST) -> str:
+        func = node.func if isinstance(node, ast.Call) else None
+        return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
     offenders = []
     for source in Path(padim.__file__).parent.rglob("*.py"):
         if source.name == "atomic.py":
             continue
-        for node in ast.walk(ast.parse(source.read_text())):
+        tree = ast.parse(source.read_text())
+        buffers = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and called(n.value) in ("BytesIO", "StringIO") for t in n.targets if isinstance(t, ast.Name)}
+        allowed = {"tmp"} | buffers
+        for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
-            func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            func, name = node.func, called(node)
             first = node.args[0] if node.args else None
-            to_tmp = isinstance(first, ast.Name) and first.id == "tmp"
+            to_allowed = isinstance(first, ast.Name) and first.id in allowed
             receiver = func.value if isinstance(func, ast.Attribute) else None
-            receiver_tmp = isinstance(receiver, ast.Name) and receiver.id == "tmp"
-            if name in ("savefig", "imsave", "save_file", "tofile") and not to_tmp:
-                offenders.append(f"{source.name}:{node.lineno} {name}")
-            elif name == "save" and any(k.arg == "format" for k in node.keywords) and not to_tmp:
-                offenders.append(f"{source.name}:{node.lineno} {name}")
-            elif isinstance(func, ast.Attribute) and name in ("write_text", "write_bytes") and not receiver_tmp:
-                offenders.append(f"{source.name}:{node.lineno} {name}")
+            on_allowed = isinstance(receiver, ast.Name) and receiver.id in allowed
+            where = f"{source.name}:{node.lineno} {name}"
+            if name in ("savefig", "imsave", "save_file", "tofile", "savez", "savez_compressed") and not to_allowed:
+                offenders.append(where)
+            elif name == "save" and any(k.arg == "format" for k in node.keywords) and not to_allowed:
+                offenders.append(where)
+            elif isinstance(func, ast.Attribute) and name in ("write_text", "write_bytes") and not on_allowed:
+                offenders.append(where)
             elif name == "open" and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
                                         and set(a.value) & set("wax+") for a in node.args[1:]):
                 offenders.append(f"{source.name}:{node.lineno} open for writing")
