@@ -94,3 +94,45 @@ def test_compute_metrics_per_defect_type_and_confusion():
     assert out["per_defect_type"]["b"]["pixel_auroc"] is None
     assert out["at_threshold"] == {"threshold": 0.5, "tp": 1, "fp": 0, "tn": 2, "fn": 1,
                                    "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3)}
+
+
+def _labelled(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(seed)
+    labels = r.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    return labels, np.round(r.normal(size=n) + labels, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(4, 60))
+def test_auroc_is_rank_based_bounded_and_flips_with_the_scores(seed, n):
+    labels, scores = _labelled(seed, n)
+    a = auroc(labels, scores)
+    assert 0.0 <= a <= 1.0
+    assert auroc(labels, np.exp(scores) * 3 + 7) == pytest.approx(a)  # strictly increasing transform
+    assert auroc(labels, -scores) == pytest.approx(1 - a)
+    order = np.random.default_rng(seed + 1).permutation(n)
+    assert auroc(labels[order], scores[order]) == pytest.approx(a)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(4, 60), cut=st.floats(-3, 4))
+def test_f1_max_bounds_every_threshold_and_confusion_counts_add_up(seed, n, cut):
+    labels, scores = _labelled(seed, n)
+    f1, _ = f1_max(labels, scores)
+    counts = confusion(labels, scores >= cut)
+    assert counts["tp"] + counts["fp"] + counts["tn"] + counts["fn"] == n
+    assert 0.0 < f1 <= 1.0 and (counts["f1"] or 0.0) <= f1 + 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), limit=st.sampled_from([0.05, 0.3, 1.0]))
+def test_aupro_is_bounded_rank_based_and_perfect_maps_score_one(seed, limit):
+    r = np.random.default_rng(seed)
+    masks = r.random((3, 6, 7)) > 0.8
+    masks[0, 0, 0], masks[0, 5, 6] = True, False
+    maps = np.round(r.random((3, 6, 7)) + masks * r.random(), 2)
+    value = aupro(masks, maps, limit)
+    assert 0.0 <= value <= 1.0
+    assert aupro(masks, np.exp(2 * maps) - 1, limit) == pytest.approx(value, abs=1e-9)
+    assert aupro(masks, masks + 0.1 * r.random(masks.shape), limit) == pytest.approx(1.0)

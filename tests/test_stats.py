@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,3 +62,58 @@ def test_oas_matches_scikit_learn(rng):
     s = _stats(x)
     expected = OAS(assume_centered=False).fit(x[:, :, 0, 0]).covariance_
     np.testing.assert_allclose(s.covariance(0.0, "oas")[0].numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=2, max_size=5), seed=st.integers(0, 2**16),
+       order=st.randoms(use_true_random=False))
+def test_merge_is_order_free_and_batching_free(sizes, seed, order):
+    r = np.random.default_rng(seed)
+    parts = [r.normal(r.uniform(-5, 5), r.uniform(0.1, 10), size=(n, 3, 1, 2)) for n in sizes]
+    shuffled = parts[:]
+    order.shuffle(shuffled)
+    merged = _stats(parts[0])
+    for p in parts[1:]:
+        merged = merged + _stats(p)
+    other = _stats(shuffled[0])
+    for p in shuffled[1:]:
+        other = _stats(p) + other
+    one_batch = GaussianStats.empty(2, 3)
+    one_batch.update(torch.from_numpy(np.concatenate(parts)))
+    for s in (other, one_batch):
+        assert s.count == merged.count == sum(sizes)
+        torch.testing.assert_close(s.covariance(0.01), merged.covariance(0.01), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(s.mean(), merged.mean(), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 8), dim=st.integers(1, 12), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_covariance_is_symmetric_positive_definite_even_with_fewer_samples_than_dimensions(n, dim, scale, seed):
+    x = np.random.default_rng(seed).normal(0, scale, size=(n, dim, 1, 1))
+    cov = _stats(x).covariance(0.01)
+    torch.testing.assert_close(cov, cov.transpose(1, 2))
+    assert float(torch.linalg.eigvalsh(cov).min()) > 0.005
+    assert torch.isfinite(whitening_factor(cov)).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_features_are_refused_and_leave_the_statistics_unchanged(rng, bad):
+    s = _stats(rng.normal(size=(4, 3, 2, 2)))
+    before = (s.count, s.total.clone(), s.outer.clone())
+    x = torch.from_numpy(rng.normal(size=(2, 3, 2, 2)))
+    x[1, 2, 0, 1] = bad
+    with pytest.raises(FloatingPointError, match="1 NaN or inf"):
+        s.update(x)
+    assert s.count == before[0] and torch.equal(s.total, before[1]) and torch.equal(s.outer, before[2])
+
+
+def test_non_finite_statistics_are_detected():
+    s = GaussianStats.empty(1, 2)
+    s.update(torch.ones(3, 2, 1, 1, dtype=torch.float64))
+    s.outer[0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        s.covariance(0.01)
+    with pytest.raises(FloatingPointError):
+        whitening_factor(torch.full((1, 2, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot merge"):
+        _ = s + GaussianStats.empty(1, 3)

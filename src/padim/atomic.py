@@ -1,8 +1,16 @@
-"""Atomic file writes: an output is either complete or absent, also if the process is killed."""
+"""Atomic file writes: an output is either complete or absent, also if the process is killed.
+
+A write goes to a hidden temporary file beside the target (``.<stem>.<random>.tmp<suffix>``),
+is fsynced and renamed over the target. A process killed mid-write can leave such a temporary
+behind (never the target itself half-written); the next write of the same target removes the
+leftovers that no live writer holds (each writer keeps an exclusive ``flock`` on its temporary).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +23,35 @@ def _umask() -> int:
     return mask
 
 
+def _temp_pattern(path: Path) -> str:
+    return str(path.parent / f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}")
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete temporaries of ``path`` left by killed writers; returns what was removed.
+
+    A temporary whose lock can be taken has no live writer (locks die with their process).
+    """
+    path = Path(path)
+    removed = []
+    for name in glob.glob(_temp_pattern(path)):
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except OSError:
+            continue  # renamed or removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+                removed.append(Path(name))
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
@@ -24,11 +61,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual mode
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename is done: marks the temporary as live
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual mode
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -40,6 +78,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

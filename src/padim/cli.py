@@ -1,13 +1,15 @@
 """Command line: ``padim fit | evaluate | run | predict | report | download``.
 
 Exit codes: 0 success; 1 internal error (a bug: please report it); 2 usage error; 3 bad or
-missing data; 4 bad or missing model file; 5 backbone weights unavailable; 6 download failed
-(no network, server or disk error); 130 interrupted.
+missing data; 4 bad or missing model file; 5 backbone weights unavailable or unusable (they give
+NaN/inf features); 6 download failed (no network, server or disk error); 130 interrupted.
+Warnings (accepted but doubtful input) go to stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import sys
 import time
@@ -45,6 +47,9 @@ def handle_errors(func):
             _fail(EXIT_BACKBONE, str(exc))
         except DownloadError as exc:
             _fail(EXIT_DOWNLOAD, str(exc))
+        except FloatingPointError as exc:
+            # input images cannot hold NaN; non-finite features come from the backbone's weights
+            _fail(EXIT_BACKBONE, f"{exc}; check the backbone weights (--weights)")
         except KeyboardInterrupt:
             _fail(130, "interrupted; files already written are complete, nothing half-written was kept")
 
@@ -218,10 +223,30 @@ def _distributed():
     return distributed
 
 
+class _StderrHandler(logging.Handler):
+    """Log records as 'warning: ...' lines on the current stderr (looked up per record, so it
+    follows click's test runner and redirections)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.secho(f"{record.levelname.lower()}: {self.format(record)}", fg="yellow", err=True)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+def _show_warnings() -> None:
+    log = logging.getLogger("padim")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
+    if log.level == logging.NOTSET or log.level > logging.WARNING:
+        log.setLevel(logging.WARNING)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="padim")
 def main() -> None:
     """PaDiM anomaly detection: learn normal images, score new ones, show where defects are."""
+    _show_warnings()
 
 
 def _new_model(device: str, workers: int | None, **params) -> Padim:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,17 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import write_text
-from .datasets import DatasetError, Sample, Split, load_split, read_image, read_mask
-from .datasets.mvtec import IMAGE_SUFFIXES
+from .datasets import DatasetError, Sample, Split, image_size, load_split, read_image, read_mask
+from .datasets.mvtec import IMAGE_SUFFIXES, is_image_name
 from .metrics import compute_metrics
 from .model import Padim
 from .reports import five_panel, roc_figure, save_overlay, save_pixel_curves, write_galleries, write_report
 
 MODEL_FILE = "model.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +47,15 @@ class DataArgs:
 def fit(data: DataArgs, out_dir: Path, model: Padim) -> tuple[Padim, Path, dict]:
     """Fit ``model`` on the training images and write ``out_dir/model.safetensors``."""
     split = data.load()
+    n = len(split.train)
+    try:
+        model.calibration_split(n)
+    except ValueError as exc:
+        raise DatasetError(f"{data.root / data.category}: {exc}; add normal training images") from exc
+    if n <= model.d:
+        logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "
+                       "only eps=%g on its diagonal keeps it invertible; expect weak results, use at least %d "
+                       "images or a smaller --d", n, model.d, model.eps, model.d + 1)
     start = time.perf_counter()
     model.fit([s.path for s in split.train])
     seconds = time.perf_counter() - start
@@ -61,11 +72,7 @@ def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
 
 
 def _original_size(sample: Sample) -> tuple[int, int]:
-    with Image.open(sample.path) as im:
-        w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the sides
-            w, h = h, w
-    return h, w
+    return image_size(sample.path)
 
 
 def _figure_name(sample: Sample) -> str:
@@ -187,7 +194,7 @@ def collect_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
-            for p in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES):
+            for p in sorted(q for q in path.rglob("*") if q.is_file() and is_image_name(q)):
                 found.append((p, "__".join(p.relative_to(path).with_suffix("").parts)))
         elif path.is_file():
             found.append((path, path.stem))

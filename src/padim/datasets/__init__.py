@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .images import ImageFiles, read_image, read_mask
+from .checks import check_split
+from .images import ImageFiles, image_size, read_image, read_mask
 from .mvtec import is_folder, is_mvtec, list_images, load_folder
 from .samples import DatasetError, Sample, Split
 from .visa import is_visa, load_visa
@@ -12,8 +13,8 @@ from .visa import is_visa, load_visa
 LAYOUTS = ("auto", "visa", "mvtec", "folder")
 
 __all__ = [
-    "LAYOUTS", "DatasetError", "ImageFiles", "Sample", "Split", "detect_layout", "list_images",
-    "load_split", "read_image", "read_mask",
+    "LAYOUTS", "DatasetError", "ImageFiles", "Sample", "Split", "check_split", "detect_layout", "image_size",
+    "list_images", "load_split", "read_image", "read_mask",
 ]
 
 
@@ -27,6 +28,9 @@ def detect_layout(root: Path, category: str) -> str:
     for name, test in (("visa", is_visa), ("mvtec", is_mvtec), ("folder", is_folder)):
         if test(root, category):
             return name
+    if not any((root / category).iterdir()):
+        raise DatasetError(f"{root / category}: the category folder is empty; put the data set's images there "
+                           "(VisA Data/Images/, or train/good + test/ folders)")
     raise DatasetError(
         f"{root / category}: not a known layout (VisA Data/Images/, MVTec AD train/good + "
         "ground_truth/, or plain train/good + test/)"
@@ -38,6 +42,7 @@ def load_split(root: str | Path, category: str, split: str = "1cls", layout: str
 
     ``split`` applies to VisA ('1cls' official, 'seed' the seed's protocol); the MVTec and folder
     layouts have a single fixed split. ``layout='auto'`` detects the layout from the folders.
+    Masks are checked against their images (see :func:`check_split`).
     """
     root = Path(root)
     if layout not in LAYOUTS:
@@ -45,5 +50,5 @@ def load_split(root: str | Path, category: str, split: str = "1cls", layout: str
     if layout == "auto":
         layout = detect_layout(root, category)
     if layout == "visa":
-        return load_visa(root, category, split)
-    return load_folder(root, category, layout)
+        return check_split(load_visa(root, category, split))
+    return check_split(load_folder(root, category, layout))

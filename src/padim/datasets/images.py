@@ -1,32 +1,86 @@
-"""Image and mask decoding, resizing, and a torch Dataset that feeds the backbone uint8 tensors."""
+"""Image and mask decoding, resizing, and a torch Dataset that feeds the backbone uint8 tensors.
+
+Decoding is strict: truncated files, files that are not images and images over Pillow's
+decompression-bomb limit are refused with a :class:`DatasetError` naming the file. Images in other
+modes (grayscale, palette, RGBA, 16-bit) are converted to RGB.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .samples import DatasetError
 
+logger = logging.getLogger(__name__)
+
 ImageSource = str | Path | Image.Image | np.ndarray
+
+# the format each suffix promises, to warn when a file's content says otherwise
+_SUFFIX_FORMATS = {
+    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+EXIF_ORIENTATION = 0x0112
+
+
+def _max_pixels() -> int:
+    # Pillow's own guard (about 89 Mpx); read at call time so a caller can raise it deliberately
+    return int(Image.MAX_IMAGE_PIXELS or 0)
 
 
 def _open(path: Path, draft_side: int | None = None) -> Image.Image:
+    """Open and fully decode ``path``; every failure becomes a DatasetError naming the file."""
     try:
-        image = Image.open(path)
+        if path.stat().st_size == 0:
+            raise DatasetError(f"{path}: empty file (0 bytes); replace or remove it")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its limit; refuse the whole range instead
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        expected = _SUFFIX_FORMATS.get(path.suffix.lower())
+        if expected is not None and image.format is not None and image.format != expected:
+            logger.warning("%s: the file is a %s image despite its %s suffix; read as %s",
+                           path, image.format, path.suffix, image.format)
         if draft_side is not None and image.format == "JPEG":
             image.draft("RGB", (draft_side, draft_side))
         image.load()
+    except DatasetError:
+        raise
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: file not found") from exc
-    except Image.DecompressionBombError as exc:
-        raise DatasetError(f"{path}: refused, too many pixels ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DatasetError(
+            f"{path}: refused, more pixels than the decompression-bomb limit of {_max_pixels()} "
+            f"({exc}); downscale the image"
+        ) from exc
+    except PermissionError as exc:
+        raise DatasetError(f"{path}: cannot read the file (permission denied)") from exc
+    except IsADirectoryError as exc:
+        raise DatasetError(f"{path}: is a folder, expected an image file") from exc
+    except Exception as exc:  # noqa: BLE001 - a malformed file can make any decoder step fail
         raise DatasetError(f"{path}: cannot decode image ({exc}); replace or remove the file") from exc
     return image
+
+
+def _to_rgb(image: Image.Image, name: object) -> Image.Image:
+    """Apply the EXIF orientation and convert any mode to 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT:
+        # 16-bit sensors: map 0..65535 onto 0..255 rather than clipping as PIL's convert() does
+        logger.warning("%s: %s image scaled to 8 bits per channel", name, image.mode)
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        logger.warning("%s: transparency (%s) dropped, colour channels kept", name, image.mode)
+    return image.convert("RGB")
 
 
 def read_image(source: ImageSource, size: tuple[int, int] | None = None) -> Image.Image:
@@ -36,20 +90,33 @@ def read_image(source: ImageSource, size: tuple[int, int] | None = None) -> Imag
     anti-aliasing step of its own); the final resize is bilinear.
     """
     if isinstance(source, Image.Image):
-        image = source
+        image = _to_rgb(source, "image")
     elif isinstance(source, np.ndarray):
-        image = Image.fromarray(source)
+        image = _to_rgb(Image.fromarray(source), "array")
     else:
-        image = _open(Path(source), max(size) if size is not None else None)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit sensors: map 0..65535 onto 0..255 rather than clipping as PIL's convert() does
-        array = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
-    image = image.convert("RGB")
+        path = Path(source)
+        image = _open(path, max(size) if size is not None else None)
+        try:
+            image = _to_rgb(image, path)
+        except Exception as exc:  # noqa: BLE001 - corrupt EXIF or pixel data
+            raise DatasetError(f"{path}: cannot convert image ({exc}); replace or remove the file") from exc
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return image
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file as displayed (EXIF rotation applied), from its header only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotations that swap the sides
+                    w, h = h, w
+    except Exception as exc:  # noqa: BLE001 - the full decode later reports it with the same name
+        raise DatasetError(f"{path}: cannot read image header ({exc}); replace or remove the file") from exc
+    return h, w
 
 
 def read_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
@@ -61,6 +128,8 @@ def read_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
     if path is None:
         return np.zeros(size, dtype=bool)
     mask = _open(Path(path))
+    if mask.mode in ("RGBA", "LA", "PA"):
+        mask = mask.convert(mask.mode[:-1])  # an opaque alpha channel would mark every pixel
     if mask.size != (size[1], size[0]):
         mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
     array = np.asarray(mask)

@@ -3,16 +3,31 @@ plain folder layout (the same without the ``_mask`` suffix requirement)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .samples import DatasetError, Sample, Split
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def is_image_name(path: Path) -> bool:
+    """An image suffix (any case) and not hidden: hidden files are macOS '._' sidecars, thumbnails
+    or this tool's own temporary files."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name (case-insensitive suffix match)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files directly in ``folder``, sorted by name; other files are skipped with a warning."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if is_image_name(p)]
+    skipped = [p.name for p in files if p not in images]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d file(s) that are not images or are hidden: %s", folder, len(skipped), shown)
+    return images
 
 
 def is_mvtec(root: Path, category: str) -> bool:
@@ -43,9 +58,12 @@ def load_folder(root: Path, category: str, layout: str = "folder") -> Split:
     or ``<stem>.*``.
     """
     base = root / category
+    if not (base / "train" / "good").is_dir():
+        raise DatasetError(f"{base / 'train' / 'good'}: folder not found; normal training images go there")
     train = [Sample(p, 0) for p in list_images(base / "train" / "good")]
     if not train:
-        raise DatasetError(f"{base / 'train' / 'good'}: no training images")
+        raise DatasetError(f"{base / 'train' / 'good'}: no training images; put normal images there "
+                           f"({', '.join(IMAGE_SUFFIXES)})")
     test_dir = base / "test"
     if not test_dir.is_dir():
         raise DatasetError(f"{test_dir}: folder not found")

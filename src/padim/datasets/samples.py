@@ -46,3 +46,11 @@ class Split:
 
 class DatasetError(ValueError):
     """A data set on disk is missing, incomplete or malformed; the message names the file."""
+
+    def __init__(self, message: str = ""):
+        # torch's DataLoader re-raises an error from a decoding worker as
+        # DatasetError("Caught DatasetError in DataLoader worker process N. Original Traceback ...");
+        # keep only the original message so the user never sees the worker's stack trace
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)

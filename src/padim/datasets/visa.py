@@ -17,24 +17,40 @@ def is_visa(root: Path, category: str) -> bool:
     return (root / category / "Data" / "Images").is_dir()
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a csv with the line each starts on; the header must name the ``required`` columns."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
+    rows = []
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DatasetError(f"{path}: header lacks column(s) {', '.join(missing)}; expected a header "
+                                   f"line naming {','.join(required)}")
+            line = reader.line_num + 1
+            for row in reader:
+                rows.append((line, row))
+                line = reader.line_num + 1
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path}: not a readable CSV file ({exc})") from exc
+        raise DatasetError(f"{path}: not a readable CSV file ({exc}); re-save it as UTF-8 csv") from exc
+    return rows
+
+
+def _broken(path: Path, line: int, row: dict, why: str) -> DatasetError:
+    shown = ",".join("" if v is None else str(v) for k, v in row.items() if k is not None)
+    return DatasetError(f"{path} line {line}: {why} ({shown!r}); fix or delete the row")
 
 
 def read_annotations(root: Path, category: str) -> dict[str, tuple[str, ...]]:
     """Map each image path (relative to root, as in the csv) to its defect types (empty for normal)."""
     path = root / category / "image_anno.csv"
     anno: dict[str, tuple[str, ...]] = {}
-    for row in _read_csv(path):
+    for line, row in _read_csv(path, ("image", "label")):
         image, label = row.get("image"), row.get("label")
         if not image or label is None:
-            raise DatasetError(f"{path}: row without 'image' or 'label' column: {row}")
+            raise _broken(path, line, row, "row without an image or a label")
         types = tuple(t.strip() for t in label.split(",") if t.strip())
         anno[image] = () if types == (NORMAL,) else types
     return anno
@@ -53,7 +69,8 @@ def _check_exist(samples: list[Sample], source: Path) -> None:
     if missing:
         shown = ", ".join(str(p) for p in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DatasetError(f"{source} names {len(missing)} missing file(s): {shown}{more}")
+        raise DatasetError(f"{source} names {len(missing)} missing file(s): {shown}{more}; check that DATA_ROOT "
+                           "is the folder holding split_csv/, or restore the files")
 
 
 def load_visa(root: Path, category: str, split: str = "1cls") -> Split:
@@ -64,12 +81,14 @@ def load_visa(root: Path, category: str, split: str = "1cls") -> Split:
     if split == "1cls":
         source = root / "split_csv" / "1cls.csv"
         train, test = [], []
-        for row in _read_csv(source):
+        for line, row in _read_csv(source, ("object", "split", "label", "image")):
             if row.get("object") != category:
                 continue
             kind, label = row.get("split"), row.get("label")
+            if None in row:
+                raise _broken(source, line, row, "more fields than the header names")
             if kind not in ("train", "test") or label not in ("normal", "anomaly") or not row.get("image"):
-                raise DatasetError(f"{source}: malformed row {row}")
+                raise _broken(source, line, row, "expected split train|test, label normal|anomaly and an image")
             sample = _sample(root, row["image"], row.get("mask") or None, int(label == "anomaly"), anno)
             (train if kind == "train" else test).append(sample)
         if not train:

@@ -67,4 +67,5 @@ def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: fl
         t = (fpr_limit - fpr[n - 1]) / (fpr[n] - fpr[n - 1])
         x = np.r_[x, fpr_limit]
         y = np.r_[y, pro[n - 1] + t * (pro[n] - pro[n - 1])]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    # the cumulative PRO sums can overshoot 1 by a rounding error; the area is a share, so clip it
+    return float(np.clip(np.trapezoid(y, x) / fpr_limit, 0.0, 1.0))

@@ -1,10 +1,19 @@
 """Model files: tensors in safetensors, metadata as JSON inside the same file. Loading never
-unpickles anything and checks every shape, dtype and field before the model is used."""
+unpickles anything and checks every shape, dtype and field before the model is used.
+
+Compatibility policy: a file is read when its ``format`` is the one this version writes and the
+package version that wrote it is not newer (by major.minor) than this one; anything else is
+refused with a message saying to upgrade or re-fit. The file holds no timestamp, so the same fit
+gives the same bytes.
+"""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import logging
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,11 +23,16 @@ from safetensors.torch import save as safetensors_bytes
 from .. import __version__
 from ..atomic import write_bytes
 from ..backbones import BackboneError, get_spec
-from ..backbones.extractor import channel_index
+from ..backbones.extractor import TAP_RESIZE, channel_index
 from .padim import Padim
 from .scorer import PadimScorer
+from .stats import COVARIANCE_ESTIMATORS
 
 FORMAT = "visa-padim/1"
+TENSORS = ("mean", "factor_tril", "channels")
+MAX_IMAGE_SIDE = 4096
+
+logger = logging.getLogger(__name__)
 
 
 class ModelFileError(ValueError):
@@ -44,7 +58,6 @@ def save_model(model: Padim, path: Path) -> Path:
     meta = {
         "format": FORMAT,
         "package_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "backbone": model.backbone,
         "backbone_source": spec.source,
         "taps": list(spec.taps),
@@ -70,6 +83,10 @@ def save_model(model: Padim, path: Path) -> Path:
         "factor_tril": _pack(scorer.factor.cpu()),
         "channels": scorer.extractor.channels.cpu().contiguous(),
     }
+    for name in ("mean", "factor_tril"):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise FloatingPointError(f"model tensor {name!r} holds NaN or inf; refusing to write {path}")
+    check_metadata(path, meta)  # never write a file that loading would refuse
     write_bytes(path, safetensors_bytes(tensors, metadata={"padim": json.dumps(meta)}))
     return path
 
@@ -96,6 +113,94 @@ def read_model_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def _version(text: str) -> tuple[int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v) -> bool:
+    return (isinstance(v, float) or _is_int(v)) and math.isfinite(v)
+
+
+def _pair(check: Callable) -> Callable:
+    return lambda v: isinstance(v, list) and len(v) == 2 and all(check(x) for x in v)
+
+
+def _scores(v) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) == {"min", "median", "max"}
+                         and all(_is_float(x) for x in v.values()) and v["min"] <= v["median"] <= v["max"])
+
+
+# every metadata field this version writes: (check, what a valid value is)
+FIELDS: dict[str, tuple[Callable, str]] = {
+    "format": (lambda v: v == FORMAT, repr(FORMAT)),
+    "package_version": (lambda v: isinstance(v, str) and _version(v) is not None, "a version like '0.1.0'"),
+    "backbone": (lambda v: isinstance(v, str), "a backbone name"),
+    "backbone_source": (lambda v: isinstance(v, str), "a string"),
+    "taps": (lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, str) for x in v), "3 layer names"),
+    "image_size": (_pair(lambda x: _is_int(x) and 8 <= x <= MAX_IMAGE_SIDE), f"[h, w] in 8..{MAX_IMAGE_SIDE}"),
+    "grid": (_pair(lambda x: _is_int(x) and x >= 1), "[h, w] positive integers"),
+    "d": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "eps": (lambda v: _is_float(v) and v >= 0, "a finite number >= 0"),
+    "sigma": (lambda v: _is_float(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
+    "pool": (lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "tap_resize": (lambda v: v in TAP_RESIZE, " or ".join(TAP_RESIZE)),
+    "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
+    "top_k": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "normalization": (lambda v: isinstance(v, dict) and {"mean", "std"} <= set(v), "{mean, std, input}"),
+    "resize": (lambda v: isinstance(v, str), "a string"),
+    "calibration_fraction": (lambda v: _is_float(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "threshold_quantile": (lambda v: _is_float(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "threshold": (lambda v: v is None or _is_float(v), "null or a finite number"),
+    "n_train": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "n_calibration": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "calibration_scores": (_scores, "null or {min, median, max} in order"),
+    "map_range": (lambda v: v is None or _pair(_is_float)(v), "null or [low, high]"),
+}
+OPTIONAL = {"created"}  # written by 0.1.0 before byte-identical files; ignored
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    """Refuse metadata this version cannot use: every field present and valid, a known backbone with
+    the same taps and normalization, a file not newer than this package. Unknown fields warn."""
+    version = meta.get("package_version")
+    found, ours = _version(version) if isinstance(version, str) else None, _version(__version__)
+    if found is not None and ours is not None and found > ours:
+        raise ModelFileError(f"{path}: written by visa-padim {version}, newer than this {__version__}; upgrade "
+                             "visa-padim or re-run 'padim fit' with this version")
+    for name, (ok, expected) in FIELDS.items():
+        if name not in meta:
+            raise ModelFileError(f"{path}: metadata field {name!r} missing; the file is damaged or not written "
+                                 "by 'padim fit'; re-run 'padim fit'")
+        if not ok(meta[name]):
+            raise ModelFileError(f"{path}: metadata field {name!r} is {meta[name]!r}, expected {expected}; "
+                                 "the file was altered or damaged; re-run 'padim fit'")
+    unknown = sorted(set(meta) - set(FIELDS) - OPTIONAL)
+    if unknown:
+        logger.warning("%s: ignoring unknown metadata field(s) %s", path, ", ".join(unknown))
+    try:
+        spec = get_spec(meta["backbone"])
+    except BackboneError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+    norm = meta["normalization"]
+    if tuple(meta["taps"]) != spec.taps or [list(spec.mean), list(spec.std)] != [norm["mean"], norm["std"]]:
+        raise ModelFileError(f"{path}: taps or normalization differ from backbone {spec.name!r} in this version; "
+                             "the model's features would not match; re-run 'padim fit'")
+    if meta["d"] > sum(spec.channels):
+        raise ModelFileError(f"{path}: d={meta['d']} exceeds the {sum(spec.channels)} channels of {spec.name!r}")
+    if meta["backbone_source"] != spec.source:
+        logger.warning("%s: fitted with backbone weights %r, this version uses %r", path, meta["backbone_source"],
+                       spec.source)
+    if meta["n_calibration"] >= meta["n_train"]:
+        raise ModelFileError(f"{path}: n_calibration {meta['n_calibration']} >= n_train {meta['n_train']}; "
+                             "the file was altered; re-run 'padim fit'")
+
+
 def _expect(path: Path, tensors: dict, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     t = tensors.get(name)
     if t is None:
@@ -111,21 +216,17 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
                progress: bool = False) -> Padim:
     """Rebuild a :class:`Padim` from a file written by :func:`save_model`."""
     meta, tensors = read_model_file(path)
-    try:
-        model = Padim(
-            backbone=meta["backbone"], image_size=tuple(meta["image_size"]), d=int(meta["d"]),
-            eps=float(meta["eps"]), sigma=float(meta["sigma"]), seed=int(meta["seed"]),
-            calibration_fraction=float(meta["calibration_fraction"]),
-            threshold_quantile=float(meta["threshold_quantile"]), pool=int(meta["pool"]),
-            tap_resize=str(meta["tap_resize"]), covariance=str(meta["covariance"]), top_k=int(meta["top_k"]),
-            device=device, weights=weights,
-            progress=progress,
-        )
-        grid = (int(meta["grid"][0]), int(meta["grid"][1]))
-    except BackboneError as exc:
-        raise ModelFileError(f"{path}: {exc}") from exc
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ModelFileError(f"{path}: missing or invalid metadata field ({exc!r})") from exc
+    check_metadata(path, meta)
+    extra = sorted(set(tensors) - set(TENSORS))
+    if extra:
+        raise ModelFileError(f"{path}: unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
+    model = Padim(
+        backbone=meta["backbone"], image_size=tuple(meta["image_size"]), d=meta["d"], eps=float(meta["eps"]),
+        sigma=float(meta["sigma"]), seed=meta["seed"], calibration_fraction=float(meta["calibration_fraction"]),
+        threshold_quantile=float(meta["threshold_quantile"]), pool=meta["pool"], tap_resize=meta["tap_resize"],
+        covariance=meta["covariance"], top_k=meta["top_k"], device=device, weights=weights, progress=progress,
+    )
+    grid = (meta["grid"][0], meta["grid"][1])
     d, positions = model.d, grid[0] * grid[1]
     mean = _expect(path, tensors, "mean", (positions, d), torch.float32)
     packed = _expect(path, tensors, "factor_tril", (positions, d * (d + 1) // 2), torch.float32)
@@ -134,10 +235,21 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
     if not torch.equal(channels, channel_index(total, d, model.seed)):
         raise ModelFileError(f"{path}: channel index does not match backbone {model.backbone!r}, d={d}, "
                              f"seed={model.seed}")
+    rows, cols = torch.tril_indices(d, d)
+    if not bool((packed[:, rows == cols] > 0).all()):  # W = L^-1 of a Cholesky factor: positive diagonal
+        raise ModelFileError(f"{path}: whitening factor has a non-positive diagonal; the file was altered or "
+                             "damaged; re-run 'padim fit'")
+    try:
+        probed = model._grid(positions)  # builds the backbone (BackboneError: weights) and runs one probe
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: grid {list(grid)} does not fit image size {meta['image_size']} ({exc})") from exc
+    if probed != grid:
+        raise ModelFileError(f"{path}: grid {list(grid)} does not match the {probed} of image size "
+                             f"{meta['image_size']}; the file was altered; re-run 'padim fit'")
     model.grid_ = grid
     model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grid, model.sigma,
                                 model.top_k).to(model.device)
-    model.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
+    model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
     model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
     model.meta_ = meta
     return model

@@ -35,12 +35,18 @@ class GaussianStats:
         b, d, h, w = embeddings.shape
         if (h * w, d) != tuple(self.total.shape):
             raise ValueError(f"embedding grid {d}x{h}x{w} does not match statistics {tuple(self.total.shape)}")
+        if not bool(torch.isfinite(embeddings).all()):
+            bad = int((~torch.isfinite(embeddings)).sum())
+            raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
         x = embeddings.to(torch.float64).permute(2, 3, 0, 1).reshape(h * w, b, d)
         self.count += b
         self.total += x.sum(dim=1)
         self.outer.baddbmm_(x.transpose(1, 2), x)
 
     def __add__(self, other: GaussianStats) -> GaussianStats:
+        if self.total.shape != other.total.shape:
+            raise ValueError(f"cannot merge statistics of shapes {tuple(self.total.shape)} and "
+                             f"{tuple(other.total.shape)}")
         return GaussianStats(self.count + other.count, self.total + other.total, self.outer + other.outer)
 
     def mean(self) -> torch.Tensor:
@@ -65,6 +71,8 @@ class GaussianStats:
         if estimator == "oas":
             cov = oas_shrink(cov, self.count)
         cov.diagonal(dim1=1, dim2=2).add_(eps)
+        if not bool(torch.isfinite(cov).all()):
+            raise FloatingPointError("the accumulated statistics hold NaN or inf")
         return cov
 
 
@@ -89,4 +97,7 @@ def whitening_factor(cov: torch.Tensor) -> torch.Tensor:
         bad = int((info > 0).nonzero()[0])
         raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    return torch.linalg.solve_triangular(chol, eye, upper=False)
+    factor = torch.linalg.solve_triangular(chol, eye, upper=False)
+    if not bool(torch.isfinite(factor).all()):  # NaN input can pass cholesky_ex without an error code
+        raise FloatingPointError("the whitening factor holds NaN or inf; the statistics are not finite")
+    return factor
