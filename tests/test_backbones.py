@@ -96,3 +96,9 @@ def test_extractor_equals_pool_resize_concat_then_select(pool, resize):
         kw = {"align_corners": False} if resize == "bilinear" else {}
         full = torch.cat([taps[0]] + [F.interpolate(t, size=(16, 16), mode=resize, **kw) for t in taps[1:]], 1)
         torch.testing.assert_close(extractor(images), full[:, channels])
+
+
+def test_extractor_works_when_a_tap_contributes_no_channel():
+    extractor = FeatureExtractor("mobilenet_v2", torch.arange(5))  # all five from the first tap
+    out = extractor(torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8))
+    assert out.shape == (1, 5, 16, 16)

@@ -53,13 +53,20 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
-        maps = [m.index_select(1, getattr(self, f"tap{i}")) for i, m in enumerate(self.net(x))]
-        if self.pool > 1:
-            maps = [F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
-                    for m in maps]
-        size = maps[0].shape[-2:]
+        taps = self.net(x)
+        size = taps[0].shape[-2:]
         # nearest (the PaDiM reference) keeps each deep feature constant over the finer patches
         # it covers; bilinear blends neighbouring deep features
         kwargs = {"align_corners": False} if self.tap_resize == "bilinear" else {}
-        maps = [maps[0]] + [F.interpolate(m, size=size, mode=self.tap_resize, **kwargs) for m in maps[1:]]
+        maps = []
+        for i, tap in enumerate(taps):
+            keep = getattr(self, f"tap{i}")
+            if keep.numel() == 0:  # a small d may draw no channel from a tap
+                continue
+            m = tap.index_select(1, keep)
+            if self.pool > 1:
+                m = F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+            if i > 0:
+                m = F.interpolate(m, size=size, mode=self.tap_resize, **kwargs)
+            maps.append(m)
         return torch.cat(maps, dim=1)
