@@ -36,7 +36,7 @@ def _max_pixels() -> int:
     return int(Image.MAX_IMAGE_PIXELS or 0)
 
 
-def _open(path: Path, draft_side: int | None = None) -> Image.Image:
+def _open(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode ``path``; every failure becomes a DatasetError naming the file."""
     try:
         if path.stat().st_size == 0:
@@ -49,8 +49,12 @@ def _open(path: Path, draft_side: int | None = None) -> Image.Image:
         if expected is not None and image.format is not None and image.format != expected:
             logger.warning("%s: the file is a %s image despite its %s suffix; read as %s",
                            path, image.format, path.suffix, image.format)
-        if draft_side is not None and image.format == "JPEG":
-            image.draft("RGB", (draft_side, draft_side))
+        if draft is not None and image.format == "JPEG":
+            # DCT-domain downscaling by 1/2, 1/4 or 1/8 while the result still covers the (h, w)
+            # target, in the file's stored orientation (EXIF rotation is applied after decoding)
+            h, w = draft
+            rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            image.draft("RGB", (h, w) if rotated else (w, h))
         image.load()
     except DatasetError:
         raise
@@ -95,7 +99,7 @@ def read_image(source: ImageSource, size: tuple[int, int] | None = None) -> Imag
         image = _to_rgb(Image.fromarray(source), "array")
     else:
         path = Path(source)
-        image = _open(path, max(size) if size is not None else None)
+        image = _open(path, size)
         try:
             image = _to_rgb(image, path)
         except Exception as exc:  # noqa: BLE001 - corrupt EXIF or pixel data
