@@ -92,3 +92,20 @@ def test_help_explains_every_option():
         text = invoke(command, "--help").output
         assert "--device" in text and "--out" in text
     assert "--backbone" in invoke("fit", "--help").output
+
+
+def test_aspect_keep_and_square_set_the_model_input_size(tmp_path):
+    from padim.model import read_model_file
+
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_png(root / "wide" / "train" / "good" / f"{i}.png", np.resize(texture(rng, 96), (64, 96, 3)))
+    write_png(root / "wide" / "test" / "good" / "0.png", np.resize(texture(rng, 96), (64, 96, 3)))
+    for aspect, size in (("keep", [64, 96]), ("square", [64, 64])):
+        out = tmp_path / aspect
+        result = invoke("fit", root, "--category", "wide", "--image-size", "64", "--aspect", aspect, "--d", "8",
+                        "--no-progress", "--workers", "0", "--out", out)
+        assert result.exit_code == 0, result.output
+        meta = read_model_file(out / "model.safetensors")[0]
+        assert meta["image_size"] == size and meta["sigma"] == 1.0  # 4 px per 256 px of the shorter side

@@ -87,3 +87,13 @@ def test_undecodable_image_error_names_the_file(tmp_path):
     bad.write_text("not an image")
     with pytest.raises(DatasetError, match="broken.JPG"):
         read_image(bad)
+
+
+def test_keep_aspect_sizes_the_longer_side_from_the_image(tmp_path):
+    from padim.datasets.images import keep_aspect
+
+    wide = write_png(tmp_path / "w.png", np.zeros((1000, 1500), np.uint8))
+    tall = write_png(tmp_path / "t.png", np.zeros((1500, 1000), np.uint8))
+    assert keep_aspect(384, wide) == (384, 576)
+    assert keep_aspect(256, tall) == (384, 256)
+    assert keep_aspect(250, wide) == (250, 368)  # 375 rounded to a multiple of 16

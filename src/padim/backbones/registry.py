@@ -23,16 +23,17 @@ class BackboneSpec:
     """How to build one backbone.
 
     ``build(weights, pretrained)`` returns a module mapping a normalized float batch to a list of
-    three feature maps at strides 4, 8 and 16; ``weights`` is a file the user named (or None for
-    the default source), ``pretrained=False`` gives random weights (tests only).
+    feature maps, the first at stride 4 (PaDiM's three taps are at strides 4, 8 and 16); ``weights``
+    is a file the user named (or None for the default source), ``pretrained=False`` gives random
+    weights (tests only).
     """
 
     name: str
     build: Callable[[Path | None, bool], nn.Module]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    taps: tuple[str, str, str]
-    channels: tuple[int, int, int]
+    taps: tuple[str, ...]
+    channels: tuple[int, ...]
     source: str
 
 

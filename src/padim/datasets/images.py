@@ -123,6 +123,14 @@ def image_size(path: Path) -> tuple[int, int]:
     return h, w
 
 
+def keep_aspect(short_side: int, path: Path, multiple: int = 16) -> tuple[int, int]:
+    """(h, w) with the shorter side ``short_side`` and the aspect ratio of the image at ``path``;
+    the longer side is rounded to a multiple of ``multiple`` (the backbone's coarsest tap stride)."""
+    h, w = image_size(path)
+    long = max(multiple, int(round(short_side * max(h, w) / min(h, w) / multiple)) * multiple)
+    return (short_side, long) if h <= w else (long, short_side)
+
+
 def read_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask as bool (h, w): anomaly wherever the stored value is not 0.
 

@@ -141,7 +141,7 @@ FIELDS: dict[str, tuple[Callable, str]] = {
     "package_version": (lambda v: isinstance(v, str) and _version(v) is not None, "a version like '0.1.0'"),
     "backbone": (lambda v: isinstance(v, str), "a backbone name"),
     "backbone_source": (lambda v: isinstance(v, str), "a string"),
-    "taps": (lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, str) for x in v), "3 layer names"),
+    "taps": (lambda v: isinstance(v, list) and len(v) >= 1 and all(isinstance(x, str) for x in v), "layer names"),
     "image_size": (_pair(lambda x: _is_int(x) and 8 <= x <= MAX_IMAGE_SIDE), f"[h, w] in 8..{MAX_IMAGE_SIDE}"),
     "grid": (_pair(lambda x: _is_int(x) and x >= 1), "[h, w] positive integers"),
     "d": (lambda v: _is_int(v) and v >= 1, "a positive integer"),

@@ -36,6 +36,11 @@ def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequ
     return [images[i] for i in idx]
 
 
+def default_sigma(image_size: tuple[int, int]) -> float:
+    """PaDiM's blur of 4 px at 256 px, scaled with the shorter input side."""
+    return 4.0 * min(image_size) / 256
+
+
 def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, int):
         return (image_size, image_size)
@@ -52,13 +57,15 @@ class Padim:
     image_size: input side in pixels (square resize), or (height, width).
     d: number of feature channels kept (fixed random subset, PaDiM's reduction).
     eps: added to each covariance diagonal; keeps it invertible with few images.
-    sigma: Gaussian blur of the upsampled map, in input pixels (0 = none).
+    sigma: Gaussian blur of the upsampled map, in input pixels (0 = none); None scales PaDiM's
+        4 px at 256 px with the input: 4 * shorter side / 256.
     seed: fixes the channel subset and the calibration hold-out.
     calibration_fraction: share of the training images held out to set the threshold; they are
         scored by the model fit without them, then merged into the final statistics.
     threshold_quantile: the threshold is this quantile of the held-out normal image scores.
-    pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM).
-    tap_resize: 'nearest' (PaDiM) or 'bilinear' resizing of the deeper taps to the stride-4 grid.
+    pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM; default 3).
+    tap_resize: 'nearest' (PaDiM) or 'bilinear' (default) resizing of the deeper taps to the
+        stride-4 grid.
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
     top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
     batch_size, num_workers: batches for the backbone and decoding processes (None = auto).
@@ -66,9 +73,9 @@ class Padim:
     progress: show progress bars. pretrained=False: random backbone weights (tests only).
     """
 
-    def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = 256, d: int = 100,
-                 eps: float = 0.01, sigma: float = 4.0, seed: int = 0, calibration_fraction: float = 0.1,
-                 threshold_quantile: float = 0.99, pool: int = 1, tap_resize: str = "nearest",
+    def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = 384, d: int = 100,
+                 eps: float = 0.01, sigma: float | None = None, seed: int = 0, calibration_fraction: float = 0.1,
+                 threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "bilinear",
                  covariance: str = "eps", top_k: int = 1, batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
@@ -83,7 +90,7 @@ class Padim:
         self.image_size = _as_size(image_size)
         self.d = d
         self.eps = eps
-        self.sigma = sigma
+        self.sigma = default_sigma(self.image_size) if sigma is None else float(sigma)
         self.seed = seed
         self.calibration_fraction = calibration_fraction
         self.threshold_quantile = threshold_quantile
