@@ -1,7 +1,9 @@
 """Speed and memory benchmark on real VisA images: prints a table and writes JSON.
 
 Figures (each the median of --repeats runs):
-  backbone_ips        the backbone alone (network forward to the last tap), batch B, images/s
+  backbone_ips        the backbone alone (network forward to the last tap, as fit and predict run it:
+                      channels-last, one image at a time), batch B, images/s
+  backbone_plain_ips  the same network called once on the whole NCHW batch (the usual way)
   fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
   fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
   predict_ips         Padim scoring from decoded uint8 tensors, batch 16: maps + image scores
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from padim import Padim
+from padim.backbones import get_spec
 from padim.datasets import load_split, read_image
 from padim.datasets.images import to_tensor
 
@@ -63,7 +66,8 @@ def main() -> None:
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--category", default="fryum")
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=lambda v: tuple(int(x) for x in v.split("x")) * (2 if "x" not in v else 1),
+                        default=(256, 256), help="N or HxW")
     parser.add_argument("--d", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fit-sizes", type=int, nargs="+", default=[50, 150, 450])
@@ -76,7 +80,7 @@ def main() -> None:
         return
 
     split = load_split(args.data_root, args.category)
-    size = (args.image_size, args.image_size)
+    size = args.image_size
     test_paths = [s.path for s in split.test][: args.batch_size * 4]
     images = torch.stack([to_tensor(read_image(p, size)) for p in test_paths])
     batch = images[: args.batch_size]
@@ -88,9 +92,13 @@ def main() -> None:
         [s.path for s in split.train[:40]])
     extractor = fitted.feature_extractor()
     normalized = (batch.float() - extractor.mean) / extractor.std
+    channels_last = normalized.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        t = median_time(lambda: extractor.net(normalized), args.repeats)
+        t = median_time(lambda: extractor._taps(channels_last), args.repeats)
         result["backbone_ips"] = args.batch_size / t
+        plain = get_spec(args.backbone).build(None, True).eval()
+        t = median_time(lambda: plain(normalized), args.repeats)
+        result["backbone_plain_ips"] = args.batch_size / t
         t = median_time(lambda: fitted.scorer_(batch), args.repeats)
         result["predict_ips"] = args.batch_size / t
         one = batch[:1]
@@ -105,7 +113,8 @@ def main() -> None:
         for _ in range(args.repeats):
             out = subprocess.run(
                 [sys.executable, __file__, str(args.data_root), "--category", args.category, "--backbone",
-                 args.backbone, "--image-size", str(args.image_size), "--d", str(args.d), "--fit-child", str(n)],
+                 args.backbone, "--image-size", "x".join(map(str, args.image_size)), "--d", str(args.d),
+                 "--fit-child", str(n)],
                 check=True, capture_output=True, text=True,
             ).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
@@ -116,9 +125,10 @@ def main() -> None:
         result["model_file_mb"] = runs[-1]["model_bytes"] / 1e6
 
     fits = result["fit"]
-    print(f"machine: {result['machine']}; {args.backbone} {args.image_size}px d={args.d}; "
+    print(f"machine: {result['machine']}; {args.backbone} {'x'.join(map(str, args.image_size))} px d={args.d}; "
           f"median of {args.repeats}")
-    print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s")
+    print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s "
+          f"(plain NCHW batch call: {result['backbone_plain_ips']:.1f} img/s)")
     for n, f in fits.items():
         print(f"fit N={n:<4d} from files          {f['fit_ips']:8.1f} img/s "
               f"({f['fit_ips'] / result['backbone_ips']:.2f}x backbone)  peak RSS {f['peak_rss_mb']:7.0f} MB")

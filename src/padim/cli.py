@@ -81,13 +81,14 @@ def model_options(func):
                           "resnet18 and wide_resnet50_2 need torchvision weights in the local cache or --weights."),
         click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="Backbone weights file to use instead of the default source."),
-        click.option("--image-size", type=ImageSize(), default="384", show_default=True,
+        click.option("--image-size", type=ImageSize(), default="320", show_default=True,
                      help="Input size: N (the shorter side, see --aspect) or HxW, e.g. 256x384."),
         click.option("--aspect", type=click.Choice(["keep", "square"]), default="keep", show_default=True,
                      help="With --image-size N: 'keep' sizes the longer side from the first training image's "
-                          "aspect ratio (VisA 1500x1000 at 384 -> 384x576); 'square' resizes to N x N."),
-        click.option("--d", "d", type=click.IntRange(1), default=100, show_default=True,
-                     help="Feature channels kept (fixed random subset)."),
+                          "aspect ratio (VisA 1500x1000 at 320 -> 320x480); 'square' resizes to N x N."),
+        click.option("--d", "d", type=click.IntRange(1), default=None,
+                     help="Feature channels kept (fixed random subset) [default: all of a backbone with at most "
+                          "200 (mobilenet_v2: 152), else 100]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the channel subset and the calibration hold-out."),
         click.option("--pool", type=click.IntRange(1), default=3, show_default=True, callback=_odd,

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..datasets.images import ImageFiles, ImageSource
 from .scorer import PadimScorer
-from .stats import COVARIANCE_ESTIMATORS, GaussianStats, whitening_factor
+from .stats import COVARIANCE_ESTIMATORS, GaussianStats, whitening_factors
 
 
 @dataclass
@@ -36,6 +36,12 @@ def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequ
     return [images[i] for i in idx]
 
 
+def default_d(backbone: str) -> int:
+    """Every channel of a small backbone (<= 200), else PaDiM's 100."""
+    total = sum(get_spec(backbone).channels)
+    return total if total <= 200 else 100
+
+
 def default_sigma(image_size: tuple[int, int]) -> float:
     """PaDiM's blur of 4 px at 256 px, scaled with the shorter input side."""
     return 4.0 * min(image_size) / 256
@@ -54,8 +60,11 @@ class Padim:
     Parameters
     ----------
     backbone: registered backbone name (see ``padim.backbones.list_backbones()``).
-    image_size: input side in pixels (square resize), or (height, width).
-    d: number of feature channels kept (fixed random subset, PaDiM's reduction).
+    image_size: (height, width) in pixels, or N for N x N; the CLI's default keeps the training
+        images' aspect ratio at 320 px on the shorter side (VisA: 320x480).
+    d: number of feature channels kept (fixed random subset, PaDiM's reduction); None keeps every
+        channel of a backbone with at most 200 (MobileNetV2: 152) and 100 of larger ones (PaDiM's
+        ResNet-18 setting), since scoring costs d^2 per position.
     eps: added to each covariance diagonal; keeps it invertible with few images.
     sigma: Gaussian blur of the upsampled map, in input pixels (0 = none); None scales PaDiM's
         4 px at 256 px with the input: 4 * shorter side / 256.
@@ -73,7 +82,8 @@ class Padim:
     progress: show progress bars. pretrained=False: random backbone weights (tests only).
     """
 
-    def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = 384, d: int = 100,
+    def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = (320, 480),
+                 d: int | None = None,
                  eps: float = 0.01, sigma: float | None = None, seed: int = 0, calibration_fraction: float = 0.1,
                  threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "bilinear",
                  covariance: str = "eps", top_k: int = 1, batch_size: int = 16, num_workers: int | None = None,
@@ -88,7 +98,7 @@ class Padim:
             raise ValueError(f"covariance must be one of {COVARIANCE_ESTIMATORS}, got {covariance!r}")
         self.backbone = backbone
         self.image_size = _as_size(image_size)
-        self.d = d
+        self.d = default_d(backbone) if d is None else int(d)
         self.eps = eps
         self.sigma = default_sigma(self.image_size) if sigma is None else float(sigma)
         self.seed = seed
@@ -149,7 +159,7 @@ class Padim:
         return stats
 
     def _scorer(self, stats: GaussianStats) -> PadimScorer:
-        factor = whitening_factor(stats.covariance(self.eps, self.covariance))
+        factor = whitening_factors(stats, self.eps, self.covariance)
         return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grid_, self.sigma, self.top_k)
 
     def _grid(self, positions: int) -> tuple[int, int]:
@@ -186,21 +196,22 @@ class Padim:
 
         The ``calibration`` images are scored by the model from ``stats`` alone (they set the
         threshold), then their statistics are merged in before the final factor is computed.
+        ``stats`` is updated in place (the calibration scorer keeps its own copy of what it needs).
         """
         self.grid_ = self._grid(stats.total.shape[0])
         cal_scores, cal_maps = np.empty(0), np.empty(0)
         if len(calibration):
             scorer = self._scorer(stats)
-            cal_stats = GaussianStats.empty(*stats.total.shape, self.device)
             scores, maps = [], []
             for batch in self._batches(calibration, "calibrate"):
                 emb = scorer.extractor(batch)
-                cal_stats.update(emb)
                 m, s = scorer.score_embeddings(emb, self.image_size)
+                stats.update(emb)  # merged after scoring: the scorer has not seen these images
                 maps.append(m.cpu().numpy())
                 scores.append(s.cpu().numpy())
-            stats = stats + cal_stats
+            del scorer  # frees its factor before the final one is built
             cal_scores, cal_maps = np.concatenate(scores), np.concatenate(maps)
+        self.scorer_ = None
         self.scorer_ = self._scorer(stats)
         self._calibrate(cal_scores, cal_maps, stats.count if n_train is None else n_train)
         return self

@@ -56,8 +56,8 @@ class PadimScorer(nn.Module):
         # W^T stored contiguous: the batched matmul runs markedly faster than on a transposed view
         self.register_buffer("weight_t", factor.float().transpose(1, 2).contiguous())
         # z = W x - W mean: precompute W mean once so scoring is a single batched matmul
-        bias = torch.bmm(factor.double(), mean.double().unsqueeze(2)).squeeze(2)
-        self.register_buffer("bias", bias.float())
+        bias = torch.bmm(self.weight_t.transpose(1, 2), self.mean.unsqueeze(2)).squeeze(2)
+        self.register_buffer("bias", bias)
 
     @property
     def factor(self) -> torch.Tensor:

@@ -55,8 +55,9 @@ class GaussianStats:
             raise ValueError("no samples accumulated")
         return self.total / self.count
 
-    def covariance(self, eps: float, estimator: str = "eps") -> torch.Tensor:
-        """(P, D, D) covariance per position plus ``eps`` on the diagonal.
+    def covariance(self, eps: float, estimator: str = "eps", positions: slice = slice(None)) -> torch.Tensor:
+        """(P, D, D) covariance per position plus ``eps`` on the diagonal (of ``positions`` only, to
+        bound memory when P is large).
 
         estimator 'eps': the unbiased sample covariance (1/(N-1)), PaDiM's choice; 'oas': the same
         shrunk towards a scaled identity by the Oracle Approximating Shrinkage coefficient (Chen et
@@ -66,8 +67,8 @@ class GaussianStats:
             raise ValueError(f"covariance estimator must be one of {COVARIANCE_ESTIMATORS}, got {estimator!r}")
         if self.count < 2:
             raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
-        mean = self.mean()
-        cov = (self.outer - self.count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (self.count - 1)
+        mean = self.mean()[positions]
+        cov = (self.outer[positions] - self.count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (self.count - 1)
         if estimator == "oas":
             cov = oas_shrink(cov, self.count)
         cov.diagonal(dim1=1, dim2=2).add_(eps)
@@ -88,6 +89,18 @@ def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
     shrink = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(den))
     eye = torch.eye(p, dtype=cov.dtype, device=cov.device)
     return (1 - shrink).view(-1, 1, 1) * mle + (shrink * mu).view(-1, 1, 1) * eye
+
+
+def whitening_factors(stats: GaussianStats, eps: float, estimator: str = "eps", chunk: int = 1024,
+                      ) -> torch.Tensor:
+    """float32 (P, D, D) whitening factors of every position, computed ``chunk`` positions at a time
+    in float64, so the temporaries stay small next to the statistics themselves."""
+    positions, d = stats.total.shape
+    out = torch.empty(positions, d, d, dtype=torch.float32, device=stats.total.device)
+    for start in range(0, positions, chunk):
+        part = slice(start, min(start + chunk, positions))
+        out[part] = whitening_factor(stats.covariance(eps, estimator, part))
+    return out
 
 
 def whitening_factor(cov: torch.Tensor) -> torch.Tensor:
