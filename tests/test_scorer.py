@@ -46,3 +46,16 @@ def test_top_k_image_score_is_the_mean_of_the_largest_values():
     emb = torch.tensor([[[[3.0, 0.0], [4.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]]])  # distances 5, 0, 4, 1
     maps, scores = scorer.score_embeddings(emb, (2, 2))
     assert maps.shape == (1, 2, 2) and scores.item() == pytest.approx((5 + 4 + 1) / 3)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+def test_matrix_smoothing_equals_upsample_then_blur(rng, sigma):
+    import torch.nn.functional as F
+
+    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, 2, 0), pretrained=False)
+    scorer = PadimScorer(extractor, torch.zeros(12 * 20, 2), torch.eye(2).expand(12 * 20, 2, 2), (12, 20), sigma)
+    dist = torch.from_numpy(rng.random((3, 12, 20))).float()
+    expected = F.interpolate(dist[:, None], size=(48, 80), mode="bilinear", align_corners=False)
+    if sigma:
+        expected = GaussianBlur(sigma)(expected)
+    torch.testing.assert_close(scorer.smooth(dist, (48, 80)), expected[:, 0], rtol=1e-5, atol=1e-5)

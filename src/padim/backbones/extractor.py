@@ -68,7 +68,10 @@ class FeatureExtractor(nn.Module):
             keep = getattr(self, f"tap{i}")
             if keep.numel() == 0:  # a small d may draw no channel from a tap
                 continue
-            m = tap.index_select(1, keep)
+            if keep.numel() < tap.shape[1]:
+                # index_select returns NCHW; pooling and resizing run several times faster channels-last
+                tap = tap.index_select(1, keep).contiguous(memory_format=torch.channels_last)
+            m = tap
             if self.pool > 1:
                 m = F.avg_pool2d(m, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
             if i > 0:

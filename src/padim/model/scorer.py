@@ -17,17 +17,36 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * math.ceil(4.0 * sigma) + 1
 
 
+def gaussian_kernel_1d(sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalized 1-D Gaussian of blur_kernel_size(sigma) taps."""
+    k = blur_kernel_size(sigma)
+    x = torch.arange(k, dtype=torch.float64) - k // 2
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(dtype)
+
+
+def smoothing_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """(n_out, n_in) linear map along one axis: bilinear upsampling (align_corners=False) followed
+    by a Gaussian blur with reflect padding. Both steps are linear and separable, so upsampling and
+    blurring a (h, w) map equals A_h @ map @ A_w.T: two small matrix products instead of a large
+    upsampled image and two convolutions over it."""
+    basis = torch.eye(n_in, dtype=torch.float64)[:, None, None, :]
+    out = F.interpolate(basis, size=(1, n_out), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        kernel = gaussian_kernel_1d(sigma, torch.float64)
+        pad = kernel.numel() // 2
+        out = F.conv2d(F.pad(out, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return out[:, 0, 0, :].T.contiguous().float()
+
+
 class GaussianBlur(nn.Module):
     """Separable Gaussian blur of (B, 1, H, W) maps with reflect padding: two 1-D convolutions,
     k times cheaper than the equivalent k x k kernel."""
 
     def __init__(self, sigma: float):
         super().__init__()
-        k = blur_kernel_size(sigma)
-        x = torch.arange(k, dtype=torch.float64) - k // 2
-        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-        self.register_buffer("kernel", (kernel / kernel.sum()).float())
-        self.pad = k // 2
+        self.register_buffer("kernel", gaussian_kernel_1d(sigma))
+        self.pad = self.kernel.numel() // 2
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         k = self.kernel
@@ -51,7 +70,9 @@ class PadimScorer(nn.Module):
         self.grid = grid
         self.sigma = float(sigma)
         self.top_k = int(top_k)
-        self.blur = GaussianBlur(self.sigma) if self.sigma > 0 else nn.Identity()
+        self._smoothing: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # the input size that gives this grid (stride 4), built now so a traced export sees constants
+        self._smoothing_for(grid, (4 * grid[0], 4 * grid[1]), torch.device("cpu"))
         self.register_buffer("mean", mean.float().contiguous())
         # W^T stored contiguous: the batched matmul runs markedly faster than on a transposed view
         self.register_buffer("weight_t", factor.float().transpose(1, 2).contiguous())
@@ -73,9 +94,17 @@ class PadimScorer(nn.Module):
         return z.square().sum(dim=2).clamp_min(0).sqrt().reshape(h, w, b).permute(2, 0, 1)
 
     def smooth(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Upsample (B, h, w) distances to ``size`` and blur them."""
-        maps = F.interpolate(distances.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-        return self.blur(maps).squeeze(1)
+        """Upsample (B, h, w) distances bilinearly to ``size`` and blur them (see smoothing_matrix)."""
+        rows, cols = self._smoothing_for(tuple(distances.shape[-2:]), size, distances.device)
+        return torch.matmul(torch.matmul(rows, distances), cols)
+
+    def _smoothing_for(self, grid: tuple[int, int], size: tuple[int, int], device: torch.device,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (int(grid[0]), int(grid[1]), int(size[0]), int(size[1]), str(device))
+        if key not in self._smoothing:
+            self._smoothing[key] = (smoothing_matrix(key[0], key[2], self.sigma).to(device),
+                                    smoothing_matrix(key[1], key[3], self.sigma).T.contiguous().to(device))
+        return self._smoothing[key]
 
     def score_embeddings(self, embeddings: torch.Tensor, size: tuple[int, int],
                          ) -> tuple[torch.Tensor, torch.Tensor]:
