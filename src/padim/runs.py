@@ -210,9 +210,12 @@ def collect_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
     return unique
 
 
-def predict_files(model: Padim, paths: Sequence[Path], out_dir: Path, heatmaps: bool = True) -> list[tuple]:
-    """Score images; write scores.csv and a heat-map overlay PNG per image. Returns the CSV rows."""
-    files = collect_images(paths)
+PREDICT_HEADER = ("path", "score", "predicted_label")
+
+
+def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_dir: Path | None) -> list[tuple]:
+    """Score (path, output name) pairs; write a heat-map overlay PNG per image into ``heatmap_dir``
+    (None: none). Returns one (path, score, predicted label) row per image."""
     vrange = None
     rows = []
     offset = 0
@@ -224,9 +227,15 @@ def predict_files(model: Padim, paths: Sequence[Path], out_dir: Path, heatmaps: 
             path, name = files[offset + i]
             label = "" if labels is None else ("anomaly" if labels[i] else "normal")
             rows.append((str(path), f"{score:.6g}", label))
-            if heatmaps:
+            if heatmap_dir is not None:
                 image = np.asarray(read_image(path, model.image_size))
-                save_overlay(out_dir / "heatmaps" / f"{name}.png", image, amap, vrange)
+                save_overlay(Path(heatmap_dir) / f"{name}.png", image, amap, vrange)
         offset += len(scores)
-    write_text(out_dir / "scores.csv", _csv_text(["path", "score", "predicted_label"], rows))
+    return rows
+
+
+def predict_files(model: Padim, paths: Sequence[Path], out_dir: Path, heatmaps: bool = True) -> list[tuple]:
+    """Score images; write scores.csv and a heat-map overlay PNG per image. Returns the CSV rows."""
+    rows = score_files(model, collect_images(paths), out_dir / "heatmaps" if heatmaps else None)
+    write_text(out_dir / "scores.csv", _csv_text(PREDICT_HEADER, rows))
     return rows

@@ -9,18 +9,14 @@ import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
-from ..datasets import read_image
 from ..model import Padim, read_model_file
-from ..reports import save_overlay
-from ..runs import _csv_text, _vrange, collect_images
+from ..runs import PREDICT_HEADER, _csv_text, collect_images, score_files
 from .cluster import PREDICT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache
 
-HEADER = ["path", "score", "predicted_label"]
 PARTS = "parts"
 
 
@@ -50,19 +46,8 @@ def score_shard(model_path: str, model_sha: str, load: dict, files: list[tuple[s
         return model
 
     model = worker_cache().get(("predict", model_path, model_sha, *sorted(load.items())), build)
-    rows, offset, vrange = [], 0, None
-    for scores, maps in model.iter_predict([p for p, _ in files]):
-        labels = model.labels(scores)
-        if vrange is None:
-            vrange = _vrange(model, maps)
-        for i, (score, amap) in enumerate(zip(scores, maps, strict=True)):
-            path, name = files[offset + i]
-            rows.append((path, f"{score:.6g}", "" if labels is None else ("anomaly" if labels[i] else "normal")))
-            if heatmap_dir is not None:
-                image = np.asarray(read_image(path, model.image_size))
-                save_overlay(Path(heatmap_dir) / f"{name}.png", image, amap, vrange)
-        offset += len(scores)
-    write_text(part, _csv_text(HEADER, rows))  # last: a part exists only when its shard is done
+    rows = score_files(model, files, heatmap_dir)
+    write_text(part, _csv_text(PREDICT_HEADER, rows))  # last: a part exists only when its shard is done
     return len(rows)
 
 
@@ -103,7 +88,7 @@ def predict_distributed(model_path: Path, paths: Sequence[Path], out_dir: Path, 
     for p, _ in plan:
         with open(p, newline="") as f:
             rows.extend(list(csv.reader(f))[1:])
-    write_text(out_dir / "scores.csv", _csv_text(HEADER, rows))
+    write_text(out_dir / "scores.csv", _csv_text(PREDICT_HEADER, rows))
     return {"rows": rows, "shards": len(plan), "scored": len(todo), "reused": len(plan) - len(todo)}
 
 
