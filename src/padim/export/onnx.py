@@ -24,6 +24,7 @@ from ..atomic import atomic_path
 from ..backbones.registry import sha256_of
 from ..datasets.images import ImageFiles, ImageSource
 from ..model import ModelFileError, Padim, Prediction
+from ..model.padim import gather_prediction
 
 OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
 META_KEY = "padim"
@@ -201,12 +202,7 @@ class OnnxModel:
 
     def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
         """Anomaly scores, maps and labels (at the stored threshold) for all images."""
-        parts = list(self.iter_predict(images))
-        if not parts:
-            h, w = self.image_size
-            return Prediction(np.empty(0, np.float32), np.empty((0, h, w), np.float32), None)
-        scores = np.concatenate([p[0] for p in parts])
-        return Prediction(scores, np.concatenate([p[1] for p in parts]), self.labels(scores))
+        return gather_prediction(self.iter_predict(images), self.image_size, self.labels)
 
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,17 @@ class Prediction:
     scores: np.ndarray
     maps: np.ndarray
     labels: np.ndarray | None
+
+
+def gather_prediction(parts: Iterable[tuple[np.ndarray, np.ndarray]], image_size: tuple[int, int],
+                      labels: Callable[[np.ndarray], np.ndarray | None]) -> Prediction:
+    """One Prediction from the (scores, maps) batches of an ``iter_predict``."""
+    parts = list(parts)
+    if not parts:
+        h, w = image_size
+        return Prediction(np.empty(0, np.float32), np.empty((0, h, w), np.float32), None)
+    scores = np.concatenate([p[0] for p in parts])
+    return Prediction(scores, np.concatenate([p[1] for p in parts]), labels(scores))
 
 
 def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequence[ImageSource] | torch.Tensor:
@@ -248,13 +259,7 @@ class Padim:
 
     def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
         """Anomaly scores, maps and labels (at the stored threshold) for all images."""
-        parts = list(self.iter_predict(images))
-        if not parts:
-            h, w = self.image_size
-            return Prediction(np.empty(0, np.float32), np.empty((0, h, w), np.float32), None)
-        scores = np.concatenate([p[0] for p in parts])
-        maps = np.concatenate([p[1] for p in parts])
-        return Prediction(scores, maps, self.labels(scores))
+        return gather_prediction(self.iter_predict(images), self.image_size, self.labels)
 
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
