@@ -10,7 +10,6 @@ file's ``metadata_props`` (key ``padim``, JSON), so the file alone is a deployab
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..atomic import atomic_path
 from ..backbones.registry import sha256_of
 from ..datasets.images import ImageFiles, ImageSource
 from ..model import ModelFileError, Padim, Prediction
-from ..model.padim import gather_prediction
+from ..model.padim import decode_workers, gather_prediction, threshold_labels
 
 OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
 META_KEY = "padim"
@@ -192,9 +191,7 @@ class OnnxModel:
             array = np.ascontiguousarray(images.cpu().numpy().astype(np.uint8, copy=False))
             batches = (array[i:i + self.batch_size] for i in range(0, len(array), self.batch_size))
         else:
-            workers = self.num_workers
-            if workers is None:
-                workers = min(2, os.cpu_count() or 1) if len(images) > self.batch_size else 0
+            workers = decode_workers(self.num_workers, len(images), self.batch_size)
             batches = (b.numpy() for b in torch.utils.data.DataLoader(
                 ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers))
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
@@ -206,6 +203,4 @@ class OnnxModel:
 
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
-        if self.threshold_ is None:
-            return None
-        return (np.asarray(scores) > self.threshold_).astype(np.int64)
+        return threshold_labels(scores, self.threshold_)

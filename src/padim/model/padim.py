@@ -30,6 +30,20 @@ class Prediction:
     labels: np.ndarray | None
 
 
+def threshold_labels(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
+    """1 where a score exceeds ``threshold``, else 0 (None without a threshold)."""
+    if threshold is None:
+        return None
+    return (np.asarray(scores) > threshold).astype(np.int64)
+
+
+def decode_workers(requested: int | None, n_images: int, batch_size: int) -> int:
+    """Decoding processes: as requested, else up to 2 when there is more than one batch to decode."""
+    if requested is not None:
+        return requested
+    return min(2, os.cpu_count() or 1) if n_images > batch_size else 0
+
+
 def gather_prediction(parts: Iterable[tuple[np.ndarray, np.ndarray]], image_size: tuple[int, int],
                       labels: Callable[[np.ndarray], np.ndarray | None]) -> Prediction:
     """One Prediction from the (scores, maps) batches of an ``iter_predict``."""
@@ -146,9 +160,7 @@ class Padim:
         if isinstance(images, torch.Tensor):
             batches = images.split(self.batch_size)
         else:
-            workers = self.num_workers
-            if workers is None:
-                workers = min(2, os.cpu_count() or 1) if len(images) > self.batch_size else 0
+            workers = decode_workers(self.num_workers, len(images), self.batch_size)
             batches = torch.utils.data.DataLoader(
                 ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers,
             )
@@ -263,9 +275,7 @@ class Padim:
 
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
-        if self.threshold_ is None:
-            return None
-        return (np.asarray(scores) > self.threshold_).astype(np.int64)
+        return threshold_labels(scores, self.threshold_)
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to a .safetensors file (atomically); returns the path."""
