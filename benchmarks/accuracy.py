@@ -25,7 +25,7 @@ from padim.metrics import aupro, auroc, confusion, f1_max
 from padim.model.scorer import GaussianBlur
 
 BASE = dict(backbone="mobilenet_v2", image_size=256, d=100, sigma=4.0, pool=1, tap_resize="nearest",
-            covariance="eps", top_k=1)
+            covariance="eps", top_k=1, scales=(1.0,))
 
 GRIDS = {
     "next": [
@@ -44,6 +44,13 @@ GRIDS = {
         {"image_size": (320, 480), "tap_resize": "bilinear", "sigma": 5.0},
         {"pool": 3, "image_size": (384, 576), "tap_resize": "bilinear", "sigma": 6.0},
         {"pool": 3, "image_size": (320, 480), "tap_resize": "bilinear", "sigma": 5.0, "d": 152},
+    ],
+    "pyramid": [
+        {"pool": 3, "image_size": (320, 480), "tap_resize": "bilinear", "sigma": 5.0, "d": 152,
+         "scales": (1.0, 0.7)},
+        {"pool": 3, "image_size": (320, 480), "tap_resize": "bilinear", "sigma": 5.0, "d": 152,
+         "scales": (1.0, 0.5)},
+        {"pool": 3, "image_size": (224, 336), "tap_resize": "bilinear", "sigma": 3.5, "d": 152},
     ],
     "deep": [
         {"backbone": "mobilenet_v2_deep", "pool": 3, "image_size": (320, 480), "tap_resize": "bilinear", "sigma": 5.0},
@@ -113,7 +120,8 @@ def run_rows(split, config: dict, cache: dict, sigmas: list[float], top_ks: list
     extra_ks = [k for k in top_ks if k != params["top_k"]]
     if not extra_sigmas and not extra_ks:
         return rows
-    model.scorer_.blur = torch.nn.Identity()
+    model.scorer_.sigma = 0.0  # unblurred maps: the smoothing matrices are rebuilt without the blur
+    model.scorer_._smoothing.clear()
     raw = model.predict(test).maps
     for sigma in [params["sigma"], *extra_sigmas]:
         with torch.inference_mode():
@@ -133,13 +141,16 @@ def _fmt(value: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "backbone | size | d | pool | taps | cov | eps | score | sigma | img AUROC | pix AUROC | AUPRO | F1@thr"
-    lines = [f"| {head} |", "|---" * 13 + "|"]
+    head = ("backbone | size | scales | d | pool | taps | cov | eps | score | sigma | img AUROC | pix AUROC | AUPRO "
+            "| F1@thr")
+    lines = [f"| {head} |", "|---" * 14 + "|"]
     for r in rows:
         c = r["config"]
         size = c["image_size"] if isinstance(c["image_size"], int) else "x".join(map(str, c["image_size"]))
         score = "max" if c["top_k"] == 1 else f"top{c['top_k']}"
-        lines.append(f"| {c['backbone']} | {size} | {c['d']} | {c['pool']} | {c['tap_resize']} | {c['covariance']} "
+        scales = ",".join(f"{x:g}" for x in c.get("scales", [1.0]))
+        lines.append(f"| {c['backbone']} | {size} | {scales} | {c['d']} | {c['pool']} | {c['tap_resize']} "
+                     f"| {c['covariance']} "
                      f"| {c.get('eps', 0.01):g} | {score} | {c['sigma']:g} | {r['image_auroc']:.3f} "
                      f"| {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {_fmt(r['f1_at_threshold'])} |")
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def test_extractor_normalizes_uint8_and_concatenates_at_stride_4():
     channels = channel_index(152, 40, 0)
     extractor = FeatureExtractor("mobilenet_v2", channels)
     out = extractor(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
-    assert out.shape == (2, 40, 16, 16) and out.dtype == torch.float32
+    assert out.shape == (2, 40, 16 * 16) and out.dtype == torch.float32
+    assert extractor.grids((64, 64)) == [(16, 16)]
 
 
 def test_concatenated_backbone_feeds_each_network_its_own_normalization():
@@ -95,10 +96,43 @@ def test_extractor_equals_pool_resize_concat_then_select(pool, resize):
             taps = [F.avg_pool2d(t, pool, 1, pool // 2, count_include_pad=False) for t in taps]
         kw = {"align_corners": False} if resize == "bilinear" else {}
         full = torch.cat([taps[0]] + [F.interpolate(t, size=(16, 16), mode=resize, **kw) for t in taps[1:]], 1)
-        torch.testing.assert_close(extractor(images), full[:, channels])
+        torch.testing.assert_close(extractor(images), full[:, channels].flatten(2))
 
 
 def test_extractor_works_when_a_tap_contributes_no_channel():
     extractor = FeatureExtractor("mobilenet_v2", torch.arange(5))  # all five from the first tap
     out = extractor(torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8))
-    assert out.shape == (1, 5, 16, 16)
+    assert out.shape == (1, 5, 16 * 16)
+
+
+def test_pyramid_levels_are_the_downscaled_inputs_positions_concatenated():
+    import torch.nn.functional as F
+
+    channels = channel_index(152, 30, 1)
+    pyramid = FeatureExtractor("mobilenet_v2", channels, scales=(1.0, 0.5))
+    single = FeatureExtractor("mobilenet_v2", channels)
+    images = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = pyramid(images)
+        x = (images.float() - single.mean) / single.std
+        small = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False, antialias=True)
+        expected = torch.cat([single.features(x).flatten(2), single.features(small).flatten(2)], dim=2)
+    assert pyramid.grids((64, 96)) == [(16, 24), (8, 12)]
+    torch.testing.assert_close(out, expected)
+
+
+def test_downscale_matrices_equal_antialiased_interpolation():
+    import torch.nn.functional as F
+
+    from padim.backbones.extractor import resize_matrix
+
+    x = torch.rand(2, 3, 40, 60)
+    rows, cols = resize_matrix(40, 28), resize_matrix(60, 42)
+    expected = F.interpolate(x, size=(28, 42), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(rows @ x @ cols.T, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scales", [(), (0.0,), (1.0, 1.0), (1.5,)])
+def test_bad_scales_are_refused(scales):
+    with pytest.raises(ValueError, match="scales"):
+        FeatureExtractor("mobilenet_v2", torch.arange(5), scales=scales)

@@ -116,7 +116,10 @@ def _set(key, value):
     (_set("d", 10_000), "d=10000 exceeds the 152 channels"),
     (_set("image_size", [64]), "'image_size'"),
     (_set("image_size", [64, 100_000]), "'image_size'"),
-    (_set("grid", [8, 32]), "grid [8, 32]"),  # same number of positions, wrong layout
+    (lambda m: m["grids"].__setitem__(0, [8, 32]), "grids [[8, 32]"),  # same positions, wrong layout
+    (lambda m: m["grids"].pop(), "1 grids for 2 scales"),
+    (_set("scales", [1.0, 1.0]), "'scales'"),
+    (_set("scales", [1.0, 0.0]), "'scales'"),
     (_set("sigma", -1.0), "'sigma'"),
     (_set("eps", float("nan")), "'eps'"),
     (_set("seed", -3), "'seed'"),
@@ -143,7 +146,8 @@ def test_unreadable_metadata_is_refused(model_file, tmp_path, raw, fragment):
 
 @pytest.mark.parametrize("change, fragment", [
     (_set("format", "visa-padim/0"), "model format 'visa-padim/0'"),
-    (_set("format", "visa-padim/2"), "model format 'visa-padim/2'"),
+    (_set("format", "visa-padim/1"), "model format 'visa-padim/1'"),  # before the feature pyramid
+    (_set("format", "visa-padim/3"), "model format 'visa-padim/3'"),
     (_set("package_version", "9.1.0"), "newer than this"),
     (_set("package_version", "latest"), "'package_version'"),
 ])

@@ -18,7 +18,8 @@ def test_distances_equal_scipy_mahalanobis_at_every_position(rng):
     cov = a @ a.transpose(0, 2, 1) + np.eye(d)
     mean = rng.normal(size=(h * w, d))
     extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
-    scorer = PadimScorer(extractor, torch.from_numpy(mean), whitening_factor(torch.from_numpy(cov)), (h, w), 0.0)
+    scorer = PadimScorer(extractor, torch.from_numpy(mean), whitening_factor(torch.from_numpy(cov)), [(h, w)],
+                         (4 * h, 4 * w), 0.0)
     emb = rng.normal(size=(5, d, h, w))
     got = scorer.distances(torch.from_numpy(emb).float()).numpy()
     for b in range(5):
@@ -42,9 +43,9 @@ def test_top_k_image_score_is_the_mean_of_the_largest_values():
     d = 2
     extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
     eye = torch.eye(d).expand(4, d, d)
-    scorer = PadimScorer(extractor, torch.zeros(4, d), eye, (2, 2), 0.0, top_k=3)
+    scorer = PadimScorer(extractor, torch.zeros(4, d), eye, [(2, 2)], (2, 2), 0.0, top_k=3)
     emb = torch.tensor([[[[3.0, 0.0], [4.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]]])  # distances 5, 0, 4, 1
-    maps, scores = scorer.score_embeddings(emb, (2, 2))
+    maps, scores = scorer.score_embeddings(emb.flatten(2), (2, 2))
     assert maps.shape == (1, 2, 2) and scores.item() == pytest.approx((5 + 4 + 1) / 3)
 
 
@@ -53,9 +54,27 @@ def test_matrix_smoothing_equals_upsample_then_blur(rng, sigma):
     import torch.nn.functional as F
 
     extractor = FeatureExtractor("mobilenet_v2", channel_index(152, 2, 0), pretrained=False)
-    scorer = PadimScorer(extractor, torch.zeros(12 * 20, 2), torch.eye(2).expand(12 * 20, 2, 2), (12, 20), sigma)
+    scorer = PadimScorer(extractor, torch.zeros(12 * 20, 2), torch.eye(2).expand(12 * 20, 2, 2), [(12, 20)],
+                         (48, 80), sigma)
     dist = torch.from_numpy(rng.random((3, 12, 20))).float()
     expected = F.interpolate(dist[:, None], size=(48, 80), mode="bilinear", align_corners=False)
     if sigma:
         expected = GaussianBlur(sigma)(expected)
     torch.testing.assert_close(scorer.smooth(dist, (48, 80)), expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_pyramid_map_is_the_mean_of_each_levels_smoothed_map(rng):
+    d, grids, size = 3, [(6, 8), (4, 5)], (24, 32)
+    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False, scales=(1.0, 0.7))
+    positions = sum(h * w for h, w in grids)
+    mean = torch.from_numpy(rng.normal(size=(positions, d))).float()
+    scorer = PadimScorer(extractor, mean, torch.eye(d).expand(positions, d, d), grids, size, 2.0)
+    emb = torch.from_numpy(rng.normal(size=(2, d, positions))).float()
+    maps, scores = scorer.score_embeddings(emb, size)
+    dist = (emb - mean.T).square().sum(1).sqrt()  # identity covariance: Euclidean distance
+    fine = scorer.smooth(dist[:, :48].reshape(2, 6, 8), size)
+    coarse = scorer.smooth(dist[:, 48:].reshape(2, 4, 5), size)
+    torch.testing.assert_close(maps, (fine + coarse) / 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+    with pytest.raises(ValueError, match="positions"):
+        scorer.score_embeddings(emb[:, :, :48], size)

@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .backbones import BackboneError, list_backbones
+from .backbones.extractor import check_scales
 from .datasets import LAYOUTS, DatasetError
 from .datasets.download import VISA_SHA256, VISA_URL, DownloadError, download_visa
 from .datasets.images import keep_aspect
@@ -103,6 +104,9 @@ def model_options(func):
         click.option("--sigma", type=click.FloatRange(0), default=None,
                      help="Gaussian blur of the anomaly map, in input pixels (0 = none) [default: 4 per 256 px "
                           "of the shorter side]."),
+        click.option("--scales", type=Scales(), default="1,0.7", show_default=True,
+                     help="Input scales of the feature pyramid, comma-separated in (0, 1]: one Gaussian per "
+                          "position of each, maps averaged (1 = plain PaDiM)."),
         click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
                      help="Image score = mean of the K largest map values (1 = max)."),
         click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
@@ -169,6 +173,20 @@ class ImageSize(click.ParamType):
         if len(sides) not in (1, 2) or not all(32 <= s <= 4096 for s in sides):
             self.fail(f"{value!r}: give N or HxW with sides between 32 and 4096", param, ctx)
         return sides[0] if len(sides) == 1 else sides
+
+
+class Scales(click.ParamType):
+    """Comma-separated pyramid scales, e.g. 1,0.7."""
+
+    name = "S[,S...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return check_scales([float(p) for p in str(value).split(",")])
+        except ValueError:
+            self.fail(f"{value!r}: give distinct numbers in (0, 1] separated by commas, e.g. 1,0.7", param, ctx)
 
 
 def _check_device(device: str) -> None:

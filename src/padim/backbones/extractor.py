@@ -1,8 +1,10 @@
 """Turn uint8 images into PaDiM embeddings: normalize, run the backbone, resize the three taps to
-the finest one, concatenate, keep a fixed random channel subset."""
+the finest one, concatenate, keep a fixed random channel subset; optionally at several input
+scales, whose positions are concatenated."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,8 +26,30 @@ TAP_RESIZE = ("nearest", "bilinear")
 MICRO_BATCH = 1
 
 
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The input size of one pyramid level: ``size`` times ``scale``, rounded, at least 8 px."""
+    return (max(8, round(size[0] * scale)), max(8, round(size[1] * scale)))
+
+
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """Validated pyramid scales: each in (0, 1], no repeats."""
+    out = tuple(float(s) for s in scales)
+    if not out or any(not 0.0 < s <= 1.0 for s in out) or len(set(out)) != len(out):
+        raise ValueError(f"scales must be distinct numbers in (0, 1], got {list(scales)}")
+    return out
+
+
+def resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) linear map equal to antialiased bilinear resizing along one axis."""
+    # two identical columns: torch's antialiased kernel treats a width-1 input differently
+    basis = torch.eye(n_in, dtype=torch.float64)[:, None, :, None].expand(-1, -1, -1, 2)
+    out = F.interpolate(basis, size=(n_out, 2), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0, :, 0].T.contiguous().float()
+
+
 class FeatureExtractor(nn.Module):
-    """uint8 (B, 3, H, W) images -> float32 (B, d, H/4, W/4) embeddings.
+    """uint8 (B, 3, H, W) images -> float32 (B, d, P) embeddings, P the stride-4 positions of every
+    scale in ``scales`` (the input resized by that factor, antialiased), scale by scale, row-major.
 
     ``channels`` indexes the concatenated taps. ``pool`` > 1 averages each tap over a pool x pool
     neighbourhood at its own resolution (PatchCore's local aggregation; 1 = plain PaDiM).
@@ -35,8 +59,11 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
-                 pool: int = 1, tap_resize: str = "nearest", micro_batch: int | None = MICRO_BATCH):
+                 pool: int = 1, tap_resize: str = "nearest", micro_batch: int | None = MICRO_BATCH,
+                 scales: Sequence[float] = (1.0,)):
         super().__init__()
+        self.scales = check_scales(scales)
+        self._resize: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if pool < 1 or pool % 2 == 0:
             raise ValueError(f"pool must be an odd size >= 1, got {pool}")
         if tap_resize not in TAP_RESIZE:
@@ -57,7 +84,49 @@ class FeatureExtractor(nn.Module):
             self.register_buffer(f"tap{i}", keep.to(torch.long))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = ((images.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        x = (images.float() - self.mean) / self.std
+        size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
+        levels = [self.features(self._downscale(x, scaled_size(size, s))).flatten(2) for s in self.scales]
+        if len(levels) == 1:
+            return levels[0]
+        # joined position-major, as the channels-last levels already are, so no transposing copy
+        return torch.cat([level.transpose(1, 2) for level in levels], dim=1).transpose(1, 2)
+
+    def _downscale(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Antialiased bilinear resize of (B, C, H, W) to ``size``. ONNX's Resize filters differently
+        from torch, so a traced export writes the same linear map as two matrix products."""
+        if (int(x.shape[-2]), int(x.shape[-1])) == tuple(size):
+            return x
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            rows, cols = self.resize_matrices((int(x.shape[-2]), int(x.shape[-1])), size, x.device)
+            return torch.matmul(torch.matmul(rows, x.contiguous()), cols)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def resize_matrices(self, size_in: tuple[int, int], size_out: tuple[int, int], device: torch.device | str = "cpu",
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols^T) of :meth:`_downscale` for these sizes, kept; built before a trace, they are
+        constants of the traced graph instead of traced computations."""
+        key = (*size_in, *size_out, str(device))
+        if key not in self._resize:
+            self._resize[key] = (resize_matrix(size_in[0], size_out[0]).to(device),
+                                 resize_matrix(size_in[1], size_out[1]).T.contiguous().to(device))
+        return self._resize[key]
+
+    def prepare_trace(self, size: tuple[int, int], device: torch.device | str = "cpu") -> None:
+        """Build the resize matrices of every scale for ``size`` inputs (see resize_matrices)."""
+        for s in self.scales:
+            if scaled_size(size, s) != tuple(size):
+                self.resize_matrices(tuple(size), scaled_size(size, s), device)
+
+    @torch.inference_mode()
+    def grids(self, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The (h, w) feature grid of each scale for ``size`` inputs (one probe per scale)."""
+        probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
+        return [tuple(self.features(probe.expand(1, 3, *scaled_size(size, s))).shape[-2:]) for s in self.scales]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float (B, 3, H, W) -> (B, d, H/4, W/4) embeddings of one scale."""
+        x = x.contiguous(memory_format=torch.channels_last)
         taps = self._taps(x)
         size = taps[0].shape[-2:]
         # nearest (the PaDiM reference) keeps each deep feature constant over the finer patches

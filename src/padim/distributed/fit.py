@@ -59,7 +59,7 @@ def _fit_params(model: Padim) -> dict:
     """What a worker needs to build the same feature extractor (decoding runs in the worker itself:
     Dask worker processes may not start DataLoader processes)."""
     return {"backbone": model.backbone, "image_size": model.image_size, "d": model.d, "seed": model.seed,
-            "pool": model.pool, "tap_resize": model.tap_resize,
+            "pool": model.pool, "tap_resize": model.tap_resize, "scales": model.scales,
             "batch_size": model.batch_size, "num_workers": 0, "device": str(model.device),
             "weights": None if model.weights is None else str(model.weights), "pretrained": model.pretrained}
 

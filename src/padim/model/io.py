@@ -28,7 +28,7 @@ from .padim import Padim
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS
 
-FORMAT = "visa-padim/1"
+FORMAT = "visa-padim/2"  # 2: feature pyramid (scales, grids)
 TENSORS = ("mean", "factor_tril", "channels")
 MAX_IMAGE_SIDE = 4096
 
@@ -62,7 +62,8 @@ def save_model(model: Padim, path: Path) -> Path:
         "backbone_source": spec.source,
         "taps": list(spec.taps),
         "image_size": list(model.image_size),
-        "grid": list(scorer.grid),
+        "scales": list(model.scales),
+        "grids": [list(g) for g in scorer.grids],
         "d": model.d,
         "seed": model.seed,
         "eps": model.eps,
@@ -143,7 +144,10 @@ FIELDS: dict[str, tuple[Callable, str]] = {
     "backbone_source": (lambda v: isinstance(v, str), "a string"),
     "taps": (lambda v: isinstance(v, list) and len(v) >= 1 and all(isinstance(x, str) for x in v), "layer names"),
     "image_size": (_pair(lambda x: _is_int(x) and 8 <= x <= MAX_IMAGE_SIDE), f"[h, w] in 8..{MAX_IMAGE_SIDE}"),
-    "grid": (_pair(lambda x: _is_int(x) and x >= 1), "[h, w] positive integers"),
+    "scales": (lambda v: isinstance(v, list) and len(v) >= 1 and all(_is_float(x) and 0 < x <= 1 for x in v)
+               and len(set(v)) == len(v), "distinct numbers in (0, 1]"),
+    "grids": (lambda v: isinstance(v, list) and len(v) >= 1 and all(_pair(lambda x: _is_int(x) and x >= 1)(g)
+                                                                   for g in v), "[[h, w], ...] positive integers"),
     "d": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "eps": (lambda v: _is_float(v) and v >= 0, "a finite number >= 0"),
@@ -224,10 +228,14 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
         backbone=meta["backbone"], image_size=tuple(meta["image_size"]), d=meta["d"], eps=float(meta["eps"]),
         sigma=float(meta["sigma"]), seed=meta["seed"], calibration_fraction=float(meta["calibration_fraction"]),
         threshold_quantile=float(meta["threshold_quantile"]), pool=meta["pool"], tap_resize=meta["tap_resize"],
-        covariance=meta["covariance"], top_k=meta["top_k"], device=device, weights=weights, progress=progress,
+        covariance=meta["covariance"], top_k=meta["top_k"], scales=meta["scales"], device=device, weights=weights,
+        progress=progress,
     )
-    grid = (meta["grid"][0], meta["grid"][1])
-    d, positions = model.d, grid[0] * grid[1]
+    if len(meta["grids"]) != len(meta["scales"]):
+        raise ModelFileError(f"{path}: {len(meta['grids'])} grids for {len(meta['scales'])} scales; the file was "
+                             "altered; re-run 'padim fit'")
+    grids = [(g[0], g[1]) for g in meta["grids"]]
+    d, positions = model.d, sum(h * w for h, w in grids)
     mean = _expect(path, tensors, "mean", (positions, d), torch.float32)
     packed = _expect(path, tensors, "factor_tril", (positions, d * (d + 1) // 2), torch.float32)
     channels = _expect(path, tensors, "channels", (d,), torch.int64)
@@ -240,15 +248,16 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
         raise ModelFileError(f"{path}: whitening factor has a non-positive diagonal; the file was altered or "
                              "damaged; re-run 'padim fit'")
     try:
-        probed = model._grid(positions)  # builds the backbone (BackboneError: weights) and runs one probe
+        probed = model._grids(positions)  # builds the backbone (BackboneError: weights) and runs one probe
     except ValueError as exc:
-        raise ModelFileError(f"{path}: grid {list(grid)} does not fit image size {meta['image_size']} ({exc})") from exc
-    if probed != grid:
-        raise ModelFileError(f"{path}: grid {list(grid)} does not match the {probed} of image size "
+        raise ModelFileError(f"{path}: grids {meta['grids']} do not fit image size {meta['image_size']} "
+                             f"({exc})") from exc
+    if probed != grids:
+        raise ModelFileError(f"{path}: grids {meta['grids']} do not match the {probed} of image size "
                              f"{meta['image_size']}; the file was altered; re-run 'padim fit'")
-    model.grid_ = grid
-    model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grid, model.sigma,
-                                model.top_k).to(model.device)
+    model.grids_ = grids
+    model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grids, model.image_size,
+                                model.sigma, model.top_k).to(model.device)
     model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
     model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
     model.meta_ = meta

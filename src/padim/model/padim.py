@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import FeatureExtractor, channel_index, get_spec
+from ..backbones.extractor import check_scales
 from ..datasets.images import ImageFiles, ImageSource
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, GaussianStats, whitening_factors
@@ -102,6 +103,9 @@ class Padim:
         stride-4 grid.
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
     top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
+    scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
+        scales averaged (default (1.0, 0.7): the coarser level sees more context per patch, which
+        helps large defects; (1.0,) = plain PaDiM).
     batch_size, num_workers: batches for the backbone and decoding processes (None = auto).
     device: 'cpu' or 'cuda'. weights: a backbone weights file, if not the default source.
     progress: show progress bars. pretrained=False: random backbone weights (tests only).
@@ -111,7 +115,8 @@ class Padim:
                  d: int | None = None,
                  eps: float = 0.01, sigma: float | None = None, seed: int = 0, calibration_fraction: float = 0.1,
                  threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "bilinear",
-                 covariance: str = "eps", top_k: int = 1, batch_size: int = 16, num_workers: int | None = None,
+                 covariance: str = "eps", top_k: int = 1, scales: Sequence[float] = (1.0, 0.7),
+                 batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
         get_spec(backbone)  # fail early on an unknown name
@@ -133,6 +138,7 @@ class Padim:
         self.tap_resize = tap_resize
         self.covariance = covariance
         self.top_k = top_k
+        self.scales = check_scales(scales)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.device = torch.device(device)
@@ -140,7 +146,7 @@ class Padim:
         self.progress = progress
         self.pretrained = pretrained
         self.extractor_: FeatureExtractor | None = None
-        self.grid_: tuple[int, int] | None = None
+        self.grids_: list[tuple[int, int]] | None = None
         self.scorer_: PadimScorer | None = None
         self.threshold_: float | None = None
         self.info_: dict = {}
@@ -152,7 +158,7 @@ class Padim:
             total = sum(get_spec(self.backbone).channels)
             channels = channel_index(total, self.d, self.seed)
             self.extractor_ = FeatureExtractor(self.backbone, channels, self.weights, self.pretrained,
-                                               self.pool, self.tap_resize).to(self.device)
+                                               self.pool, self.tap_resize, scales=self.scales).to(self.device)
         return self.extractor_
 
     def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str) -> Iterator[torch.Tensor]:
@@ -175,7 +181,7 @@ class Padim:
         for batch in self._batches(images, desc):
             emb = extractor(batch)
             if stats is None:
-                stats = GaussianStats.empty(emb.shape[2] * emb.shape[3], emb.shape[1], self.device)
+                stats = GaussianStats.empty(emb.shape[2], emb.shape[1], self.device)
             stats.update(emb)
         if stats is None:
             raise ValueError("no training images")
@@ -183,17 +189,17 @@ class Padim:
 
     def _scorer(self, stats: GaussianStats) -> PadimScorer:
         factor = whitening_factors(stats, self.eps, self.covariance)
-        return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grid_, self.sigma, self.top_k)
+        return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grids_, self.image_size,
+                           self.sigma, self.top_k)
 
-    def _grid(self, positions: int) -> tuple[int, int]:
-        """The feature grid for the model's input size (stride 4)."""
-        h, w = self.image_size
-        with torch.inference_mode():
-            probe = self.feature_extractor()(torch.zeros(1, 3, h, w, dtype=torch.uint8, device=self.device))
-        grid = tuple(probe.shape[-2:])
-        if grid[0] * grid[1] != positions:
-            raise ValueError(f"statistics have {positions} positions, the {h}x{w} input gives {grid}")
-        return grid
+    def _grids(self, positions: int) -> list[tuple[int, int]]:
+        """The stride-4 feature grid of each scale for the model's input size."""
+        grids = self.feature_extractor().grids(self.image_size)
+        if sum(h * w for h, w in grids) != positions:
+            h, w = self.image_size
+            raise ValueError(f"statistics have {positions} positions, the {h}x{w} input at scales "
+                             f"{list(self.scales)} gives grids {grids}")
+        return grids
 
     # ----------------------------------------------------------------- public API
     def calibration_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +227,7 @@ class Padim:
         threshold), then their statistics are merged in before the final factor is computed.
         ``stats`` is updated in place (the calibration scorer keeps its own copy of what it needs).
         """
-        self.grid_ = self._grid(stats.total.shape[0])
+        self.grids_ = self._grids(stats.total.shape[0])
         cal_scores, cal_maps = np.empty(0), np.empty(0)
         if len(calibration):
             scorer = self._scorer(stats)

@@ -4,6 +4,7 @@ Everything a deployed model runs lives here, so it can be traced or exported in 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,22 +58,27 @@ class GaussianBlur(nn.Module):
 
 
 class PadimScorer(nn.Module):
-    """Mahalanobis distance of each patch embedding to its position's Gaussian, upsampled
-    bilinearly to the input size, blurred with a Gaussian of ``sigma`` pixels. Image score = max
-    of the map, or the mean of its ``top_k`` largest values."""
+    """Mahalanobis distance of each patch embedding to its position's Gaussian; each scale's map
+    upsampled bilinearly to the input size and blurred with a Gaussian of ``sigma`` pixels; the
+    maps of all scales averaged. Image score = max of the map, or the mean of its ``top_k`` largest
+    values. ``grids`` are the (h, w) feature grids of the extractor's scales for ``image_size``."""
 
     def __init__(self, extractor: FeatureExtractor, mean: torch.Tensor, factor: torch.Tensor,
-                 grid: tuple[int, int], sigma: float, top_k: int = 1):
+                 grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.extractor = extractor
-        self.grid = grid
+        self.grids = [(int(h), int(w)) for h, w in grids]
+        if len(self.grids) != len(extractor.scales):
+            raise ValueError(f"{len(self.grids)} grids for {len(extractor.scales)} scales")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.sigma = float(sigma)
         self.top_k = int(top_k)
         self._smoothing: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        # the input size that gives this grid (stride 4), built now so a traced export sees constants
-        self._smoothing_for(grid, (4 * grid[0], 4 * grid[1]), torch.device("cpu"))
+        for grid in self.grids:  # built now so a traced export sees constants
+            self._smoothing_for(grid, self.image_size, torch.device("cpu"))
+        extractor.prepare_trace(self.image_size)
         self.register_buffer("mean", mean.float().contiguous())
         # W^T stored contiguous: the batched matmul runs markedly faster than on a transposed view
         self.register_buffer("weight_t", factor.float().transpose(1, 2).contiguous())
@@ -86,12 +92,12 @@ class PadimScorer(nn.Module):
         return self.weight_t.transpose(1, 2)
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) embeddings -> (B, h, w) Mahalanobis distances."""
-        b, d, h, w = embeddings.shape
+        """(B, D, P) embeddings -> (B, P) Mahalanobis distances ((B, D, h, w) -> (B, h, w))."""
+        shape = embeddings.shape
         # contiguous: the permuted view is legal for bmm but an order of magnitude slower on CPU
-        x = embeddings.permute(2, 3, 0, 1).reshape(h * w, b, d).contiguous()
+        x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
         z = torch.baddbmm(-self.bias.unsqueeze(1), x, self.weight_t)
-        return z.square().sum(dim=2).clamp_min(0).sqrt().reshape(h, w, b).permute(2, 0, 1)
+        return z.square().sum(dim=2).clamp_min(0).sqrt().T.reshape(shape[0], *shape[2:])
 
     def smooth(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to ``size`` and blur them (see smoothing_matrix)."""
@@ -108,11 +114,19 @@ class PadimScorer(nn.Module):
 
     def score_embeddings(self, embeddings: torch.Tensor, size: tuple[int, int],
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, h, w) embeddings -> (maps (B, *size), scores (B,))."""
-        if tuple(embeddings.shape[-2:]) != self.grid:
-            raise ValueError(f"feature grid {tuple(embeddings.shape[-2:])} != fitted grid {self.grid}; "
-                             "images must have the model's input size")
-        maps = self.smooth(self.distances(embeddings), size)
+        """(B, D, P) embeddings -> (maps (B, *size), scores (B,)); the maps of the scales averaged."""
+        if embeddings.shape[-1] != sum(h * w for h, w in self.grids):
+            raise ValueError(f"{embeddings.shape[-1]} feature positions, the fitted grids {self.grids} have "
+                             f"{sum(h * w for h, w in self.grids)}; images must have the model's input size")
+        dist = self.distances(embeddings)
+        maps = None
+        start = 0
+        for h, w in self.grids:
+            level = self.smooth(dist[:, start:start + h * w].reshape(-1, h, w), size)
+            maps = level if maps is None else maps + level
+            start += h * w
+        if len(self.grids) > 1:
+            maps = maps / len(self.grids)
         flat = maps.flatten(1)
         scores = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
         return maps, scores

@@ -31,14 +31,16 @@ class GaussianStats:
         )
 
     def update(self, embeddings: torch.Tensor) -> None:
-        """Add a batch of (B, D, h, w) embeddings; positions are the h*w grid cells."""
-        b, d, h, w = embeddings.shape
-        if (h * w, d) != tuple(self.total.shape):
-            raise ValueError(f"embedding grid {d}x{h}x{w} does not match statistics {tuple(self.total.shape)}")
+        """Add a batch of (B, D, P) embeddings, or (B, D, h, w) with the h*w grid cells as positions."""
+        embeddings = embeddings.flatten(2)
+        b, d, p = embeddings.shape
+        if (p, d) != tuple(self.total.shape):
+            raise ValueError(f"embeddings of {d} channels x {p} positions do not match statistics "
+                             f"{tuple(self.total.shape)}")
         if not bool(torch.isfinite(embeddings).all()):
             bad = int((~torch.isfinite(embeddings)).sum())
             raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
-        x = embeddings.to(torch.float64).permute(2, 3, 0, 1).reshape(h * w, b, d)
+        x = embeddings.to(torch.float64).permute(2, 0, 1)
         self.count += b
         self.total += x.sum(dim=1)
         self.outer.baddbmm_(x.transpose(1, 2), x)
