@@ -1,8 +1,8 @@
 """Speed and memory benchmark on real VisA images: prints a table and writes JSON.
 
 Figures (each the median of --repeats runs):
-  backbone_ips        the backbone alone (network forward to the last tap, as fit and predict run it:
-                      channels-last, one image at a time), batch B, images/s
+  backbone_ips        the backbone alone (network forward to the last tap at every pyramid scale, as
+                      fit and predict run it: channels-last, one image at a time), batch B, images/s
   backbone_plain_ips  the same network called once on the whole NCHW batch (the usual way)
   fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
   fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from padim import Padim
 from padim.backbones import get_spec
+from padim.backbones.extractor import scaled_size
 from padim.datasets import load_split, read_image
 from padim.datasets.images import to_tensor
 
@@ -50,7 +52,7 @@ def fit_child(args: argparse.Namespace) -> None:
     """Fit on the first N training files in this (fresh) process; print seconds and peak RSS."""
     split = load_split(args.data_root, args.category)
     paths = [s.path for s in split.train[: args.n]]
-    model = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d)
+    model = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d, scales=args.scales)
     model.feature_extractor()  # load weights before timing, like the backbone figure
     start = time.perf_counter()
     model.fit(paths)
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=lambda v: tuple(int(x) for x in v.split("x")) * (2 if "x" not in v else 1),
                         default=(256, 256), help="N or HxW")
     parser.add_argument("--d", type=int, default=100)
+    parser.add_argument("--scales", type=lambda v: tuple(float(x) for x in v.split(",")), default=(1.0, 0.7),
+                        help="pyramid scales, comma-separated (the model default: 1,0.7)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fit-sizes", type=int, nargs="+", default=[50, 150, 450])
     parser.add_argument("--repeats", type=int, default=3)
@@ -86,18 +90,22 @@ def main() -> None:
     batch = images[: args.batch_size]
     result: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                     "torch": torch.__version__, "backbone": args.backbone, "image_size": args.image_size,
-                    "d": args.d, "batch_size": args.batch_size, "repeats": args.repeats}
+                    "d": args.d, "scales": list(args.scales), "batch_size": args.batch_size,
+                    "repeats": args.repeats}
 
-    fitted = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d).fit(
+    fitted = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d, scales=args.scales).fit(
         [s.path for s in split.train[:40]])
     extractor = fitted.feature_extractor()
     normalized = (batch.float() - extractor.mean) / extractor.std
-    channels_last = normalized.contiguous(memory_format=torch.channels_last)
+    levels = [F.interpolate(normalized, size=scaled_size(size, s), mode="bilinear", antialias=True)
+              .contiguous(memory_format=torch.channels_last) for s in args.scales]
     with torch.inference_mode():
-        t = median_time(lambda: extractor._taps(channels_last), args.repeats)
+        step = extractor.micro_batch or args.batch_size
+        t = median_time(lambda: [extractor.net(c) for x in levels for c in x.split(step)], args.repeats)
         result["backbone_ips"] = args.batch_size / t
         plain = get_spec(args.backbone).build(None, True).eval()
-        t = median_time(lambda: plain(normalized), args.repeats)
+        plain_levels = [x.contiguous() for x in levels]
+        t = median_time(lambda: [plain(x) for x in plain_levels], args.repeats)
         result["backbone_plain_ips"] = args.batch_size / t
         t = median_time(lambda: fitted.scorer_(batch), args.repeats)
         result["predict_ips"] = args.batch_size / t
@@ -114,6 +122,7 @@ def main() -> None:
             out = subprocess.run(
                 [sys.executable, __file__, str(args.data_root), "--category", args.category, "--backbone",
                  args.backbone, "--image-size", "x".join(map(str, args.image_size)), "--d", str(args.d),
+                 "--scales", ",".join(map(str, args.scales)),
                  "--fit-child", str(n)],
                 check=True, capture_output=True, text=True,
             ).stdout
@@ -125,7 +134,8 @@ def main() -> None:
         result["model_file_mb"] = runs[-1]["model_bytes"] / 1e6
 
     fits = result["fit"]
-    print(f"machine: {result['machine']}; {args.backbone} {'x'.join(map(str, args.image_size))} px d={args.d}; "
+    print(f"machine: {result['machine']}; {args.backbone} {'x'.join(map(str, args.image_size))} px d={args.d} "
+          f"scales {','.join(map(str, args.scales))}; "
           f"median of {args.repeats}")
     print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s "
           f"(plain NCHW batch call: {result['backbone_plain_ips']:.1f} img/s)")

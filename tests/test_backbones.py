@@ -136,3 +136,17 @@ def test_downscale_matrices_equal_antialiased_interpolation():
 def test_bad_scales_are_refused(scales):
     with pytest.raises(ValueError, match="scales"):
         FeatureExtractor("mobilenet_v2", torch.arange(5), scales=scales)
+
+
+def test_folding_batch_norms_keeps_the_function_and_removes_every_norm():
+    from padim.backbones.extractor import fold_batch_norms
+
+    net = get_spec("mobilenet_v2").build(None, True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = net(x)
+        folded = fold_batch_norms(net)
+        after = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .registry import get_spec
 
@@ -24,6 +25,20 @@ def channel_index(total: int, d: int, seed: int) -> torch.Tensor:
 
 TAP_RESIZE = ("nearest", "bilinear")
 MICRO_BATCH = 1
+
+
+def fold_batch_norms(net: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in a Sequential into that
+    convolution's weights (the same function, one pass over the activations fewer). In place."""
+    for module in net.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            conv, bn = module[i], module[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                module[i] = fuse_conv_bn_eval(conv, bn)
+                module[i + 1] = nn.Identity()
+    return net
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -70,7 +85,8 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"tap_resize must be one of {TAP_RESIZE}, got {tap_resize!r}")
         spec = get_spec(backbone)
         # channels-last lets oneDNN pick its fast depthwise and 1x1 convolution kernels on CPU
-        self.net = spec.build(weights, pretrained).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        net = fold_batch_norms(spec.build(weights, pretrained).eval())
+        self.net = net.requires_grad_(False).to(memory_format=torch.channels_last)
         self.micro_batch = micro_batch
         self.pool = pool
         self.tap_resize = tap_resize
@@ -86,11 +102,25 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
-        levels = [self.features(self._downscale(x, scaled_size(size, s))).flatten(2) for s in self.scales]
-        if len(levels) == 1:
-            return levels[0]
-        # joined position-major, as the channels-last levels already are, so no transposing copy
-        return torch.cat([level.transpose(1, 2) for level in levels], dim=1).transpose(1, 2)
+        sizes = [scaled_size(size, s) for s in self.scales]
+        step = self.micro_batch
+        if step is None or x.shape[0] <= step or x.device.type != "cpu" or torch.jit.is_tracing():
+            levels = [self.features(self._downscale(x, hw)).flatten(2) for hw in sizes]
+            return levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
+        # image by image, network and tap processing stay in the caches; each result goes straight
+        # into a position-major (P, B, d) buffer, the layout scoring and statistics consume
+        out = None
+        for start, chunk in zip(range(0, x.shape[0], step), x.split(step), strict=True):
+            levels = [self.features(self._downscale(chunk, hw)) for hw in sizes]
+            if out is None:
+                positions = sum(e.shape[2] * e.shape[3] for e in levels)
+                out = torch.empty(positions, x.shape[0], levels[0].shape[1], device=x.device)
+            first = 0
+            for e in levels:
+                b, d, h, w = e.shape
+                out[first:first + h * w, start:start + b] = e.permute(2, 3, 0, 1).reshape(h * w, b, d)
+                first += h * w
+        return out.permute(1, 2, 0)
 
     def _downscale(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Antialiased bilinear resize of (B, C, H, W) to ``size``. ONNX's Resize filters differently
@@ -125,9 +155,8 @@ class FeatureExtractor(nn.Module):
         return [tuple(self.features(probe.expand(1, 3, *scaled_size(size, s))).shape[-2:]) for s in self.scales]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized float (B, 3, H, W) -> (B, d, H/4, W/4) embeddings of one scale."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        taps = self._taps(x)
+        """Normalized float (B, 3, H, W) -> (B, d, H/4, W/4) embeddings (channels-last) of one scale."""
+        taps = self.net(x.contiguous(memory_format=torch.channels_last))
         size = taps[0].shape[-2:]
         # nearest (the PaDiM reference) keeps each deep feature constant over the finer patches
         # it covers; bilinear blends neighbouring deep features
@@ -147,10 +176,3 @@ class FeatureExtractor(nn.Module):
                 m = F.interpolate(m, size=size, mode=self.tap_resize, **kwargs)
             maps.append(m)
         return torch.cat(maps, dim=1)
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        step = self.micro_batch
-        if step is None or x.shape[0] <= step or x.device.type != "cpu" or torch.jit.is_tracing():
-            return self.net(x)
-        parts = [self.net(chunk) for chunk in x.split(step)]
-        return [torch.cat(maps, dim=0) for maps in zip(*parts, strict=True)]

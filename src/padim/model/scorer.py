@@ -94,10 +94,11 @@ class PadimScorer(nn.Module):
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D, P) embeddings -> (B, P) Mahalanobis distances ((B, D, h, w) -> (B, h, w))."""
         shape = embeddings.shape
-        # contiguous: the permuted view is legal for bmm but an order of magnitude slower on CPU
+        # contiguous: a no-op for the extractor's position-major output; a strided view is legal
+        # for bmm but an order of magnitude slower on CPU
         x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
         z = torch.baddbmm(-self.bias.unsqueeze(1), x, self.weight_t)
-        return z.square().sum(dim=2).clamp_min(0).sqrt().T.reshape(shape[0], *shape[2:])
+        return torch.linalg.vector_norm(z, dim=2).T.reshape(shape[0], *shape[2:])
 
     def smooth(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to ``size`` and blur them (see smoothing_matrix)."""

@@ -37,7 +37,7 @@ class GaussianStats:
         if (p, d) != tuple(self.total.shape):
             raise ValueError(f"embeddings of {d} channels x {p} positions do not match statistics "
                              f"{tuple(self.total.shape)}")
-        if not bool(torch.isfinite(embeddings).all()):
+        if not all_finite(embeddings):
             bad = int((~torch.isfinite(embeddings)).sum())
             raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
         x = embeddings.to(torch.float64).permute(2, 0, 1)
@@ -70,13 +70,22 @@ class GaussianStats:
         if self.count < 2:
             raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
         mean = self.mean()[positions]
-        cov = (self.outer[positions] - self.count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (self.count - 1)
+        n = self.count
+        # (outer - n mean mean^T) / (n - 1) in one pass over the (P, D, D) sums
+        cov = torch.baddbmm(self.outer[positions], mean.unsqueeze(2), mean.unsqueeze(1), beta=1 / (n - 1),
+                            alpha=-n / (n - 1))
         if estimator == "oas":
-            cov = oas_shrink(cov, self.count)
+            cov = oas_shrink(cov, n)
         cov.diagonal(dim1=1, dim2=2).add_(eps)
-        if not bool(torch.isfinite(cov).all()):
+        if not all_finite(cov):
             raise FloatingPointError("the accumulated statistics hold NaN or inf")
         return cov
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in ``x``: its sum is finite (NaN and inf propagate; float64 sums of features
+    do not overflow), one reduction instead of a boolean copy of a large tensor."""
+    return bool(torch.isfinite(x.sum()))
 
 
 def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
@@ -113,6 +122,6 @@ def whitening_factor(cov: torch.Tensor) -> torch.Tensor:
         raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
     factor = torch.linalg.solve_triangular(chol, eye, upper=False)
-    if not bool(torch.isfinite(factor).all()):  # NaN input can pass cholesky_ex without an error code
+    if not all_finite(factor):  # NaN input can pass cholesky_ex without an error code
         raise FloatingPointError("the whitening factor holds NaN or inf; the statistics are not finite")
     return factor
