@@ -6,6 +6,8 @@ Figures (each the median of --repeats runs):
   backbone_plain_ips  the same network called once on the whole NCHW batch (the usual way)
   fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
   fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
+  fit_stream_ips      Padim.accumulate from decoded uint8 tensors, batch B: the streaming part of a
+                      fit (network + statistics update), without decoding and the fixed costs
   predict_ips         Padim scoring from decoded uint8 tensors, batch 16: maps + image scores
   predict_latency_ms  the same, batch 1
   predict_files_ips   Padim.predict from JPEG files, batch 16
@@ -109,6 +111,8 @@ def main() -> None:
         result["backbone_plain_ips"] = args.batch_size / t
         t = median_time(lambda: fitted.scorer_(batch), args.repeats)
         result["predict_ips"] = args.batch_size / t
+        t = median_time(lambda: fitted.accumulate(images), args.repeats)
+        result["fit_stream_ips"] = len(images) / t
         one = batch[:1]
         result["predict_latency_ms"] = 1000 * median_time(lambda: fitted.scorer_(one), args.repeats * 3)
     fitted.progress = False
@@ -142,6 +146,8 @@ def main() -> None:
     for n, f in fits.items():
         print(f"fit N={n:<4d} from files          {f['fit_ips']:8.1f} img/s "
               f"({f['fit_ips'] / result['backbone_ips']:.2f}x backbone)  peak RSS {f['peak_rss_mb']:7.0f} MB")
+    print(f"fit streaming, tensors      {result['fit_stream_ips']:8.1f} img/s "
+          f"({result['fit_stream_ips'] / result['backbone_ips']:.2f}x backbone)")
     print(f"predict, tensors, batch {args.batch_size}  {result['predict_ips']:8.1f} img/s "
           f"({result['predict_ips'] / result['backbone_ips']:.2f}x backbone)")
     print(f"predict, tensors, batch 1   {result['predict_latency_ms']:8.1f} ms")

@@ -109,3 +109,22 @@ def test_aspect_keep_and_square_set_the_model_input_size(tmp_path):
         assert result.exit_code == 0, result.output
         meta = read_model_file(out / "model.safetensors")[0]
         assert meta["image_size"] == size and meta["sigma"] == 1.0  # 4 px per 256 px of the shorter side
+
+
+@pytest.mark.parametrize("scales", ["1", "1,0.5"])
+def test_scales_option_sets_the_pyramid(visa, tmp_path, scales):
+    out = tmp_path / "m"
+    result = invoke("fit", visa, "--category", "widget", "--out", out, "--scales", scales, *FAST)
+    assert result.exit_code == 0, result.output
+    from padim import Padim
+
+    model = Padim.load(out / "model.safetensors")
+    assert model.scales == tuple(float(s) for s in scales.split(","))
+    assert len(model.grids_) == len(model.scales)
+
+
+@pytest.mark.parametrize("bad", ["0", "1,1", "1,x", "1.5"])
+def test_bad_scales_are_refused_with_a_usage_error(visa, tmp_path, bad):
+    result = CliRunner().invoke(main, ["fit", str(visa), "--category", "widget", "--out", str(tmp_path / "m"),
+                                       "--scales", bad])
+    assert result.exit_code == 2 and "--scales" in result.output and "(0, 1]" in result.output
