@@ -85,6 +85,7 @@ def test_run_writes_report_inputs_and_report_command_rewrites_it(run_dir, tmp_pa
     html = (copy / "report.html").read_text()
     assert "http://" not in html and "https://" not in html  # nothing fetched from the network
     assert html.count("data:image/png;base64,") >= 3 + len(misses)
+    assert "pyramid scales 1, 0.7" in html  # the default model's levels are named
 
 
 def test_report_without_figures_links_generated_figures_of_gallery_images(tmp_path):

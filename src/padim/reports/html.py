@@ -137,7 +137,9 @@ def report_context(run_dir: Path) -> dict:
             ("Data set", f"{dataset.get('category')} ({dataset.get('layout')} layout) in {dataset.get('root')}"),
             ("Split", str(dataset.get("split"))),
             ("Backbone", f"{model.get('backbone')}, d = {model.get('d')} channels"),
-            ("Image size", " x ".join(str(s) for s in size) + " px" if size else "n/a"),
+            ("Image size", (" x ".join(str(s) for s in size) + " px" if size else "n/a")
+             + (f", pyramid scales {', '.join(f'{x:g}' for x in model['scales'])}"
+                if len(model.get("scales") or []) > 1 else "")),
             ("Training images", str(model.get("n_train", "n/a"))),
             ("Test images", f"{dataset.get('n_test')} ({dataset.get('n_test_normal')} normal, "
                             f"{dataset.get('n_test_anomalous')} anomalous)"),
