@@ -12,6 +12,8 @@ from torch import nn
 
 from ..backbones import FeatureExtractor
 
+DISTANCE_CHUNK = 64  # positions per batched product when scoring on CPU
+
 
 def blur_kernel_size(sigma: float) -> int:
     """Odd kernel covering +-4 sigma (scipy.ndimage.gaussian_filter's default truncation)."""
@@ -97,8 +99,18 @@ class PadimScorer(nn.Module):
         # contiguous: a no-op for the extractor's position-major output; a strided view is legal
         # for bmm but an order of magnitude slower on CPU
         x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
-        z = torch.baddbmm(-self.bias.unsqueeze(1), x, self.weight_t)
-        return torch.linalg.vector_norm(z, dim=2).T.reshape(shape[0], *shape[2:])
+        if torch.jit.is_tracing() or x.device.type != "cpu":
+            dist = self._norms(x, slice(None))  # one product: one node in an exported graph
+        else:
+            # a few positions at a time: each product is normed while it is still in cache
+            dist = torch.cat([self._norms(x, slice(start, start + DISTANCE_CHUNK))
+                              for start in range(0, x.shape[0], DISTANCE_CHUNK)])
+        return dist.T.reshape(shape[0], *shape[2:])
+
+    def _norms(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """|W x - W mean| of the (P, B, D) embeddings ``x`` at the positions ``part``: (p, B)."""
+        z = torch.baddbmm(-self.bias[part].unsqueeze(1), x[part], self.weight_t[part])
+        return torch.linalg.vector_norm(z, dim=2)
 
     def smooth(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to ``size`` and blur them (see smoothing_matrix)."""

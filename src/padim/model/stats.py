@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 COVARIANCE_ESTIMATORS = ("eps", "oas")
+UPDATE_CHUNK = 128  # positions per step of a statistics update
 
 
 @dataclass
@@ -40,10 +41,13 @@ class GaussianStats:
         if not all_finite(embeddings):
             bad = int((~torch.isfinite(embeddings)).sum())
             raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
-        x = embeddings.to(torch.float64).permute(2, 0, 1)
         self.count += b
-        self.total += x.sum(dim=1)
-        self.outer.baddbmm_(x.transpose(1, 2), x)
+        # a few positions at a time: their float64 copy stays in cache for the sum and the product
+        for start in range(0, p, UPDATE_CHUNK):
+            part = slice(start, start + UPDATE_CHUNK)
+            x = embeddings[:, :, part].to(torch.float64).permute(2, 0, 1)
+            self.total[part] += x.sum(dim=1)
+            self.outer[part].baddbmm_(x.transpose(1, 2), x)
 
     def __add__(self, other: GaussianStats) -> GaussianStats:
         if self.total.shape != other.total.shape:
