@@ -13,25 +13,15 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 from padim import Padim
 from padim.datasets import load_split
 from padim.datasets.images import ImageFiles
 from padim.export import OnnxModel, export_onnx
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: first calls allocate and pick kernels
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 from padim import Padim
 from padim.backbones import get_spec
@@ -41,13 +42,7 @@ from padim.datasets.images import to_tensor
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls allocate and pick kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, repeats))
 
 
 def fit_child(args: argparse.Namespace) -> None:
