@@ -93,7 +93,7 @@ def main() -> None:
     fitted = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d, scales=args.scales).fit(
         [s.path for s in split.train[:40]])
     extractor = fitted.feature_extractor()
-    normalized = (batch.float() - extractor.mean) / extractor.std
+    normalized = extractor.normalize(batch)
     levels = [F.interpolate(normalized, size=scaled_size(size, s), mode="bilinear", antialias=True)
               .contiguous(memory_format=torch.channels_last) for s in args.scales]
     with torch.inference_mode():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import make_folder_dataset, make_visa_dataset, write_png
 from padim.datasets import DatasetError, detect_layout, load_split, read_image, read_mask
@@ -77,9 +77,12 @@ def test_read_image_converts_modes_and_applies_exif_rotation(tmp_path):
     rotated = tmp_path / "r.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(rotated, exif=exif)
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(rotated, exif=exif)
     assert read_image(rotated).size == (10, 20)
     assert read_image(rotated, (32, 48)).size == (48, 32)
+    with Image.open(rotated) as im:  # the in-place rotation gives the pixels Pillow's copy gives
+        assert np.array_equal(np.asarray(read_image(rotated)), np.asarray(ImageOps.exif_transpose(im)))
 
 
 def test_undecodable_image_error_names_the_file(tmp_path):

@@ -12,14 +12,16 @@ from padim.model import PadimScorer, whitening_factor
 from padim.model.scorer import GaussianBlur, blur_kernel_size
 
 
-def test_distances_equal_scipy_mahalanobis_at_every_position(rng):
-    d, h, w = 4, 2, 3
+@pytest.mark.parametrize("d", [4, 24])  # 24: the factor is kept as a head and a tail block
+def test_distances_equal_scipy_mahalanobis_at_every_position(rng, d):
+    h, w = 2, 3
     a = rng.normal(size=(h * w, d, d))
     cov = a @ a.transpose(0, 2, 1) + np.eye(d)
     mean = rng.normal(size=(h * w, d))
     extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
-    scorer = PadimScorer(extractor, torch.from_numpy(mean), whitening_factor(torch.from_numpy(cov)), [(h, w)],
-                         (4 * h, 4 * w), 0.0)
+    factor = whitening_factor(torch.from_numpy(cov))
+    scorer = PadimScorer(extractor, torch.from_numpy(mean), factor, [(h, w)], (4 * h, 4 * w), 0.0)
+    assert torch.equal(scorer.factor, factor.float())  # the blocks give back W, zeros included
     emb = rng.normal(size=(5, d, h, w))
     got = scorer.distances(torch.from_numpy(emb).float()).numpy()
     for b in range(5):

@@ -74,9 +74,14 @@ def _open(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     return image
 
 
-def _to_rgb(image: Image.Image, name: object) -> Image.Image:
-    """Apply the EXIF orientation and convert any mode to 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)
+def _to_rgb(image: Image.Image, name: object, owned: bool = False) -> Image.Image:
+    """Apply the EXIF orientation and convert any mode to 8-bit RGB. An ``owned`` image (one this
+    module decoded) is changed in place where possible instead of copied: each copy of a decoded
+    photo costs about a quarter of its (reduced-scale) decoding."""
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT:
         # 16-bit sensors: map 0..65535 onto 0..255 rather than clipping as PIL's convert() does
         logger.warning("%s: %s image scaled to 8 bits per channel", name, image.mode)
@@ -84,7 +89,7 @@ def _to_rgb(image: Image.Image, name: object) -> Image.Image:
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         logger.warning("%s: transparency (%s) dropped, colour channels kept", name, image.mode)
-    return image.convert("RGB")
+    return image if owned and image.mode == "RGB" else image.convert("RGB")
 
 
 def read_image(source: ImageSource, size: tuple[int, int] | None = None) -> Image.Image:
@@ -101,7 +106,7 @@ def read_image(source: ImageSource, size: tuple[int, int] | None = None) -> Imag
         path = Path(source)
         image = _open(path, size)
         try:
-            image = _to_rgb(image, path)
+            image = _to_rgb(image, path, owned=True)
         except Exception as exc:  # noqa: BLE001 - corrupt EXIF or pixel data
             raise DatasetError(f"{path}: cannot convert image ({exc}); replace or remove the file") from exc
     if size is not None and image.size != (size[1], size[0]):

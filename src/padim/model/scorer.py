@@ -42,6 +42,13 @@ def smoothing_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
     return out[:, 0, 0, :].T.contiguous().float()
 
 
+def head_size(d: int) -> int:
+    """Split of a (d, d) triangular factor into a (h, h) head and a (d, d - h) tail block: about
+    7/12 of d (d / 2 minimizes the work, a wider head runs at a better rate on CPU), a multiple of
+    8 (unaligned blocks run ~10% slower); no split below 16 channels."""
+    return d if d < 16 else 8 * round(d * 7 / 96)
+
+
 class GaussianBlur(nn.Module):
     """Separable Gaussian blur of (B, 1, H, W) maps with reflect padding: two 1-D convolutions,
     k times cheaper than the equivalent k x k kernel."""
@@ -82,16 +89,27 @@ class PadimScorer(nn.Module):
             self._smoothing_for(grid, self.image_size, torch.device("cpu"))
         extractor.prepare_trace(self.image_size)
         self.register_buffer("mean", mean.float().contiguous())
-        # W^T stored contiguous: the batched matmul runs markedly faster than on a transposed view
-        self.register_buffer("weight_t", factor.float().transpose(1, 2).contiguous())
-        # z = W x - W mean: precompute W mean once so scoring is a single batched matmul
-        bias = torch.bmm(self.weight_t.transpose(1, 2), self.mean.unsqueeze(2)).squeeze(2)
-        self.register_buffer("bias", bias)
+        # W^T is upper triangular: of its columns [:h] only rows [:h] are nonzero, so it is kept as
+        # two contiguous blocks (zeros dropped: ~3/4 of the memory, reads and products). Contiguous,
+        # because a batched matmul runs markedly faster than on a transposed view.
+        weight_t = factor.float().transpose(1, 2)
+        d = weight_t.shape[-1]
+        h = self.head = head_size(d)
+        self.register_buffer("weight_head", weight_t[:, :h, :h].contiguous())
+        self.register_buffer("weight_tail", weight_t[:, :, h:].contiguous())
+        # z = W x - W mean: precompute W mean once so scoring is one product per block
+        bias = torch.bmm(self.mean.unsqueeze(1), weight_t).squeeze(1)
+        self.register_buffer("bias_head", bias[:, :h].contiguous())
+        self.register_buffer("bias_tail", bias[:, h:].contiguous())
 
     @property
     def factor(self) -> torch.Tensor:
-        """The lower-triangular whitening factor W (a view of the stored W^T)."""
-        return self.weight_t.transpose(1, 2)
+        """The lower-triangular whitening factor W, rebuilt from the stored blocks of W^T."""
+        p, d, h = self.weight_tail.shape[0], self.weight_tail.shape[1], self.head
+        weight_t = self.weight_tail.new_zeros(p, d, d)
+        weight_t[:, :h, :h] = self.weight_head
+        weight_t[:, :, h:] = self.weight_tail
+        return weight_t.transpose(1, 2)
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D, P) embeddings -> (B, P) Mahalanobis distances ((B, D, h, w) -> (B, h, w))."""
@@ -109,8 +127,10 @@ class PadimScorer(nn.Module):
 
     def _norms(self, x: torch.Tensor, part: slice) -> torch.Tensor:
         """|W x - W mean| of the (P, B, D) embeddings ``x`` at the positions ``part``: (p, B)."""
-        z = torch.baddbmm(-self.bias[part].unsqueeze(1), x[part], self.weight_t[part])
-        return torch.linalg.vector_norm(z, dim=2)
+        x = x[part]
+        head = torch.baddbmm(-self.bias_head[part].unsqueeze(1), x[:, :, :self.head], self.weight_head[part])
+        tail = torch.baddbmm(-self.bias_tail[part].unsqueeze(1), x, self.weight_tail[part])
+        return (head.square().sum(dim=2) + tail.square().sum(dim=2)).sqrt()
 
     def smooth(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to ``size`` and blur them (see smoothing_matrix)."""
