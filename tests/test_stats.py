@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from padim.model import GaussianStats, whitening_factor
+from padim.model.stats import whitening_factors
 
 
 def _stats(x: np.ndarray) -> GaussianStats:
@@ -94,6 +95,13 @@ def test_covariance_is_symmetric_positive_definite_even_with_fewer_samples_than_
     torch.testing.assert_close(cov, cov.transpose(1, 2))
     assert float(torch.linalg.eigvalsh(cov).min()) > 0.005
     assert torch.isfinite(whitening_factor(cov)).all()
+
+
+def test_a_singular_covariance_is_named_by_its_position_across_chunks(rng):
+    x = rng.normal(size=(10, 2, 5, 1))
+    x[:, :, 3] = 1.0  # a constant feature: zero covariance at position 3
+    with pytest.raises(FloatingPointError, match="position 3 is not positive definite"):
+        whitening_factors(_stats(x), eps=0.0, chunk=2)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

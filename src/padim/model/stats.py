@@ -114,15 +114,16 @@ def whitening_factors(stats: GaussianStats, eps: float, estimator: str = "eps", 
     out = torch.empty(positions, d, d, dtype=torch.float32, device=stats.total.device)
     for start in range(0, positions, chunk):
         part = slice(start, min(start + chunk, positions))
-        out[part] = whitening_factor(stats.covariance(eps, estimator, part))
+        out[part] = whitening_factor(stats.covariance(eps, estimator, part), first=start)
     return out
 
 
-def whitening_factor(cov: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular W = L^-1 with cov = L L^T, so the Mahalanobis distance is |W (x - mean)|."""
+def whitening_factor(cov: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Lower-triangular W = L^-1 with cov = L L^T, so the Mahalanobis distance is |W (x - mean)|.
+    ``first``: the position of ``cov[0]``, so an error names the position among all of them."""
     chol, info = torch.linalg.cholesky_ex(cov)
     if int(info.max()) > 0:
-        bad = int((info > 0).nonzero()[0])
+        bad = first + int((info > 0).nonzero()[0])
         raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
     factor = torch.linalg.solve_triangular(chol, eye, upper=False)
