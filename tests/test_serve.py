@@ -184,6 +184,19 @@ def test_reports_the_upright_original_size_of_a_jpeg(client):
     assert (body["width"], body["height"]) == (200, 300)
 
 
+@pytest.mark.parametrize("size", [(100, 400), (400, 100)])
+def test_an_upload_decodes_to_the_pixels_read_image_gives_its_file(tmp_path, size):
+    from padim.datasets import read_image
+    from padim.serve.inspector import Limits, decode
+
+    y, x = np.mgrid[0:800, 0:1600]
+    path = tmp_path / "wide.jpg"
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)).save(path, quality=90)
+    served, width, height = decode(path.read_bytes(), path.name, size, Limits())
+    assert (width, height) == (1600, 800)
+    assert np.array_equal(served, np.asarray(read_image(path, size)))  # the same JPEG draft scale too
+
+
 def test_serve_command_help_and_missing_model(tmp_path):
     from click.testing import CliRunner
 

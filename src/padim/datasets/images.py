@@ -49,12 +49,8 @@ def _open(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
         if expected is not None and image.format is not None and image.format != expected:
             logger.warning("%s: the file is a %s image despite its %s suffix; read as %s",
                            path, image.format, path.suffix, image.format)
-        if draft is not None and image.format == "JPEG":
-            # DCT-domain downscaling by 1/2, 1/4 or 1/8 while the result still covers the (h, w)
-            # target, in the file's stored orientation (EXIF rotation is applied after decoding)
-            h, w = draft
-            rotated = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            image.draft("RGB", (h, w) if rotated else (w, h))
+        if draft is not None:
+            draft_jpeg(image, draft)
         image.load()
     except DatasetError:
         raise
@@ -72,6 +68,19 @@ def _open(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - a malformed file can make any decoder step fail
         raise DatasetError(f"{path}: cannot decode image ({exc}); replace or remove the file") from exc
     return image
+
+
+def swaps_sides(image: Image.Image) -> bool:
+    """The image's EXIF orientation turns it by 90 degrees: displayed width = stored height."""
+    return image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+
+
+def draft_jpeg(image: Image.Image, size: tuple[int, int]) -> None:
+    """Before ``image.load()``: let a JPEG decode at a reduced DCT scale (1/2, 1/4 or 1/8) while the
+    result still covers the (h, w) target once EXIF-rotated; other formats are left as they are."""
+    if image.format == "JPEG":
+        h, w = size
+        image.draft("RGB", (h, w) if swaps_sides(image) else (w, h))
 
 
 def _to_rgb(image: Image.Image, name: object, owned: bool = False) -> Image.Image:
@@ -121,7 +130,7 @@ def image_size(path: Path) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
-                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotations that swap the sides
+                if swaps_sides(im):
                     w, h = h, w
     except Exception as exc:  # noqa: BLE001 - the full decode later reports it with the same name
         raise DatasetError(f"{path}: cannot read image header ({exc}); replace or remove the file") from exc

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
 from ..backbones.registry import sha256_of
-from ..datasets.images import read_image
+from ..datasets.images import draft_jpeg, read_image, swaps_sides
 from ..export import OnnxModel, model_id, open_model
 from ..model import Padim
 from ..reports.figures import overlay
@@ -69,10 +69,9 @@ def decode(data: bytes, name: str, size: tuple[int, int], limits: Limits) -> tup
             width, height = image.size  # from the header: refuse huge images before decoding them
             if width * height > limits.max_pixels:
                 raise ImageRejected(413, f"{name}: {width}x{height} pixels, the limit is {limits.max_pixels}")
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the sides
+            if swaps_sides(image):
                 width, height = height, width
-            if image.format == "JPEG":
-                image.draft("RGB", (max(size), max(size)))
+            draft_jpeg(image, size)
             image.load()
             array = np.asarray(read_image(image, size))
     except ImageRejected:
