@@ -71,10 +71,6 @@ def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
     return buffer.getvalue()
 
 
-def _original_size(sample: Sample) -> tuple[int, int]:
-    return image_size(sample.path)
-
-
 def _figure_name(sample: Sample) -> str:
     return f"{sample.path.parent.name}_{sample.path.stem}.png"
 
@@ -85,7 +81,7 @@ def _pixel_data(test: list[Sample], maps: np.ndarray, resolution: str, size: tup
     input size or, with resolution='original', at the image's own size."""
     masks, out = [], []
     for s, m in zip(test, maps, strict=True):
-        hw = size if resolution == "model" else _original_size(s)
+        hw = size if resolution == "model" else image_size(s.path)
         masks.append(read_mask(s.mask, hw) if (s.mask is not None or s.label == 0) else None)
         if hw != tuple(m.shape):
             m = F.interpolate(torch.from_numpy(m)[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
@@ -155,11 +151,6 @@ def _write_gallery_tiles(model: Padim, test: list[Sample], scores: np.ndarray, m
     names = [_figure_name(s) for s in test]
     vrange = _vrange(model, maps)
 
-    def load(i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        s = test[i]
-        mask = read_mask(s.mask, model.image_size) if s.mask is not None else None
-        return np.asarray(read_image(s.path, model.image_size)), mask
-
     def figure(i: int) -> str:
         if figures:
             return f"figures/{names[i]}"
@@ -167,7 +158,13 @@ def _write_gallery_tiles(model: Padim, test: list[Sample], scores: np.ndarray, m
         return f"tiles/figures/{names[i]}"
 
     write_galleries(out_dir, names, np.array([s.label for s in test]), scores, [s.defect_type for s in test], maps,
-                    model.threshold_, vrange, load, figure)
+                    model.threshold_, vrange, lambda i: _picture(model, test[i]), figure)
+
+
+def _picture(model: Padim, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sample's image (uint8 RGB) and mask (None without one) at the model input size."""
+    mask = read_mask(sample.mask, model.image_size) if sample.mask is not None else None
+    return np.asarray(read_image(sample.path, model.image_size)), mask
 
 
 def _vrange(model: Padim, maps: np.ndarray) -> tuple[float, float]:
@@ -182,8 +179,7 @@ def write_figures(model: Padim, samples: list[Sample], maps: np.ndarray, folder:
     """The 5-panel figure for every sample, in one folder; the colour scale is ``vrange`` or the model's."""
     vrange = vrange or _vrange(model, maps)
     for s, amap in tqdm(list(zip(samples, maps, strict=True)), desc="figures", unit="img", disable=not progress):
-        image = np.asarray(read_image(s.path, model.image_size))
-        mask = read_mask(s.mask, model.image_size) if s.mask is not None else None
+        image, mask = _picture(model, s)
         title = f"{s.path.name}  {s.defect_type}  score {amap.max():.2f}"
         if model.threshold_ is not None:
             title += f"  (threshold {model.threshold_:.2f})"
