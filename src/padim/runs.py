@@ -138,7 +138,7 @@ def evaluate(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_pa
     roc_figure(out_dir / "roc_curve.png", labels, prediction.scores, pixel_labels, pixel_scores,
                overall["image_auroc"], overall["pixel_auroc"], title=f"{data.category} ({split.name})")
     if figures:
-        write_figures(model, test, prediction.maps, out_dir / "figures", progress)
+        write_figures(model, test, prediction.maps, prediction.scores, out_dir / "figures", progress)
     save_pixel_curves(out_dir, pixel_labels, pixel_scores)
     _write_gallery_tiles(model, test, prediction.scores, prediction.maps, out_dir, figures)
     write_report(out_dir)
@@ -154,7 +154,7 @@ def _write_gallery_tiles(model: Padim, test: list[Sample], scores: np.ndarray, m
     def figure(i: int) -> str:
         if figures:
             return f"figures/{names[i]}"
-        write_figures(model, [test[i]], maps[i:i + 1], out_dir / "tiles" / "figures", False, vrange)
+        write_figures(model, [test[i]], maps[i:i + 1], scores[i:i + 1], out_dir / "tiles" / "figures", False, vrange)
         return f"tiles/figures/{names[i]}"
 
     write_galleries(out_dir, names, np.array([s.label for s in test]), scores, [s.defect_type for s in test], maps,
@@ -174,13 +174,15 @@ def _vrange(model: Padim, maps: np.ndarray) -> tuple[float, float]:
     return float(maps.min()), float(maps.max())  # no calibration: fall back to this batch
 
 
-def write_figures(model: Padim, samples: list[Sample], maps: np.ndarray, folder: Path, progress: bool,
-                  vrange: tuple[float, float] | None = None) -> None:
-    """The 5-panel figure for every sample, in one folder; the colour scale is ``vrange`` or the model's."""
+def write_figures(model: Padim, samples: list[Sample], maps: np.ndarray, scores: np.ndarray, folder: Path,
+                  progress: bool, vrange: tuple[float, float] | None = None) -> None:
+    """The 5-panel figure for every sample, in one folder, titled with its image score; the colour
+    scale is ``vrange`` or the model's."""
     vrange = vrange or _vrange(model, maps)
-    for s, amap in tqdm(list(zip(samples, maps, strict=True)), desc="figures", unit="img", disable=not progress):
+    for s, amap, score in tqdm(list(zip(samples, maps, scores, strict=True)), desc="figures", unit="img",
+                               disable=not progress):
         image, mask = _picture(model, s)
-        title = f"{s.path.name}  {s.defect_type}  score {amap.max():.2f}"
+        title = f"{s.path.name}  {s.defect_type}  score {score:.2f}"
         if model.threshold_ is not None:
             title += f"  (threshold {model.threshold_:.2f})"
         five_panel(folder / _figure_name(s), image, mask, amap, model.threshold_, vrange, title)
