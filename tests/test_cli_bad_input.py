@@ -185,9 +185,10 @@ def test_empty_training_folder_is_refused(tmp_path):
                  "train/good", "no training images")
 
 
-def test_too_few_training_images_is_refused(tmp_path):
+@pytest.mark.parametrize("where", [[], ["--dask", "local:1"]])  # refused before a cluster starts
+def test_too_few_training_images_is_refused(tmp_path, where):
     root = make_folder_dataset(tmp_path, np.random.default_rng(0), n_train=1)
-    assert_error(invoke("fit", root, "--category", "widget", "--out", tmp_path / "o", *FAST), 3,
+    assert_error(invoke("fit", root, "--category", "widget", "--out", tmp_path / "o", *FAST, *where), 3,
                  "widget", "add normal training images")
 
 

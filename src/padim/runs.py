@@ -47,7 +47,17 @@ class DataArgs:
 def fit(data: DataArgs, out_dir: Path, model: Padim) -> tuple[Padim, Path, dict]:
     """Fit ``model`` on the training images and write ``out_dir/model.safetensors``."""
     split = data.load()
-    n = len(split.train)
+    check_training_set(data, len(split.train), model)
+    start = time.perf_counter()
+    model.fit([s.path for s in split.train])
+    seconds = time.perf_counter() - start
+    path = model.save(out_dir / MODEL_FILE)
+    return model, path, {"fit_seconds": seconds, "n_train": len(split.train), "split": split}
+
+
+def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
+    """Refuse too few training images for ``model`` (naming the data); warn when there are no more
+    images than feature channels."""
     try:
         model.calibration_split(n)
     except ValueError as exc:
@@ -56,11 +66,6 @@ def fit(data: DataArgs, out_dir: Path, model: Padim) -> tuple[Padim, Path, dict]
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "
                        "only eps=%g on its diagonal keeps it invertible; expect weak results, use at least %d "
                        "images or a smaller --d", n, model.d, model.eps, model.d + 1)
-    start = time.perf_counter()
-    model.fit([s.path for s in split.train])
-    seconds = time.perf_counter() - start
-    path = model.save(out_dir / MODEL_FILE)
-    return model, path, {"fit_seconds": seconds, "n_train": len(split.train), "split": split}
 
 
 def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:

@@ -15,7 +15,7 @@ from distributed import Client, Future, as_completed
 from tqdm.auto import tqdm
 
 from ..model import GaussianStats, Padim
-from ..runs import MODEL_FILE, DataArgs
+from ..runs import MODEL_FILE, DataArgs, check_training_set
 from .cluster import FIT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache, worker_threads
 
 
@@ -120,6 +120,7 @@ def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_siz
     """``padim fit --dask``: fit on the cluster at ``address`` and write ``out_dir/model.safetensors``."""
     split = data.load()
     paths = [s.path for s in split.train]
+    check_training_set(data, len(paths), model)
     with connect(address) as client:
         n_workers = prepare(client, paths[0] if paths else None)
         log(f"dask: {n_workers} workers, dashboard {client.dashboard_link}")
