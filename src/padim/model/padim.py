@@ -240,7 +240,7 @@ class Padim:
                 scores.append(s.cpu().numpy())
             del scorer  # frees its factor before the final one is built
             cal_scores, cal_maps = np.concatenate(scores), np.concatenate(maps)
-        self.scorer_ = None
+        self.scorer_ = None  # a refit frees the previous factor before the new one is built
         self.scorer_ = self._scorer(stats)
         self._calibrate(cal_scores, cal_maps, stats.count if n_train is None else n_train)
         return self

@@ -120,6 +120,7 @@ def report_context(run_dir: Path) -> dict:
     labels = np.array([r["label"] == "anomaly" for r in rows], dtype=np.int64)
     scores = np.array([float(r["score"]) for r in rows])
     threshold = model.get("threshold")
+    image = curves(labels, scores)
     pixel = load_pixel_curves(run_dir / CURVES_FILE)
     size = model.get("image_size") or []
     headline = [("Image AUROC", overall.get("image_auroc"), "How well the image score ranks defective above good "
@@ -149,9 +150,8 @@ def report_context(run_dir: Path) -> dict:
             ("Pixel metrics at", f"{metrics.get('metrics_resolution', 'model')} resolution"),
         ],
         "notes": metrics.get("notes", []),
-        "roc_png": _data_uri(plots.roc_plot(curves(labels, scores), pixel, overall.get("image_auroc"),
-                                            overall.get("pixel_auroc"))),
-        "pr_png": _data_uri(plots.pr_plot(curves(labels, scores), pixel)),
+        "roc_png": _data_uri(plots.roc_plot(image, pixel, overall.get("image_auroc"), overall.get("pixel_auroc"))),
+        "pr_png": _data_uri(plots.pr_plot(image, pixel)),
         "hist_png": _data_uri(plots.histogram_plot(scores, labels, threshold)),
         "pixel_curves_missing": pixel is None and overall.get("pixel_auroc") is not None,
         "defects": _defect_rows(metrics, rows),
