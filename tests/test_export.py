@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import require, texture, write_png
 from padim import Padim
-from padim.backbones.registry import sha256_of
+from padim.checksums import sha256_of
 from padim.cli import main
 from padim.export import OnnxModel, export_onnx, open_model
 from padim.export.parity import parity

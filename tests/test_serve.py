@@ -52,7 +52,7 @@ def client(served):
 
 
 def test_health_and_model_metadata(client, served):
-    from padim.backbones.registry import sha256_of
+    from padim.checksums import sha256_of
 
     model_id = sha256_of(served[0])[:12]
     assert client.get("/health").json() == {"status": "ok", "model_id": model_id}

@@ -3,12 +3,13 @@ where its weights come from, its input normalization and its three feature taps.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
+
+from ..checksums import sha256_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,15 +60,6 @@ def get_spec(name: str) -> BackboneSpec:
         raise BackboneError(
             f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}"
         ) from None
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str) -> None:

@@ -8,7 +8,6 @@ atomically after a successful extraction makes a second call a no-op.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import write_text
+from ..checksums import sha256_of
 from .samples import DatasetError
 
 VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
@@ -177,12 +177,6 @@ def fetch(url: str, part: Path, *, retries: int = 3, retry_wait: float = 2.0, pr
     kept = f"; {part} ({part.stat().st_size} bytes) is kept and the next run resumes it" if part.exists() else ""
     raise DownloadError(f"download failed: {reason}. Check the network connection, or fetch {url} by other means "
                         f"and put it at {part.with_suffix('')}{kept}")
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- extract

@@ -13,19 +13,12 @@ from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
+from ..checksums import sha256_of
 from ..model import Padim, read_model_file
 from ..runs import PREDICT_HEADER, _csv_text, collect_images, score_files
 from .cluster import PREDICT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache
 
 PARTS = "parts"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def part_name(model_sha: str, heatmaps: bool, files: Sequence[tuple[Path, str]]) -> str:
@@ -64,7 +57,7 @@ def predict_distributed(model_path: Path, paths: Sequence[Path], out_dir: Path, 
     model_path = Path(model_path).resolve()
     out_dir = Path(out_dir).resolve()
     read_model_file(model_path)  # a bad model file fails here, with its name, before any task runs
-    model_sha = file_sha256(model_path)
+    model_sha = sha256_of(model_path)
     files = [(str(p.resolve()), name) for p, name in collect_images(paths)]
     load = {"device": device, "weights": None if weights is None else str(weights), "batch_size": batch_size}
     heatmap_dir = str(out_dir / "heatmaps") if heatmaps else None

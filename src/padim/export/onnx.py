@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..backbones.registry import sha256_of
+from ..checksums import sha256_of
 from ..datasets.images import ImageFiles, ImageSource
 from ..model import ModelFileError, Padim, Prediction
 from ..model.padim import decode_workers, gather_prediction, threshold_labels

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
-from ..backbones.registry import sha256_of
+from ..checksums import sha256_of
 from ..datasets.images import draft_jpeg, read_image, swaps_sides
 from ..export import OnnxModel, model_id, open_model
 from ..model import Padim
