@@ -68,7 +68,8 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
                        "images or a smaller --d", n, model.d, model.eps, model.d + 1)
 
 
-def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
+def csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
+    """A CSV document: the header line, then the rows."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -135,7 +136,7 @@ def evaluate(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_pa
          "" if pl is None else ("anomaly" if pl else "normal"))
         for s, score, pl in zip(test, prediction.scores, predicted, strict=True)
     ]
-    write_text(out_dir / "scores.csv", _csv_text(["path", "label", "defect_type", "score", "predicted_label"], rows))
+    write_text(out_dir / "scores.csv", csv_text(["path", "label", "defect_type", "score", "predicted_label"], rows))
     keep = [i for i, m in enumerate(masks) if m is not None]
     overall = metrics["overall"]
     pixel_labels = np.concatenate([masks[i].ravel() for i in keep]) if keep else None
@@ -241,5 +242,5 @@ def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_d
 def predict_files(model: Padim, paths: Sequence[Path], out_dir: Path, heatmaps: bool = True) -> list[tuple]:
     """Score images; write scores.csv and a heat-map overlay PNG per image. Returns the CSV rows."""
     rows = score_files(model, collect_images(paths), out_dir / "heatmaps" if heatmaps else None)
-    write_text(out_dir / "scores.csv", _csv_text(PREDICT_HEADER, rows))
+    write_text(out_dir / "scores.csv", csv_text(PREDICT_HEADER, rows))
     return rows

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_text
 from ..checksums import sha256_of
 from ..model import Padim, read_model_file
-from ..runs import PREDICT_HEADER, _csv_text, collect_images, score_files
+from ..runs import PREDICT_HEADER, collect_images, csv_text, score_files
 from .cluster import PREDICT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache
 
 PARTS = "parts"
@@ -40,7 +40,7 @@ def score_shard(model_path: str, model_sha: str, load: dict, files: list[tuple[s
 
     model = worker_cache().get(("predict", model_path, model_sha, *sorted(load.items())), build)
     rows = score_files(model, files, heatmap_dir)
-    write_text(part, _csv_text(PREDICT_HEADER, rows))  # last: a part exists only when its shard is done
+    write_text(part, csv_text(PREDICT_HEADER, rows))  # last: a part exists only when its shard is done
     return len(rows)
 
 
@@ -81,7 +81,7 @@ def predict_distributed(model_path: Path, paths: Sequence[Path], out_dir: Path, 
     for p, _ in plan:
         with open(p, newline="") as f:
             rows.extend(list(csv.reader(f))[1:])
-    write_text(out_dir / "scores.csv", _csv_text(PREDICT_HEADER, rows))
+    write_text(out_dir / "scores.csv", csv_text(PREDICT_HEADER, rows))
     return {"rows": rows, "shards": len(plan), "scored": len(todo), "reused": len(plan) - len(todo)}
 
 
