@@ -22,7 +22,7 @@ from padim import Padim
 from padim.datasets import load_split, read_image, read_mask
 from padim.datasets.images import to_tensor
 from padim.metrics import aupro, auroc, confusion, f1_max
-from padim.model.scorer import GaussianBlur
+from padim.model.scorer import GaussianBlur, image_scores
 
 BASE = dict(backbone="mobilenet_v2", image_size=256, d=100, sigma=4.0, pool=1, tap_resize="nearest",
             covariance="eps", top_k=1, scales=(1.0,))
@@ -126,11 +126,10 @@ def run_rows(split, config: dict, cache: dict, sigmas: list[float], top_ks: list
     for sigma in [params["sigma"], *extra_sigmas]:
         with torch.inference_mode():
             maps = GaussianBlur(sigma)(torch.from_numpy(raw)[:, None])[:, 0] if sigma > 0 else torch.from_numpy(raw)
-        flat = maps.flatten(1)
         for k in [params["top_k"], *extra_ks]:
             if sigma == params["sigma"] and k == params["top_k"]:
                 continue
-            scores = (flat.amax(1) if k == 1 else flat.topk(k, dim=1).values.mean(1)).numpy()
+            scores = image_scores(maps, k).numpy()
             rows.append(_row({**params, "sigma": sigma, "top_k": k}, labels, scores, masks, maps.numpy(),
                              None, fit_s, predict_s))
     return rows

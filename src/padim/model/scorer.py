@@ -49,6 +49,12 @@ def head_size(d: int) -> int:
     return d if d < 16 else 8 * round(d * 7 / 96)
 
 
+def image_scores(maps: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+    """(B, H, W) anomaly maps -> (B,) image scores: the maximum, or the mean of the ``top_k`` largest."""
+    flat = maps.flatten(1)
+    return flat.amax(dim=1) if top_k == 1 else flat.topk(top_k, dim=1).values.mean(dim=1)
+
+
 class GaussianBlur(nn.Module):
     """Separable Gaussian blur of (B, 1, H, W) maps with reflect padding: two 1-D convolutions,
     k times cheaper than the equivalent k x k kernel."""
@@ -160,9 +166,7 @@ class PadimScorer(nn.Module):
             start += h * w
         if len(self.grids) > 1:
             maps = maps / len(self.grids)
-        flat = maps.flatten(1)
-        scores = flat.amax(dim=1) if self.top_k == 1 else flat.topk(self.top_k, dim=1).values.mean(dim=1)
-        return maps, scores
+        return maps, image_scores(maps, self.top_k)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,))."""
