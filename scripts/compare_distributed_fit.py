@@ -17,7 +17,8 @@ from padim.distributed import FIT_SHARD_SIZE, connect, fit_distributed, prepare
 
 
 def recording(model: Padim) -> list:
-    """Keep the statistics handed to fit_from_stats (the fit images' sum, before calibration)."""
+    """Keep the statistics handed to fit_from_stats (the fit images' sums; fit_from_stats merges the
+    calibration images into them in place, so after the fit they cover every training image)."""
     seen, finish = [], model.fit_from_stats
 
     def fit_from_stats(stats, *args, **kwargs):
