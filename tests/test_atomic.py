@@ -99,7 +99,7 @@ def pause():
 
 if point == "accumulate":  # extracting features of the training images
     from padim.model import stats
-    stats.GaussianStats.update = lambda self, emb: pause()
+    stats.StreamingStats.update = lambda self, emb: pause()
 elif point == "write":  # half the model bytes are in the temporary file
     real_write = pathlib.Path.write_bytes
     def write_half(self, data):

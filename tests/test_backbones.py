@@ -71,6 +71,19 @@ def test_extractor_normalizes_uint8_and_concatenates_at_stride_4():
     assert extractor.grids((64, 64)) == [(16, 16)]
 
 
+def test_extractor_writes_into_a_reused_buffer_with_the_same_values():
+    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, 40, 0), scales=(1.0, 0.5))
+    images = torch.randint(0, 255, (5, 3, 64, 64), dtype=torch.uint8)
+    buffer = extractor.buffer(3, (64, 64))
+    assert buffer.shape == (16 * 16 + 8 * 8, 3, 40)
+    for batch in images.split(3):  # a full batch, then a smaller one in the same buffer
+        out = extractor(batch, buffer)
+        assert out.data_ptr() == buffer.data_ptr()
+        assert torch.equal(out, extractor(batch))
+    with pytest.raises(ValueError, match="cannot hold"):
+        extractor(images, buffer)  # 5 images, room for 3
+
+
 def test_concatenated_backbone_feeds_each_network_its_own_normalization():
     pair = get_spec("mobilenet_v2+efficientnet_lite0").build(None, True).eval()
     lite = get_spec("efficientnet_lite0").build(None, True).eval()

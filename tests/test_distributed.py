@@ -104,8 +104,9 @@ def test_sharded_statistics_equal_single_process_statistics(client, fryum, one_t
     sharded = accumulate_distributed(model, paths, client, shard_size=4)  # 3 shards on 2 workers
     local = Padim(**REAL).accumulate(paths)
     assert sharded.count == local.count == 11
-    assert (sharded.mean() - local.mean()).abs().max() < 1e-12  # only the float64 summation order differs
-    assert (sharded.covariance(0.01) - local.covariance(0.01)).abs().max() < 1e-12
+    # each shard sums float32 products about its own shift (StreamingStats): equal to float32 precision
+    torch.testing.assert_close(sharded.mean(), local.mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sharded.covariance(0.01), local.covariance(0.01), rtol=1e-5, atol=1e-6)
     assert sorted(loads(client))[-1] == 1 and sum(loads(client)) <= 2  # one backbone per worker, not per task
 
 

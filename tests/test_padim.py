@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from conftest import defect_mask, texture
 from padim import Padim
 from padim.metrics import auroc
 from padim.model import ModelFileError, read_model_file
+from padim.model.padim import decode_workers
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,12 @@ def test_sharded_accumulation_gives_the_same_model_as_fit():
     sharded.fit_from_stats(stats, [train[i] for i in cal_idx], n_train=len(train))
     torch.testing.assert_close(sharded.scorer_.factor, whole.scorer_.factor, rtol=1e-5, atol=1e-6)
     assert sharded.threshold_ == pytest.approx(whole.threshold_, rel=1e-6)
+
+
+def test_decoding_processes_only_on_cores_that_torch_leaves_free(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for cores, expected in [(2, 0), (3, 1), (16, 2)]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert decode_workers(None, 100, 16) == expected
+    assert decode_workers(None, 16, 16) == 0  # one batch: nothing to overlap
+    assert decode_workers(3, 16, 16) == 3  # as requested

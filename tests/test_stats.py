@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from padim.model import GaussianStats, whitening_factor
-from padim.model.stats import whitening_factors
+from padim.model.stats import StreamingStats, whitening_factors
 
 
 def _stats(x: np.ndarray) -> GaussianStats:
@@ -125,3 +125,39 @@ def test_non_finite_statistics_are_detected():
         whitening_factor(torch.full((1, 2, 2), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="cannot merge"):
         _ = s + GaussianStats.empty(1, 3)
+
+
+def _streamed(x: np.ndarray, batches: int = 3) -> GaussianStats:
+    s = StreamingStats(x.shape[2] * x.shape[3], x.shape[1])
+    for batch in np.array_split(x, batches):
+        if len(batch):
+            s.update(torch.from_numpy(batch).float())
+    return s.stats()
+
+
+@pytest.mark.parametrize("mean, spread", [(0.0, 1.0), (300.0, 0.01)])
+def test_streaming_stats_equal_the_float64_sums_to_float32_precision(rng, mean, spread):
+    # a mean 30,000 spreads away from zero: unshifted float32 products would lose every digit
+    x = rng.normal(mean, spread, (40, 6, 2, 3)).astype(np.float32).astype(np.float64)
+    fast, exact = _streamed(x), _stats(x)
+    assert fast.count == exact.count == 40
+    torch.testing.assert_close(fast.mean(), exact.mean(), rtol=1e-7, atol=1e-6 * spread)
+    cov = exact.covariance(0.0)
+    assert ((fast.covariance(0.0) - cov).abs().amax() / cov.abs().amax()) < 1e-5
+
+
+def test_streaming_stats_of_single_images_and_their_errors(rng):
+    x = rng.normal(size=(5, 3, 1, 2)).astype(np.float32)
+    one_by_one = _streamed(x.astype(np.float64), batches=5)  # first batch of one: its mean is the shift
+    torch.testing.assert_close(one_by_one.covariance(0.01), _stats(x.astype(np.float64)).covariance(0.01),
+                               rtol=1e-5, atol=1e-6)
+    s = StreamingStats(2, 3)
+    with pytest.raises(ValueError, match="no samples"):
+        s.stats()
+    with pytest.raises(ValueError, match="do not match"):
+        s.update(torch.zeros(1, 3, 3))
+    bad = torch.from_numpy(x)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 NaN or inf"):
+        s.update(bad)
+    assert s.count == 0 and s.shift is None

@@ -128,7 +128,7 @@ def runtime_options(func):
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
                      help="Images per backbone batch."),
         click.option("--workers", type=click.IntRange(0), default=None,
-                     help="Image decoding processes (default: up to 2)."),
+                     help="Image decoding processes (default: up to 2, on cores torch's threads leave free)."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars."),
     ]
     for decorator in reversed(decorators):

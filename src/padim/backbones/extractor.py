@@ -99,7 +99,10 @@ class FeatureExtractor(nn.Module):
             keep = channels[(channels >= offsets[i]) & (channels < offsets[i + 1])] - offsets[i]
             self.register_buffer(f"tap{i}", keep.to(torch.long))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> (B, d, P). ``out``: a (P, B', d) float32 buffer with B' >= B (see
+        :meth:`buffer`) that the image-by-image CPU path writes into instead of a new tensor; the
+        result is then a view of it, valid until the buffer is written again."""
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
         sizes = [scaled_size(size, s) for s in self.scales]
         step = self.micro_batch
@@ -110,19 +113,35 @@ class FeatureExtractor(nn.Module):
         # image by image, normalization, network and tap processing stay in the caches (normalizing
         # a whole batch at once costs ~20x more per image); each result goes straight into a
         # position-major (P, B, d) buffer, the layout scoring and statistics consume
-        out = None
         for start, chunk in zip(range(0, images.shape[0], step), images.split(step), strict=True):
             chunk = self.normalize(chunk)
             levels = [self.features(self._downscale(chunk, hw)) for hw in sizes]
-            if out is None:
+            if start == 0:
                 positions = sum(e.shape[2] * e.shape[3] for e in levels)
-                out = torch.empty(positions, images.shape[0], levels[0].shape[1], device=images.device)
+                out = self._output(out, (positions, images.shape[0], levels[0].shape[1]), images.device)
             first = 0
             for e in levels:
                 b, d, h, w = e.shape
                 out[first:first + h * w, start:start + b] = e.permute(2, 3, 0, 1).reshape(h * w, b, d)
                 first += h * w
         return out.permute(1, 2, 0)
+
+    @staticmethod
+    def _output(out: torch.Tensor | None, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """``out``'s first shape[1] images, or a new (P, B, d) tensor when there is no buffer."""
+        if out is None:
+            return torch.empty(shape, device=device)
+        positions, b, d = shape
+        if out.dim() != 3 or out.shape[0] != positions or out.shape[1] < b or out.shape[2] != d:
+            raise ValueError(f"out buffer of shape {tuple(out.shape)} cannot hold ({positions}, {b}, {d}) "
+                             f"embeddings")
+        return out[:, :b]
+
+    def buffer(self, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
+        """An empty (P, batch_size, d) ``out`` buffer for ``size`` inputs. A loop that reuses one
+        saves a fresh allocation of tens of MB per batch, whose page faults cost ~0.7 ms per image."""
+        positions = sum(h * w for h, w in self.grids(size))
+        return torch.empty(positions, batch_size, self.channels.numel(), device=self.mean.device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 normalized with the backbone's ImageNet mean and std."""

@@ -168,6 +168,7 @@ class PadimScorer(nn.Module):
             maps = maps / len(self.grids)
         return maps, image_scores(maps, self.top_k)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,))."""
-        return self.score_embeddings(self.extractor(images), tuple(images.shape[-2:]))
+    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,)); ``out``: the extractor's embedding
+        buffer (see FeatureExtractor.buffer), for loops that score batch after batch."""
+        return self.score_embeddings(self.extractor(images, out), tuple(images.shape[-2:]))
