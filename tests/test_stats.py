@@ -152,6 +152,7 @@ def test_streaming_stats_of_single_images_and_their_errors(rng):
     torch.testing.assert_close(one_by_one.covariance(0.01), _stats(x.astype(np.float64)).covariance(0.01),
                                rtol=1e-5, atol=1e-6)
     s = StreamingStats(2, 3)
+    s.update(torch.zeros(0, 3, 2))
     with pytest.raises(ValueError, match="no samples"):
         s.stats()
     with pytest.raises(ValueError, match="do not match"):
