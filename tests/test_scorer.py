@@ -31,6 +31,22 @@ def test_distances_equal_scipy_mahalanobis_at_every_position(rng, d):
             assert abs(got[b, y, x] - expected) < 1e-4 * max(1.0, expected)
 
 
+def test_a_factor_given_in_chunks_builds_the_same_scorer(rng):
+    d, positions = 24, 7
+    a = rng.normal(size=(positions, d, d))
+    factor = whitening_factor(torch.from_numpy(a @ a.transpose(0, 2, 1) + np.eye(d)))
+    mean = torch.from_numpy(rng.normal(size=(positions, d)))
+    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
+    whole = PadimScorer(extractor, mean, factor, [(1, 7)], (4, 28), 0.0)
+    chunks = [(slice(i, min(i + 3, positions)), factor[i:i + 3]) for i in range(0, positions, 3)]
+    pieces = PadimScorer(extractor, mean, chunks, [(1, 7)], (4, 28), 0.0)
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(buffer, pieces.get_buffer(name)), name
+    assert torch.equal(pieces.factor_of(slice(2, 5)), factor[2:5].float())
+    with pytest.raises(ValueError, match="covers 6 positions, the mean 7"):
+        PadimScorer(extractor, mean, chunks[:2], [(1, 7)], (4, 28), 0.0)
+
+
 def test_separable_blur_equals_scipy_gaussian_filter(rng):
     from scipy.ndimage import gaussian_filter
 

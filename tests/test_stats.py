@@ -101,7 +101,7 @@ def test_a_singular_covariance_is_named_by_its_position_across_chunks(rng):
     x = rng.normal(size=(10, 2, 5, 1))
     x[:, :, 3] = 1.0  # a constant feature: zero covariance at position 3
     with pytest.raises(FloatingPointError, match="position 3 is not positive definite"):
-        whitening_factors(_stats(x), eps=0.0, chunk=2)
+        list(whitening_factors(_stats(x), eps=0.0, chunk=2))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,16 +39,28 @@ class ModelFileError(ValueError):
     """A model file is missing, truncated, tampered or from an incompatible version."""
 
 
-def _pack(factor: torch.Tensor) -> torch.Tensor:
-    rows, cols = torch.tril_indices(factor.shape[-1], factor.shape[-1])
-    return factor[:, rows, cols].contiguous()
+CHUNK = 1024  # positions per step of packing and unpacking: the full (P, d, d) factor never exists
 
 
-def _unpack(packed: torch.Tensor, d: int) -> torch.Tensor:
+def _pack(scorer: PadimScorer) -> torch.Tensor:
+    """The lower triangles of the scorer's whitening factors, row by row: (P, d(d+1)/2)."""
+    positions, d = scorer.mean.shape
     rows, cols = torch.tril_indices(d, d)
-    out = torch.zeros(packed.shape[0], d, d, dtype=packed.dtype)
-    out[:, rows, cols] = packed
-    return out
+    packed = torch.empty(positions, rows.numel())
+    for start in range(0, positions, CHUNK):
+        part = slice(start, start + CHUNK)
+        packed[part] = scorer.factor_of(part).cpu()[:, rows, cols]
+    return packed
+
+
+def _unpack(packed: torch.Tensor, d: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(positions, (p, d, d) factors) chunks of a packed factor, for PadimScorer."""
+    rows, cols = torch.tril_indices(d, d)
+    for start in range(0, packed.shape[0], CHUNK):
+        part = slice(start, min(start + CHUNK, packed.shape[0]))
+        out = torch.zeros(part.stop - start, d, d, dtype=packed.dtype)
+        out[:, rows, cols] = packed[part]
+        yield part, out
 
 
 def save_model(model: Padim, path: Path) -> Path:
@@ -81,7 +93,7 @@ def save_model(model: Padim, path: Path) -> Path:
     }
     tensors = {
         "mean": scorer.mean.cpu().contiguous(),
-        "factor_tril": _pack(scorer.factor.cpu()),
+        "factor_tril": _pack(scorer),
         "channels": scorer.extractor.channels.cpu().contiguous(),
     }
     for name in ("mean", "factor_tril"):

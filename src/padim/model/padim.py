@@ -197,8 +197,8 @@ class Padim:
         return stats.stats()
 
     def _scorer(self, stats: GaussianStats) -> PadimScorer:
-        factor = whitening_factors(stats, self.eps, self.covariance)
-        return PadimScorer(self.feature_extractor(), stats.mean(), factor, self.grids_, self.image_size,
+        factors = whitening_factors(stats, self.eps, self.covariance)  # chunk by chunk into the scorer's blocks
+        return PadimScorer(self.feature_extractor(), stats.mean(), factors, self.grids_, self.image_size,
                            self.sigma, self.top_k)
 
     def _grids(self, positions: int) -> list[tuple[int, int]]:

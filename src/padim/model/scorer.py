@@ -4,7 +4,7 @@ Everything a deployed model runs lives here, so it can be traced or exported in 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,11 @@ class PadimScorer(nn.Module):
     maps of all scales averaged. Image score = max of the map, or the mean of its ``top_k`` largest
     values. ``grids`` are the (h, w) feature grids of the extractor's scales for ``image_size``."""
 
-    def __init__(self, extractor: FeatureExtractor, mean: torch.Tensor, factor: torch.Tensor,
+    def __init__(self, extractor: FeatureExtractor, mean: torch.Tensor,
+                 factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]],
                  grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1):
+        """``mean`` (P, d); ``factor``: the (P, d, d) lower-triangular whitening factor W, or its
+        (positions, (p, d, d) chunk) pieces in order, so that all of it never has to exist at once."""
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -98,23 +101,36 @@ class PadimScorer(nn.Module):
         # W^T is upper triangular: of its columns [:h] only rows [:h] are nonzero, so it is kept as
         # two contiguous blocks (zeros dropped: ~3/4 of the memory, reads and products). Contiguous,
         # because a batched matmul runs markedly faster than on a transposed view.
-        weight_t = factor.float().transpose(1, 2)
-        d = weight_t.shape[-1]
+        positions, d = self.mean.shape
         h = self.head = head_size(d)
-        self.register_buffer("weight_head", weight_t[:, :h, :h].contiguous())
-        self.register_buffer("weight_tail", weight_t[:, :, h:].contiguous())
+        head = self.mean.new_empty(positions, h, h)
+        tail = self.mean.new_empty(positions, d, d - h)
+        filled = 0
+        for part, w in [(slice(0, positions), factor)] if isinstance(factor, torch.Tensor) else factor:
+            weight_t = w.transpose(1, 2)
+            head[part] = weight_t[:, :h, :h]
+            tail[part] = weight_t[:, :, h:]
+            filled += weight_t.shape[0]
+        if filled != positions:
+            raise ValueError(f"the factor covers {filled} positions, the mean {positions}")
+        self.register_buffer("weight_head", head)
+        self.register_buffer("weight_tail", tail)
         # z = W x - W mean: precompute W mean once so scoring is one product per block
-        bias = torch.bmm(self.mean.unsqueeze(1), weight_t).squeeze(1)
-        self.register_buffer("bias_head", bias[:, :h].contiguous())
-        self.register_buffer("bias_tail", bias[:, h:].contiguous())
+        self.register_buffer("bias_head", torch.bmm(self.mean[:, None, :h], head).squeeze(1))
+        self.register_buffer("bias_tail", torch.bmm(self.mean.unsqueeze(1), tail).squeeze(1))
 
     @property
     def factor(self) -> torch.Tensor:
         """The lower-triangular whitening factor W, rebuilt from the stored blocks of W^T."""
-        p, d, h = self.weight_tail.shape[0], self.weight_tail.shape[1], self.head
-        weight_t = self.weight_tail.new_zeros(p, d, d)
-        weight_t[:, :h, :h] = self.weight_head
-        weight_t[:, :, h:] = self.weight_tail
+        return self.factor_of(slice(None))
+
+    def factor_of(self, positions: slice) -> torch.Tensor:
+        """W of ``positions`` only, rebuilt from the stored blocks of W^T."""
+        head, tail = self.weight_head[positions], self.weight_tail[positions]
+        p, d, h = tail.shape[0], tail.shape[1], self.head
+        weight_t = tail.new_zeros(p, d, d)
+        weight_t[:, :h, :h] = head
+        weight_t[:, :, h:] = tail
         return weight_t.transpose(1, 2)
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,16 +163,17 @@ def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
     return (1 - shrink).view(-1, 1, 1) * mle + (shrink * mu).view(-1, 1, 1) * eye
 
 
-def whitening_factors(stats: GaussianStats, eps: float, estimator: str = "eps", chunk: int = 1024,
-                      ) -> torch.Tensor:
-    """float32 (P, D, D) whitening factors of every position, computed ``chunk`` positions at a time
-    in float64, so the temporaries stay small next to the statistics themselves."""
-    positions, d = stats.total.shape
-    out = torch.empty(positions, d, d, dtype=torch.float32, device=stats.total.device)
+def whitening_factors(stats: GaussianStats, eps: float, estimator: str = "eps", chunk: int | None = None,
+                      ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The float64 whitening factors of every position, ``chunk`` positions at a time, as
+    (positions, (p, D, D) factors): the temporaries stay small next to the statistics, and the
+    caller keeps each chunk in whatever form it needs. Default chunk: 64 positions on CPU, whose
+    covariances, factors and inverses stay in cache (1.7x faster than 1024 at D = 152), else 1024."""
+    positions = stats.total.shape[0]
+    chunk = chunk or (64 if stats.total.device.type == "cpu" else 1024)
     for start in range(0, positions, chunk):
         part = slice(start, min(start + chunk, positions))
-        out[part] = whitening_factor(stats.covariance(eps, estimator, part), first=start)
-    return out
+        yield part, whitening_factor(stats.covariance(eps, estimator, part), first=start)
 
 
 def whitening_factor(cov: torch.Tensor, first: int = 0) -> torch.Tensor:
