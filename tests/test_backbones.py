@@ -84,6 +84,14 @@ def test_extractor_writes_into_a_reused_buffer_with_the_same_values():
         extractor(images, buffer)  # 5 images, room for 3
 
 
+def test_grids_are_probed_once_per_input_size(monkeypatch):
+    extractor = FeatureExtractor("mobilenet_v2", torch.arange(5), scales=(1.0, 0.5))
+    probes, features = [], extractor.features
+    monkeypatch.setattr(extractor, "features", lambda x: probes.append(tuple(x.shape)) or features(x))
+    assert extractor.grids((64, 64)) == extractor.grids((64, 64)) == [(16, 16), (8, 8)]
+    assert probes == [(1, 3, 64, 64), (1, 3, 32, 32)]  # the second call ran no network
+
+
 def test_concatenated_backbone_feeds_each_network_its_own_normalization():
     pair = get_spec("mobilenet_v2+efficientnet_lite0").build(None, True).eval()
     lite = get_spec("efficientnet_lite0").build(None, True).eval()

@@ -79,6 +79,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.scales = check_scales(scales)
         self._resize: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grids: dict[tuple[int, int], list[tuple[int, int]]] = {}
         if pool < 1 or pool % 2 == 0:
             raise ValueError(f"pool must be an odd size >= 1, got {pool}")
         if tap_resize not in TAP_RESIZE:
@@ -175,9 +176,13 @@ class FeatureExtractor(nn.Module):
 
     @torch.inference_mode()
     def grids(self, size: tuple[int, int]) -> list[tuple[int, int]]:
-        """The (h, w) feature grid of each scale for ``size`` inputs (one probe per scale)."""
-        probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
-        return [tuple(self.features(probe.expand(1, 3, *scaled_size(size, s))).shape[-2:]) for s in self.scales]
+        """The (h, w) feature grid of each scale for ``size`` inputs (one probe per scale, kept)."""
+        size = (int(size[0]), int(size[1]))
+        if size not in self._grids:
+            probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
+            self._grids[size] = [tuple(self.features(probe.expand(1, 3, *scaled_size(size, s))).shape[-2:])
+                                 for s in self.scales]
+        return list(self._grids[size])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float (B, 3, H, W) -> (B, d, H/4, W/4) embeddings (channels-last) of one scale."""

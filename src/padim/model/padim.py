@@ -177,8 +177,9 @@ class Padim:
                 ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers,
             )
         out = None
-        for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False)):
-            if i == 0 and self.device.type == "cpu":  # only the CPU path writes into a buffer
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            # only the CPU path of batches of more than one image writes into a buffer
+            if out is None and self.device.type == "cpu" and len(batch) > 1:
                 out = self.feature_extractor().buffer(self.batch_size, tuple(batch.shape[-2:]))
             yield batch.to(self.device), out
 
