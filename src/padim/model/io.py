@@ -26,7 +26,7 @@ from ..backbones import BackboneError, get_spec
 from ..backbones.extractor import TAP_RESIZE, channel_index
 from .padim import Padim
 from .scorer import PadimScorer
-from .stats import COVARIANCE_ESTIMATORS
+from .stats import COVARIANCE_ESTIMATORS, position_chunks
 
 FORMAT = "visa-padim/2"  # 2: feature pyramid (scales, grids)
 TENSORS = ("mean", "factor_tril", "channels")
@@ -47,8 +47,7 @@ def _pack(scorer: PadimScorer) -> torch.Tensor:
     positions, d = scorer.mean.shape
     rows, cols = torch.tril_indices(d, d)
     packed = torch.empty(positions, rows.numel())
-    for start in range(0, positions, CHUNK):
-        part = slice(start, start + CHUNK)
+    for part in position_chunks(positions, CHUNK):
         packed[part] = scorer.factor_of(part).cpu()[:, rows, cols]
     return packed
 
@@ -56,9 +55,8 @@ def _pack(scorer: PadimScorer) -> torch.Tensor:
 def _unpack(packed: torch.Tensor, d: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """(positions, (p, d, d) factors) chunks of a packed factor, for PadimScorer."""
     rows, cols = torch.tril_indices(d, d)
-    for start in range(0, packed.shape[0], CHUNK):
-        part = slice(start, min(start + CHUNK, packed.shape[0]))
-        out = torch.zeros(part.stop - start, d, d, dtype=packed.dtype)
+    for part in position_chunks(packed.shape[0], CHUNK):
+        out = torch.zeros(part.stop - part.start, d, d, dtype=packed.dtype)
         out[:, rows, cols] = packed[part]
         yield part, out
 

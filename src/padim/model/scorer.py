@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import FeatureExtractor
+from .stats import position_chunks
 
 DISTANCE_CHUNK = 64  # positions per batched product when scoring on CPU
 
@@ -143,8 +144,7 @@ class PadimScorer(nn.Module):
             dist = self._norms(x, slice(None))  # one product: one node in an exported graph
         else:
             # a few positions at a time: each product is normed while it is still in cache
-            dist = torch.cat([self._norms(x, slice(start, start + DISTANCE_CHUNK))
-                              for start in range(0, x.shape[0], DISTANCE_CHUNK)])
+            dist = torch.cat([self._norms(x, part) for part in position_chunks(x.shape[0], DISTANCE_CHUNK)])
         return dist.T.reshape(shape[0], *shape[2:])
 
     def _norms(self, x: torch.Tensor, part: slice) -> torch.Tensor:
@@ -170,9 +170,10 @@ class PadimScorer(nn.Module):
     def score_embeddings(self, embeddings: torch.Tensor, size: tuple[int, int],
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D, P) embeddings -> (maps (B, *size), scores (B,)); the maps of the scales averaged."""
-        if embeddings.shape[-1] != sum(h * w for h, w in self.grids):
+        positions = sum(h * w for h, w in self.grids)
+        if embeddings.shape[-1] != positions:
             raise ValueError(f"{embeddings.shape[-1]} feature positions, the fitted grids {self.grids} have "
-                             f"{sum(h * w for h, w in self.grids)}; images must have the model's input size")
+                             f"{positions}; images must have the model's input size")
         dist = self.distances(embeddings)
         maps = None
         start = 0
