@@ -14,7 +14,8 @@ from conftest import defect_mask, texture
 from padim import Padim
 from padim.metrics import auroc
 from padim.model import ModelFileError, read_model_file
-from padim.model.padim import decode_workers
+from padim.model.padim import STATS_GROUP, decode_workers
+from padim.model.stats import GaussianStats, StreamingStats
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,22 @@ def test_sharded_accumulation_gives_the_same_model_as_fit():
     sharded.fit_from_stats(stats, [train[i] for i in cal_idx], n_train=len(train))
     torch.testing.assert_close(sharded.scorer_.factor, whole.scorer_.factor, rtol=1e-5, atol=1e-6)
     assert sharded.threshold_ == pytest.approx(whole.threshold_, rel=1e-6)
+
+
+def test_statistics_are_updated_once_per_group_of_batches_and_equal_the_float64_sums(monkeypatch):
+    rng = np.random.default_rng(7)
+    n = 2 * STATS_GROUP + 3
+    images = torch.stack([torch.from_numpy(texture(rng)).permute(2, 0, 1) for _ in range(n)])
+    model = Padim(image_size=64, d=16, batch_size=2)
+    groups, update = [], StreamingStats.update
+    monkeypatch.setattr(StreamingStats, "update", lambda self, emb: groups.append(emb.shape[0]) or update(self, emb))
+    stats = model.accumulate(images)
+    # full groups of STATS_GROUP batches of 2; the last group is 2 + 1 images
+    assert groups == [2 * STATS_GROUP, 3] and stats.count == n
+    exact = GaussianStats.empty(*stats.total.shape)
+    exact.update(model.feature_extractor()(images))
+    torch.testing.assert_close(stats.total, exact.total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.outer, exact.outer, rtol=1e-5, atol=1e-5)
 
 
 def test_decoding_processes_only_on_cores_that_torch_leaves_free(monkeypatch):

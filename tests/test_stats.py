@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from padim.model import GaussianStats, whitening_factor
+from padim.model import stats as stats_module
 from padim.model.stats import StreamingStats, whitening_factors
 
 
@@ -144,6 +145,22 @@ def test_streaming_stats_equal_the_float64_sums_to_float32_precision(rng, mean, 
     torch.testing.assert_close(fast.mean(), exact.mean(), rtol=1e-7, atol=1e-6 * spread)
     cov = exact.covariance(0.0)
     assert ((fast.covariance(0.0) - cov).abs().amax() / cov.abs().amax()) < 1e-5
+
+
+def test_streaming_stats_in_several_position_blocks_are_converted_once(rng, monkeypatch):
+    monkeypatch.setattr(stats_module, "UPDATE_CHUNK", 4)  # 6 positions: blocks of 4 and 2
+    x = rng.normal(size=(9, 5, 2, 3))
+    s = StreamingStats(6, 5)
+    for batch in np.array_split(x, 2):
+        s.update(torch.from_numpy(batch).float())
+    assert [len(o) for o in s.outer] == [4, 2]
+    fast, exact = s.stats(), _stats(x)
+    torch.testing.assert_close(fast.outer, exact.outer, rtol=1e-5, atol=1e-5)
+    assert s.outer == []  # freed as converted
+    with pytest.raises(ValueError, match="converted"):
+        s.stats()
+    with pytest.raises(ValueError, match="converted"):
+        s.update(torch.from_numpy(x).float())
 
 
 def test_streaming_stats_of_single_images_and_their_errors(rng):

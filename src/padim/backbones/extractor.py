@@ -102,15 +102,21 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> (B, d, P). ``out``: a (P, B', d) float32 buffer with B' >= B (see
-        :meth:`buffer`) that the image-by-image CPU path writes into instead of a new tensor; the
-        result is then a view of it, valid until the buffer is written again."""
+        :meth:`buffer`) that the result is written into (its first B images) instead of a new
+        tensor; the result is then a view of it, valid until the buffer is written again."""
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
         sizes = [scaled_size(size, s) for s in self.scales]
         step = self.micro_batch
-        if step is None or images.shape[0] <= step or images.device.type != "cpu" or torch.jit.is_tracing():
+        if (step is None or images.device.type != "cpu" or torch.jit.is_tracing()
+                or (out is None and images.shape[0] <= step)):
             x = self.normalize(images)
             levels = [self.features(self._downscale(x, hw)).flatten(2) for hw in sizes]
-            return levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
+            emb = levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
+            if out is None:
+                return emb
+            out = self._output(out, (emb.shape[2], emb.shape[0], emb.shape[1]), emb.device)
+            out.copy_(emb.permute(2, 0, 1))
+            return out.permute(1, 2, 0)
         # image by image, normalization, network and tap processing stay in the caches (normalizing
         # a whole batch at once costs ~20x more per image); each result goes straight into a
         # position-major (P, B, d) buffer, the layout scoring and statistics consume

@@ -38,6 +38,11 @@ def threshold_labels(scores: np.ndarray, threshold: float | None) -> np.ndarray 
     return (np.asarray(scores) > threshold).astype(np.int64)
 
 
+# batches per statistics update: each update reads and writes all the (P, d, d) sums, so at 16
+# images it is bound by memory traffic; 64 images per update made it ~1.4x faster per image
+STATS_GROUP = 4
+
+
 def decode_workers(requested: int | None, n_images: int, batch_size: int) -> int:
     """Decoding processes: as requested, else up to 2 when there is more than one batch to decode
     and cores that torch's threads leave free. On 2 cores, decoders that compete with torch's 2
@@ -165,10 +170,10 @@ class Padim:
         return self.extractor_
 
     def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, fork: bool = True,
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 buffer_images: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 (B, 3, H, W) batches on the model's device, decoded in worker processes (in this one
-        if not ``fork``), each with the one embedding buffer (FeatureExtractor.buffer; None off the
-        CPU) they are all written into."""
+        if not ``fork``), each with the one embedding buffer (FeatureExtractor.buffer, of
+        ``buffer_images`` images, default one batch; None off the CPU) they are all written into."""
         if isinstance(images, torch.Tensor):
             batches = images.split(self.batch_size)
         else:
@@ -178,24 +183,42 @@ class Padim:
             )
         out = None
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
-            # only the CPU path of batches of more than one image writes into a buffer
-            if out is None and self.device.type == "cpu" and len(batch) > 1:
-                out = self.feature_extractor().buffer(self.batch_size, tuple(batch.shape[-2:]))
+            # no buffer for a lone image: predicting one image runs the network once
+            if out is None and self.device.type == "cpu" and max(len(batch), buffer_images or 0) > 1:
+                size = tuple(batch.shape[-2:])
+                out = self.feature_extractor().buffer(buffer_images or self.batch_size, size)
             yield batch.to(self.device), out
 
     @torch.inference_mode()
     def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit") -> GaussianStats:
         """Partial statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
-        extractor = self.feature_extractor()
         stats = None
-        for batch, out in self._batches(images, desc):
-            emb = extractor(batch, out)
+        for emb in self._embedding_groups(images, desc, STATS_GROUP * self.batch_size):
             if stats is None:
                 stats = StreamingStats(emb.shape[2], emb.shape[1], self.device)
             stats.update(emb)
         if stats is None:
             raise ValueError("no training images")
+        del emb  # a view of the embedding buffer: freed before the float64 sums are made
         return stats.stats()
+
+    def _embedding_groups(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, group: int,
+                          ) -> Iterator[torch.Tensor]:
+        """(B, d, P) embeddings of up to ``group`` images at a time (one batch at a time off the
+        CPU): batch after batch is written into one buffer, handed on when the next would not fit."""
+        extractor = self.feature_extractor()
+        filled = 0
+        for batch, out in self._batches(images, desc, buffer_images=group):
+            if out is None:
+                yield extractor(batch)
+                continue
+            if filled + len(batch) > out.shape[1]:
+                yield out[:, :filled].permute(1, 2, 0)
+                filled = 0
+            extractor(batch, out[:, filled:])
+            filled += len(batch)
+        if filled:
+            yield out[:, :filled].permute(1, 2, 0)
 
     def _scorer(self, stats: GaussianStats) -> PadimScorer:
         factors = whitening_factors(stats, self.eps, self.covariance)  # chunk by chunk into the scorer's blocks

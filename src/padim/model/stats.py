@@ -101,10 +101,14 @@ class StreamingStats:
         self.count = 0
         self.shift: torch.Tensor | None = None
         self.total = torch.zeros(positions, dim, dtype=torch.float64, device=device)  # sum of x - shift
-        self.outer = torch.zeros(positions, dim, dim, device=device)  # sum of (x - shift)(x - shift)^T
+        # sum of (x - shift)(x - shift)^T, one block per step of positions, so that stats() can
+        # free each block once converted: the float32 and float64 sums never exist in full together
+        self.parts = list(position_chunks(positions, UPDATE_CHUNK))
+        self.outer = [torch.zeros(p.stop - p.start, dim, dim, device=device) for p in self.parts]
 
     def update(self, embeddings: torch.Tensor) -> None:
         """Add a batch of (B, D, P) embeddings, or (B, D, h, w) with the h*w grid cells as positions."""
+        self._check_unconverted()
         embeddings = checked_batch(embeddings, *self.total.shape)
         x = embeddings.permute(2, 0, 1)  # (P, B, D): contiguous for the extractor's position-major output
         if x.shape[1] == 0:
@@ -112,25 +116,31 @@ class StreamingStats:
         if self.shift is None:
             self.shift = x.mean(dim=1).float()
         self.count += x.shape[1]
-        for part in position_chunks(x.shape[0], UPDATE_CHUNK):
+        for part, outer in zip(self.parts, self.outer, strict=True):
             c = (x[part] - self.shift[part].unsqueeze(1)).float()
             self.total[part] += c.sum(dim=1, dtype=torch.float64)
-            self.outer[part].baddbmm_(c.transpose(1, 2), c)
+            outer.baddbmm_(c.transpose(1, 2), c)
 
     def stats(self) -> GaussianStats:
         """The float64 sums of x and x x^T: with S = sum(x - s), sum x x^T = sum (x - s)(x - s)^T
-        + s u^T + u s^T, u = S + n s / 2."""
+        + s u^T + u s^T, u = S + n s / 2. Call once: the float32 sums are freed as they are converted."""
         if self.shift is None:
             raise ValueError("no samples accumulated")
+        self._check_unconverted()
         positions, d = self.total.shape
         s = self.shift.to(torch.float64)
         u = self.total + (self.count / 2) * s
-        outer = torch.empty(positions, d, d, dtype=torch.float64, device=self.outer.device)
-        for part in position_chunks(positions, UPDATE_CHUNK):
-            out = outer[part].copy_(self.outer[part])
+        outer = torch.empty(positions, d, d, dtype=torch.float64, device=self.total.device)
+        self.outer.reverse()  # popped from the end, in position order
+        for part in self.parts:
+            out = outer[part].copy_(self.outer.pop())
             out.baddbmm_(s[part].unsqueeze(2), u[part].unsqueeze(1))
             out.baddbmm_(u[part].unsqueeze(2), s[part].unsqueeze(1))
         return GaussianStats(self.count, self.total + self.count * s, outer)
+
+    def _check_unconverted(self) -> None:
+        if not self.outer:
+            raise ValueError("these statistics were converted by stats(), which frees the running sums")
 
 
 def checked_batch(embeddings: torch.Tensor, positions: int, dim: int) -> torch.Tensor:
