@@ -2,8 +2,9 @@
 
 Figures (each the median of --repeats runs):
   backbone_ips        the backbone alone (network forward to the last tap at every pyramid scale, as
-                      fit and predict run it: channels-last, one image at a time), batch B, images/s
-  backbone_plain_ips  the same network called once on the whole NCHW batch (the usual way)
+                      fit and predict run it: channels-last, one image at a time) on the 4 batches of
+                      B images that predict_ips scores, images/s
+  backbone_plain_ips  the same network called once per NCHW batch of B images (the usual way)
   fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
   fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
   fit_stream_ips      Padim.accumulate from decoded uint8 tensors, batch B: the streaming part of a
@@ -11,6 +12,8 @@ Figures (each the median of --repeats runs):
                       marginal rate: 4B images more, divided by the extra time)
   predict_ips         Padim.iter_predict from decoded uint8 tensors (4B images, batch B): maps + image
                       scores, as predict runs batch after batch
+  *_vs_backbone       fit_stream_ips and predict_ips over backbone_ips: the median of the ratios of
+                      rounds that time the three in turn (the machine's drift cancels out)
   predict_latency_ms  the scorer on one image
   predict_files_ips   Padim.predict from JPEG files, batch 16
   model_file_mb       size of the saved model
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import timed
+from timing import timed, timed_rounds
 
 from padim import Padim
 from padim.backbones import get_spec
@@ -98,22 +101,30 @@ def main() -> None:
                    batch_size=args.batch_size).fit(
         [s.path for s in split.train[:40]])
     extractor = fitted.feature_extractor()
-    normalized = extractor.normalize(batch)
+    normalized = extractor.normalize(images)  # the 4 batches that predict_ips scores
     levels = [F.interpolate(normalized, size=scaled_size(size, s), mode="bilinear", antialias=True)
               .contiguous(memory_format=torch.channels_last) for s in args.scales]
     with torch.inference_mode():
         step = extractor.micro_batch or args.batch_size
-        t = median_time(lambda: [extractor.net(c) for x in levels for c in x.split(step)], args.repeats)
-        result["backbone_ips"] = args.batch_size / t
+        # in turn, round after round: the VM's speed drifts by up to a third within minutes
+        t = timed_rounds({
+            "backbone": lambda: [extractor.net(c) for x in levels for c in x.split(step)],
+            "predict": lambda: list(fitted.iter_predict(images)),
+            "fit_more": lambda: fitted.accumulate(more),
+            "fit": lambda: fitted.accumulate(images),
+        }, args.repeats)
+        backbone = [len(images) / s for s in t["backbone"]]
+        predict = [len(images) / s for s in t["predict"]]
+        stream = [(len(more) - len(images)) / (a - b) for a, b in zip(t["fit_more"], t["fit"], strict=True)]
+        result["backbone_ips"] = statistics.median(backbone)
+        result["predict_ips"] = statistics.median(predict)
+        result["fit_stream_ips"] = statistics.median(stream)
+        result["predict_vs_backbone"] = statistics.median(p / b for p, b in zip(predict, backbone, strict=True))
+        result["fit_stream_vs_backbone"] = statistics.median(f / b for f, b in zip(stream, backbone, strict=True))
         plain = get_spec(args.backbone).build(None, True).eval()
         plain_levels = [x.contiguous() for x in levels]
-        t = median_time(lambda: [plain(x) for x in plain_levels], args.repeats)
-        result["backbone_plain_ips"] = args.batch_size / t
-        t = median_time(lambda: list(fitted.iter_predict(images)), args.repeats)
-        result["predict_ips"] = len(images) / t
-        t = median_time(lambda: fitted.accumulate(more), args.repeats) - median_time(
-            lambda: fitted.accumulate(images), args.repeats)
-        result["fit_stream_ips"] = (len(more) - len(images)) / t
+        t = median_time(lambda: [plain(b) for x in plain_levels for b in x.split(args.batch_size)], args.repeats)
+        result["backbone_plain_ips"] = len(images) / t
         one = batch[:1]
         result["predict_latency_ms"] = 1000 * median_time(lambda: fitted.scorer_(one), args.repeats * 3)
     fitted.progress = False
@@ -148,9 +159,9 @@ def main() -> None:
         print(f"fit N={n:<4d} from files          {f['fit_ips']:8.1f} img/s "
               f"({f['fit_ips'] / result['backbone_ips']:.2f}x backbone)  peak RSS {f['peak_rss_mb']:7.0f} MB")
     print(f"fit streaming, tensors      {result['fit_stream_ips']:8.1f} img/s "
-          f"({result['fit_stream_ips'] / result['backbone_ips']:.2f}x backbone)")
+          f"({result['fit_stream_vs_backbone']:.2f}x backbone, same rounds)")
     print(f"predict, tensors, batch {args.batch_size}  {result['predict_ips']:8.1f} img/s "
-          f"({result['predict_ips'] / result['backbone_ips']:.2f}x backbone)")
+          f"({result['predict_vs_backbone']:.2f}x backbone, same rounds)")
     print(f"predict, tensors, batch 1   {result['predict_latency_ms']:8.1f} ms")
     print(f"predict, JPEG files         {result['predict_files_ips']:8.1f} img/s")
     print(f"model file                  {result['model_file_mb']:8.1f} MB")
