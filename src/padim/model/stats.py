@@ -102,7 +102,8 @@ class StreamingStats:
         self.shift: torch.Tensor | None = None
         self.total = torch.zeros(positions, dim, dtype=torch.float64, device=device)  # sum of x - shift
         # sum of (x - shift)(x - shift)^T, one block per step of positions, so that stats() can
-        # free each block once converted: the float32 and float64 sums never exist in full together
+        # free each block once converted (whether the allocator hands the memory back to the
+        # system at once depends on its state: a fit's peak is in building the factor anyway)
         self.parts = list(position_chunks(positions, UPDATE_CHUNK))
         self.outer = [torch.zeros(p.stop - p.start, dim, dim, device=device) for p in self.parts]
 
