@@ -80,11 +80,11 @@ def test_extractor_writes_into_a_reused_buffer_with_the_same_values():
         out = extractor(batch, buffer)
         assert out.data_ptr() == buffer.data_ptr()
         assert torch.equal(out, extractor(batch))
-    for one_by_one in (True, False):  # one image, and the whole-batch path (micro_batch None)
-        extractor.micro_batch = 1 if one_by_one else None
-        out = extractor(images[:2] if not one_by_one else images[:1], buffer)
+    for micro_batch, n in [(1, 1), (None, 2)]:  # one image; the whole-batch path
+        extractor.micro_batch = micro_batch
+        out = extractor(images[:n], buffer)
         assert out.data_ptr() == buffer.data_ptr()
-        assert torch.equal(out, extractor(images[:out.shape[0]]))
+        assert torch.equal(out, extractor(images[:n]))
     with pytest.raises(ValueError, match="cannot hold"):
         extractor(images, buffer)  # 5 images, room for 3
 
