@@ -17,6 +17,8 @@ import statistics
 import torch
 from timing import timed
 
+from padim.model.stats import position_chunks
+
 FINE, MID, DEEP = 24, 32, 96  # MobileNetV2 tap channels at stride 4, 8, 16
 D = FINE + MID + DEEP
 SIDE = 64  # fine grid of a 256 px input
@@ -29,10 +31,6 @@ def per_image(fn, images: int, repeats: int = 5) -> float:
     return 1e3 * statistics.median(timed(fn, repeats)) / images
 
 
-def steps(n: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
-
-
 def main() -> None:
     fine, mid, deep = SIDE * SIDE, (SIDE // 2) ** 2, (SIDE // 4) ** 2
     with torch.inference_mode():
@@ -43,15 +41,15 @@ def main() -> None:
             deep, DEEP, DEEP)
 
         def update_full() -> None:
-            for p in steps(fine, STEP):
+            for p in position_chunks(fine, STEP):
                 sums[p].baddbmm_(x[p].transpose(1, 2), x[p])
 
         def update_shared() -> None:  # channels deep first: [deep, mid, fine]
-            for p in steps(fine, STEP):
+            for p in position_chunks(fine, STEP):
                 rows_fine[p].baddbmm_(x[p][:, :, DEEP + MID:].transpose(1, 2), x[p])
-            for p in steps(mid, STEP):
+            for p in position_chunks(mid, STEP):
                 rows_mid[p].baddbmm_(x_mid[p][:, :, DEEP:].transpose(1, 2), x_mid[p])
-            for p in steps(deep, STEP):
+            for p in position_chunks(deep, STEP):
                 rows_deep[p].baddbmm_(x_deep[p].transpose(1, 2), x_deep[p])
 
         print(f"statistics update, {b} images: full {per_image(update_full, b):.3f} ms/img, "
@@ -64,7 +62,8 @@ def main() -> None:
             deep, DEEP, DEEP)
 
         def squared_norms(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return torch.cat([torch.bmm(inputs[p], weight[p]).square().sum(2) for p in steps(len(inputs), CHUNK)])
+            parts = position_chunks(len(inputs), CHUNK)
+            return torch.cat([torch.bmm(inputs[p], weight[p]).square().sum(2) for p in parts])
 
         def distances_full() -> torch.Tensor:
             return squared_norms(x[:, :, :HEAD], head) + squared_norms(x, tail)
