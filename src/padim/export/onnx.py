@@ -87,7 +87,7 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         "outputs": "maps: float32 (batch, H, W); scores: float32 (batch,) = max of each map",
     })
     example = torch.zeros(1 if dynamic_batch else batch_size, 3, h, w, dtype=torch.uint8)
-    cpu_scorer = scorer.to("cpu").eval()
+    cpu_scorer = scorer.without_blocks().to("cpu").eval()  # traced position by position
     axes = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
     with atomic_path(out) as tmp, warnings.catch_warnings():
         # the TorchScript exporter is deprecated in favour of torch.export, but it handles this

@@ -28,7 +28,7 @@ from .padim import Padim
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, position_chunks
 
-FORMAT = "visa-padim/2"  # 2: feature pyramid (scales, grids)
+FORMAT = "visa-padim/3"  # 2: feature pyramid (scales, grids); 3: channels deepest tap first
 TENSORS = ("mean", "factor_tril", "channels")
 MAX_IMAGE_SIDE = 4096
 
@@ -266,8 +266,7 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
         raise ModelFileError(f"{path}: grids {meta['grids']} do not match the {probed} of image size "
                              f"{meta['image_size']}; the file was altered; re-run 'padim fit'")
     model.grids_ = grids
-    model.scorer_ = PadimScorer(model.feature_extractor(), mean, _unpack(packed, d), grids, model.image_size,
-                                model.sigma, model.top_k).to(model.device)
+    model.scorer_ = model.new_scorer(mean, _unpack(packed, d)).to(model.device)
     model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
     model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
     model.meta_ = meta

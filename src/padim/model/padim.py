@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..backbones.extractor import check_scales
 from ..datasets.images import ImageFiles, ImageSource
+from .blocks import BlockStats
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, GaussianStats, StreamingStats, whitening_factors
 
@@ -69,6 +70,15 @@ def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequ
     if isinstance(images, torch.Tensor):
         return images[torch.as_tensor(idx, dtype=torch.long)]
     return [images[i] for i in idx]
+
+
+def _images(out: torch.Tensor | list, start: int, stop: int, blocks: bool, permuted: bool = True,
+            ) -> torch.Tensor | list:
+    """Images [start, stop) of an embedding buffer: a (P, B, d) one as (B, d, P) embeddings (as it
+    is if not ``permuted``), or every tensor of a block buffer."""
+    if blocks:
+        return [[t[:, start:stop] for t in scale] for scale in out]
+    return out[:, start:stop].permute(1, 2, 0) if permuted else out[:, start:stop]
 
 
 def default_d(backbone: str) -> int:
@@ -171,10 +181,12 @@ class Padim:
         return self.extractor_
 
     def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, fork: bool = True,
-                 buffer_images: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 buffer_images: int | None = None, blocks: bool = False,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | list | None]]:
         """uint8 (B, 3, H, W) batches on the model's device, decoded in worker processes (in this one
-        if not ``fork``), each with the one embedding buffer (FeatureExtractor.buffer, of
-        ``buffer_images`` images, default one batch; None off the CPU) they are all written into."""
+        if not ``fork``), each with the one embedding buffer (FeatureExtractor.buffer, or its
+        block_buffer if ``blocks``, of ``buffer_images`` images, default one batch; None off the
+        CPU) they are all written into."""
         if isinstance(images, torch.Tensor):
             batches = images.split(self.batch_size)
         else:
@@ -183,20 +195,29 @@ class Padim:
                 ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers,
             )
         out = None
+        extractor = self.feature_extractor()
+        make = extractor.block_buffer if blocks else extractor.buffer
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
             # no buffer for a lone image: predicting one image runs the network once
             if out is None and self.device.type == "cpu" and max(len(batch), buffer_images or 0) > 1:
-                size = tuple(batch.shape[-2:])
-                out = self.feature_extractor().buffer(buffer_images or self.batch_size, size)
+                out = make(buffer_images or self.batch_size, tuple(batch.shape[-2:]))
             yield batch.to(self.device), out
+
+    def _layouts(self, size: tuple[int, int]) -> list | None:
+        """The extractor's block layouts for ``size`` inputs when fit and scoring run cell by cell
+        (on CPU, with nearest tap resizing and evenly dividing grids), else None."""
+        return self.feature_extractor().block_layouts(size) if self.device.type == "cpu" else None
 
     @torch.inference_mode()
     def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit") -> GaussianStats:
         """Partial statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
+        size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else self.image_size
+        layouts = self._layouts(size)
         stats = None
-        for emb in self._embedding_groups(images, desc, STATS_GROUP * self.batch_size):
+        for emb in self._embedding_groups(images, desc, STATS_GROUP * self.batch_size, layouts is not None):
             if stats is None:
-                stats = StreamingStats(emb.shape[2], emb.shape[1], self.device)
+                stats = (BlockStats(layouts, self.device) if layouts is not None
+                         else StreamingStats(emb.shape[2], emb.shape[1], self.device))
             stats.update(emb)
         if stats is None:
             raise ValueError("no training images")
@@ -204,27 +225,34 @@ class Padim:
         return stats.stats()
 
     def _embedding_groups(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, group: int,
-                          ) -> Iterator[torch.Tensor]:
-        """(B, d, P) embeddings of up to ``group`` images at a time (one batch at a time off the
-        CPU): batch after batch is written into one buffer, handed on when the next would not fit."""
+                          blocks: bool = False) -> Iterator[torch.Tensor | list]:
+        """Embeddings of up to ``group`` images at a time (one batch at a time off the CPU): (B, d, P),
+        or FeatureExtractor.blocks if ``blocks``. Batch after batch is written into one buffer,
+        handed on when the next would not fit."""
         extractor = self.feature_extractor()
+        embed = extractor.blocks if blocks else extractor
         filled = 0
-        for batch, out in self._batches(images, desc, buffer_images=group):
+        for batch, out in self._batches(images, desc, buffer_images=group, blocks=blocks):
             if out is None:
-                yield extractor(batch)
+                yield embed(batch)
                 continue
-            if filled + len(batch) > out.shape[1]:
-                yield out[:, :filled].permute(1, 2, 0)
+            if filled + len(batch) > group:
+                yield _images(out, 0, filled, blocks)
                 filled = 0
-            extractor(batch, out[:, filled:])
+            embed(batch, _images(out, filled, group, blocks, permuted=False))
             filled += len(batch)
         if filled:
-            yield out[:, :filled].permute(1, 2, 0)
+            yield _images(out, 0, filled, blocks)
 
     def _scorer(self, stats: GaussianStats) -> PadimScorer:
         factors = whitening_factors(stats, self.eps, self.covariance)  # chunk by chunk into the scorer's blocks
-        return PadimScorer(self.feature_extractor(), stats.mean(), factors, self.grids_, self.image_size,
-                           self.sigma, self.top_k)
+        return self.new_scorer(stats.mean(), factors)
+
+    def new_scorer(self, mean: torch.Tensor, factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]],
+                   ) -> PadimScorer:
+        """The scorer of this model's settings for a (P, d) mean and whitening factor (see PadimScorer)."""
+        return PadimScorer(self.feature_extractor(), mean, factor, self.grids_, self.image_size, self.sigma,
+                           self.top_k, layouts=self._layouts(self.image_size))
 
     def _grids(self, positions: int) -> list[tuple[int, int]]:
         """The stride-4 feature grid of each scale for the model's input size."""
@@ -307,7 +335,7 @@ class Padim:
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (scores (B,), maps (B, H, W)) batch by batch, so large sets stream."""
         scorer = self._check_fitted()
-        for batch, out in self._batches(images, desc):
+        for batch, out in self._batches(images, desc, blocks=scorer.blocks is not None):
             maps, scores = scorer(batch, out)
             yield scores.cpu().numpy(), maps.cpu().numpy()
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import FeatureExtractor
+from ..backbones.blocks import ScaleLayout
+from .blocks import Blocks, BlockWhitening
 from .stats import position_chunks
 
 DISTANCE_CHUNK = 64  # positions per batched product when scoring on CPU
@@ -81,9 +83,13 @@ class PadimScorer(nn.Module):
 
     def __init__(self, extractor: FeatureExtractor, mean: torch.Tensor,
                  factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]],
-                 grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1):
+                 grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
+                 layouts: list[ScaleLayout] | None = None):
         """``mean`` (P, d); ``factor``: the (P, d, d) lower-triangular whitening factor W, or its
-        (positions, (p, d, d) chunk) pieces in order, so that all of it never has to exist at once."""
+        (positions, (p, d, d) chunk) pieces in order, so that all of it never has to exist at once.
+        ``layouts``: the extractor's block layouts for ``image_size`` (FeatureExtractor.block_layouts),
+        to keep W per cell and score cell by cell (CPU); W must then have their block structure,
+        as a fit on the extractor's embeddings gives it."""
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -99,26 +105,49 @@ class PadimScorer(nn.Module):
             self._smoothing_for(grid, self.image_size, torch.device("cpu"))
         extractor.prepare_trace(self.image_size)
         self.register_buffer("mean", mean.float().contiguous())
+        positions, d = self.mean.shape
+        pieces = [(slice(0, positions), factor)] if isinstance(factor, torch.Tensor) else factor
+        self.blocks = BlockWhitening(layouts, self.mean.device) if layouts is not None else None
+        if self.blocks is not None:
+            if sum(lay.positions for lay in layouts) != positions:
+                raise ValueError(f"the block layouts have {sum(lay.positions for lay in layouts)} positions, "
+                                 f"the mean {positions}")
+            filled = 0
+            for part, w in pieces:
+                self.blocks.fill(part, w, self.mean[part])
+                filled += w.shape[0]
+            self._check_filled(filled, positions)
+            return
         # W^T is upper triangular: of its columns [:h] only rows [:h] are nonzero, so it is kept as
         # two contiguous blocks (zeros dropped: ~3/4 of the memory, reads and products). Contiguous,
         # because a batched matmul runs markedly faster than on a transposed view.
-        positions, d = self.mean.shape
         h = self.head = head_size(d)
         head = self.mean.new_empty(positions, h, h)
         tail = self.mean.new_empty(positions, d, d - h)
         filled = 0
-        for part, w in [(slice(0, positions), factor)] if isinstance(factor, torch.Tensor) else factor:
+        for part, w in pieces:
             weight_t = w.transpose(1, 2)
             head[part] = weight_t[:, :h, :h]
             tail[part] = weight_t[:, :, h:]
             filled += weight_t.shape[0]
-        if filled != positions:
-            raise ValueError(f"the factor covers {filled} positions, the mean {positions}")
+        self._check_filled(filled, positions)
         self.register_buffer("weight_head", head)
         self.register_buffer("weight_tail", tail)
         # z = W x - W mean: precompute W mean once so scoring is one product per block
         self.register_buffer("bias_head", torch.bmm(self.mean[:, None, :h], head).squeeze(1))
         self.register_buffer("bias_tail", torch.bmm(self.mean.unsqueeze(1), tail).squeeze(1))
+
+    @staticmethod
+    def _check_filled(filled: int, positions: int) -> None:
+        if filled != positions:
+            raise ValueError(f"the factor covers {filled} positions, the mean {positions}")
+
+    def without_blocks(self) -> PadimScorer:
+        """The same scorer kept position by position (what an export traces)."""
+        if self.blocks is None:
+            return self
+        pieces = ((part, self.factor_of(part)) for part in position_chunks(self.mean.shape[0], 1024))
+        return PadimScorer(self.extractor, self.mean, pieces, self.grids, self.image_size, self.sigma, self.top_k)
 
     @property
     def factor(self) -> torch.Tensor:
@@ -126,7 +155,9 @@ class PadimScorer(nn.Module):
         return self.factor_of(slice(None))
 
     def factor_of(self, positions: slice) -> torch.Tensor:
-        """W of ``positions`` only, rebuilt from the stored blocks of W^T."""
+        """W of ``positions`` only, rebuilt from the stored blocks of W^T (or cells)."""
+        if self.blocks is not None:
+            return self.blocks.factor_of(slice(*positions.indices(self.mean.shape[0])[:2]), self.mean.shape[1])
         head, tail = self.weight_head[positions], self.weight_tail[positions]
         p, d, h = tail.shape[0], tail.shape[1], self.head
         weight_t = tail.new_zeros(p, d, d)
@@ -137,6 +168,8 @@ class PadimScorer(nn.Module):
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D, P) embeddings -> (B, P) Mahalanobis distances ((B, D, h, w) -> (B, h, w))."""
         shape = embeddings.shape
+        if self.blocks is not None:
+            return self.blocks.distances(self.blocks.gather(embeddings.flatten(2))).reshape(shape[0], *shape[2:])
         # contiguous: a no-op for the extractor's position-major output; a strided view is legal
         # for bmm but an order of magnitude slower on CPU
         x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
@@ -174,7 +207,10 @@ class PadimScorer(nn.Module):
         if embeddings.shape[-1] != positions:
             raise ValueError(f"{embeddings.shape[-1]} feature positions, the fitted grids {self.grids} have "
                              f"{positions}; images must have the model's input size")
-        dist = self.distances(embeddings)
+        return self.score_distances(self.distances(embeddings), size)
+
+    def score_distances(self, dist: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) distances -> (maps (B, *size), scores (B,)); the maps of the scales averaged."""
         maps = None
         start = 0
         for h, w in self.grids:
@@ -185,7 +221,12 @@ class PadimScorer(nn.Module):
             maps = maps / len(self.grids)
         return maps, image_scores(maps, self.top_k)
 
-    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, out: torch.Tensor | Blocks | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,)); ``out``: the extractor's embedding
-        buffer (see FeatureExtractor.buffer), for loops that score batch after batch."""
-        return self.score_embeddings(self.extractor(images, out), tuple(images.shape[-2:]))
+        buffer (FeatureExtractor.buffer, or block_buffer when the scorer keeps cells), for loops
+        that score batch after batch."""
+        size = tuple(images.shape[-2:])
+        if self.blocks is not None and not torch.jit.is_tracing():
+            return self.score_distances(self.blocks.distances(self.extractor.blocks(images, out)), size)
+        return self.score_embeddings(self.extractor(images, out), size)

@@ -133,18 +133,23 @@ class StreamingStats:
         self._check_unconverted()
         positions, d = self.total.shape
         s = self.shift.to(torch.float64)
-        u = self.total + (self.count / 2) * s
         outer = torch.empty(positions, d, d, dtype=torch.float64, device=self.total.device)
         self.outer.reverse()  # popped from the end, in position order
         for part in self.parts:
-            out = outer[part].copy_(self.outer.pop())
-            out.baddbmm_(s[part].unsqueeze(2), u[part].unsqueeze(1))
-            out.baddbmm_(u[part].unsqueeze(2), s[part].unsqueeze(1))
+            add_shift_terms(outer[part].copy_(self.outer.pop()), s[part], self.total[part], self.count)
         return GaussianStats(self.count, self.total + self.count * s, outer)
 
     def _check_unconverted(self) -> None:
         if not self.outer:
             raise ValueError("these statistics were converted by stats(), which frees the running sums")
+
+
+def add_shift_terms(outer: torch.Tensor, shift: torch.Tensor, total: torch.Tensor, count: int) -> None:
+    """Turn (p, D, D) sums of (x - s)(x - s)^T over ``count`` samples into sums of x x^T, in place:
+    add s u^T + u s^T, u = S + n s / 2, with S = ``total`` the (p, D) sum of x - s and s = ``shift``."""
+    u = total + (count / 2) * shift
+    outer.baddbmm_(shift.unsqueeze(2), u.unsqueeze(1))
+    outer.baddbmm_(u.unsqueeze(2), shift.unsqueeze(1))
 
 
 def checked_batch(embeddings: torch.Tensor, positions: int, dim: int) -> torch.Tensor:
