@@ -55,7 +55,7 @@ def fit_child(args: argparse.Namespace) -> None:
     split = load_split(args.data_root, args.category)
     paths = [s.path for s in split.train[: args.n]]
     model = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d, scales=args.scales,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, tap_resize=args.tap_resize)
     model.feature_extractor()  # load weights before timing, like the backbone figure
     start = time.perf_counter()
     model.fit(paths)
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=100)
     parser.add_argument("--scales", type=lambda v: tuple(float(x) for x in v.split(",")), default=(1.0, 0.7),
                         help="pyramid scales, comma-separated (the model default: 1,0.7)")
+    parser.add_argument("--tap-resize", default="bilinear", choices=["bilinear", "nearest"],
+                        help="nearest: fit and predict run cell by cell where the grids allow it")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fit-sizes", type=int, nargs="+", default=[50, 150, 450])
     parser.add_argument("--repeats", type=int, default=3)
@@ -94,11 +96,12 @@ def main() -> None:
     batch = images[: args.batch_size]
     result: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                     "torch": torch.__version__, "backbone": args.backbone, "image_size": args.image_size,
-                    "d": args.d, "scales": list(args.scales), "batch_size": args.batch_size,
+                    "d": args.d, "scales": list(args.scales), "tap_resize": args.tap_resize,
+                    "batch_size": args.batch_size,
                     "repeats": args.repeats}
 
     fitted = Padim(backbone=args.backbone, image_size=args.image_size, d=args.d, scales=args.scales,
-                   batch_size=args.batch_size).fit(
+                   batch_size=args.batch_size, tap_resize=args.tap_resize).fit(
         [s.path for s in split.train[:40]])
     extractor = fitted.feature_extractor()
     normalized = extractor.normalize(images)  # the 4 batches that predict_ips scores
@@ -139,6 +142,7 @@ def main() -> None:
                 [sys.executable, __file__, str(args.data_root), "--category", args.category, "--backbone",
                  args.backbone, "--image-size", "x".join(map(str, args.image_size)), "--d", str(args.d),
                  "--scales", ",".join(map(str, args.scales)), "--batch-size", str(args.batch_size),
+                 "--tap-resize", args.tap_resize,
                  "--fit-child", str(n)],
                 check=True, capture_output=True, text=True,
             ).stdout
@@ -151,7 +155,8 @@ def main() -> None:
 
     fits = result["fit"]
     print(f"machine: {result['machine']}; {args.backbone} {'x'.join(map(str, args.image_size))} px d={args.d} "
-          f"scales {','.join(map(str, args.scales))}; "
+          f"scales {','.join(map(str, args.scales))} tap resize {args.tap_resize}"
+          f"{' (cell by cell)' if fitted.scorer_.blocks is not None else ''}; "
           f"median of {args.repeats}")
     print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s "
           f"(plain NCHW batch call: {result['backbone_plain_ips']:.1f} img/s)")

@@ -25,7 +25,7 @@ from .stats import GaussianStats, add_shift_terms, position_chunks
 
 Blocks = list[list[torch.Tensor]]  # per scale, per tap (deepest first): (cells, B, channels)
 STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
-DISTANCE_TOP_CELLS = 32  # deepest cells per step of the distances
+DISTANCE_TOP_CELLS = 64  # deepest cells per step of the distances
 EXPAND_CHUNK = 512  # finest positions per step when sums or factors are expanded per position
 
 

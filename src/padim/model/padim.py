@@ -119,7 +119,9 @@ class Padim:
     threshold_quantile: the threshold is this quantile of the held-out normal image scores.
     pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM; default 3).
     tap_resize: 'nearest' (PaDiM) or 'bilinear' (default) resizing of the deeper taps to the
-        stride-4 grid.
+        stride-4 grid. With 'nearest' on CPU, where each deeper grid divides the finest evenly
+        (320x480 and its 0.7 level do), fit and predict work once per deep cell instead of once
+        per position (:mod:`padim.model.blocks`): the same numbers, faster.
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
     top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all

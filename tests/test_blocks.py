@@ -1,0 +1,128 @@
+"""padim.backbones.blocks and padim.model.blocks: cell-by-cell statistics and distances under nearest
+tap resizing give the numbers of the position-by-position computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from padim import Padim
+from padim.backbones import FeatureExtractor, channel_index
+from padim.backbones.blocks import scale_layout
+from padim.model import PadimScorer
+from padim.model.blocks import BlockStats
+from padim.model.stats import GaussianStats, whitening_factors
+
+SIZE = (64, 96)  # grids 16x24, 8x12, 4x6; at scale 0.5: 8x12, 4x6, 2x3
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, *SIZE), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return FeatureExtractor("mobilenet_v2", channel_index(152, 40, 1), pretrained=False, pool=3,
+                            tap_resize="nearest", scales=(1.0, 0.5))
+
+
+def test_layout_needs_every_tap_and_grids_that_divide_evenly():
+    layout = scale_layout([3, 2, 1], [(2, 3), (4, 6), (8, 12)])
+    assert [lv.ratio for lv in layout.levels] == [4, 2, 1] and layout.positions == 96
+    assert scale_layout([3, 0, 1], [(2, 3), (4, 6), (8, 12)]) is None  # a tap keeps no channel
+    assert scale_layout([3, 2, 1], [(3, 3), (4, 6), (8, 12)]) is None  # 4 rows are not 2 x 3
+    assert scale_layout([3, 2, 1], [(2, 2), (4, 6), (8, 12)]) is None  # x3 across, x2 down
+    # position 30 = row 2, column 6 of the 8x12 grid: deepest cell (0, 1), mid cell (1, 3)
+    row, col = layout.cell_of(0, torch.tensor([30]))
+    assert (row.item(), col.item()) == (0, 1)
+    row, col = layout.cell_of(1, torch.tensor([30]))
+    assert (row.item(), col.item()) == (1, 3)
+    above, sub = layout.under(1, 0, row, col)  # mid cell (1, 3) is the bottom-right one under deep cell 1
+    assert (above.item(), sub.item()) == (1, 3)
+    assert layout.first(0).tolist() == [0, 4, 8, 48, 52, 56]
+
+
+def test_layouts_only_for_nearest_resizing_and_dividing_grids(extractor):
+    assert [lay.levels[0].grid for lay in extractor.block_layouts(SIZE)] == [(4, 6), (2, 3)]
+    assert extractor.block_layouts((64, 100)) is None  # 100 px: a 25-wide grid under a 7-wide one
+    bilinear = FeatureExtractor("mobilenet_v2", channel_index(152, 40, 1), pretrained=False, tap_resize="bilinear")
+    assert bilinear.block_layouts(SIZE) is None
+    with pytest.raises(ValueError, match="no block layout"):
+        bilinear.blocks(images(1))
+
+
+@torch.inference_mode()
+def test_blocks_hold_the_embedding_once_per_cell(extractor):
+    batch = images(3)
+    full = extractor(batch)
+    start = 0
+    for layout, taps in zip(extractor.block_layouts(SIZE), extractor.blocks(batch), strict=True):
+        emb, channel = full[:, :, start:start + layout.positions], 0
+        fine = torch.arange(layout.positions)
+        for i, (level, tap) in enumerate(zip(layout.levels, taps, strict=True)):
+            row, col = layout.cell_of(i, fine)
+            expected = emb[:, channel:channel + level.channels].permute(2, 0, 1)  # every finest position
+            assert torch.equal(tap[row * level.grid[1] + col], expected)
+            channel += level.channels
+        start += layout.positions
+
+
+@torch.inference_mode()
+def test_block_statistics_equal_the_float64_sums_of_the_full_embeddings(extractor):
+    layouts = extractor.block_layouts(SIZE)
+    blocked, exact = BlockStats(layouts), None
+    for n, seed in [(5, 1), (2, 2), (4, 3)]:  # uneven batches
+        batch = images(n, seed)
+        blocked.update(extractor.blocks(batch))
+        emb = extractor(batch)
+        exact = exact or GaussianStats.empty(emb.shape[2], emb.shape[1])
+        exact.update(emb)
+    got = blocked.stats()
+    assert got.count == exact.count == 11
+    torch.testing.assert_close(got.total, exact.total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.outer, exact.outer, rtol=1e-5, atol=1e-6 * float(exact.outer.abs().max()))
+    with pytest.raises(ValueError, match="converted"):
+        blocked.update(extractor.blocks(images(1)))
+
+
+@torch.inference_mode()
+def test_cell_by_cell_distances_equal_the_full_scorer(extractor):
+    layouts = extractor.block_layouts(SIZE)
+    stats = GaussianStats.empty(sum(lay.positions for lay in layouts), 40)
+    stats.update(extractor(images(30)))
+    grids = extractor.grids(SIZE)
+    full = PadimScorer(extractor, stats.mean(), whitening_factors(stats, 0.01), grids, SIZE, 2.0)
+    cells = PadimScorer(extractor, stats.mean(), whitening_factors(stats, 0.01, chunk=100), grids, SIZE, 2.0,
+                        layouts=layouts)
+    assert cells.blocks is not None and not hasattr(cells, "weight_head")
+    torch.testing.assert_close(cells.factor, full.factor, rtol=0, atol=1e-5)  # rebuilt from the cells
+    test = images(4, 9)
+    maps, scores = cells(test)
+    expected_maps, expected_scores = full(test)
+    torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-4, atol=1e-4)
+    # full embeddings are read at each cell; without_blocks gives the position-by-position scorer
+    torch.testing.assert_close(cells.score_embeddings(extractor(test), SIZE)[0], maps)
+    torch.testing.assert_close(cells.without_blocks()(test)[0], maps, rtol=1e-4, atol=1e-4)
+
+
+def test_padim_with_nearest_resizing_fits_and_scores_cell_by_cell(tmp_path):
+    train, test = images(24, 4), images(3, 5)
+    model = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False).fit(train)
+    assert model.scorer_.blocks is not None
+    fit_idx, cal_idx = model.calibration_split(len(train))
+    stats = GaussianStats.empty(model.scorer_.mean.shape[0], 40)
+    with torch.inference_mode():
+        extractor = model.feature_extractor()
+        stats.update(extractor(train[fit_idx]))
+        stats.update(extractor(train[cal_idx]))
+    full = PadimScorer(extractor, stats.mean(), whitening_factors(stats, model.eps), model.grids_, SIZE,
+                       model.sigma)
+    pred = model.predict(test)
+    with torch.inference_mode():
+        np.testing.assert_allclose(pred.maps, full(test)[0].numpy(), rtol=1e-4, atol=1e-4)
+    loaded = Padim.load(model.save(tmp_path / "m.safetensors"))  # (with the pretrained weights)
+    assert loaded.scorer_.blocks is not None
+    for name, buffer in model.scorer_.blocks.named_buffers():
+        assert torch.equal(loaded.scorer_.blocks.get_buffer(name), buffer), name
