@@ -41,7 +41,6 @@ from timing import timed, timed_rounds
 
 from padim import Padim
 from padim.backbones import get_spec
-from padim.backbones.extractor import scaled_size
 from padim.datasets import load_split, read_image
 from padim.datasets.images import to_tensor
 
@@ -105,8 +104,8 @@ def main() -> None:
         [s.path for s in split.train[:40]])
     extractor = fitted.feature_extractor()
     normalized = extractor.normalize(images)  # the 4 batches that predict_ips scores
-    levels = [F.interpolate(normalized, size=scaled_size(size, s), mode="bilinear", antialias=True)
-              .contiguous(memory_format=torch.channels_last) for s in args.scales]
+    levels = [F.interpolate(normalized, size=hw, mode="bilinear", antialias=True)
+              .contiguous(memory_format=torch.channels_last) for hw in extractor.level_sizes(size)]
     with torch.inference_mode():
         step = extractor.micro_batch or args.batch_size
         # in turn, round after round: the VM's speed drifts by up to a third within minutes

@@ -126,3 +126,12 @@ def test_padim_with_nearest_resizing_fits_and_scores_cell_by_cell(tmp_path):
     assert loaded.scorer_.blocks is not None
     for name, buffer in model.scorer_.blocks.named_buffers():
         assert torch.equal(loaded.scorer_.blocks.get_buffer(name), buffer), name
+
+
+def test_pyramid_levels_are_rounded_to_the_deepest_stride_so_their_grids_nest():
+    extractor = FeatureExtractor("mobilenet_v2", torch.arange(152), pretrained=False, tap_resize="nearest",
+                                 scales=(1.0, 0.7))
+    assert extractor.level_sizes((256, 256)) == [(256, 256), (176, 176)]  # 179 px would give 45 / 23 / 12 cells
+    assert extractor.level_sizes((320, 480)) == [(320, 480), (224, 336)]
+    assert extractor.block_layouts((256, 256)) is not None
+    assert extractor.block_layouts((250, 250)) is None  # the input itself is not resized

@@ -59,7 +59,7 @@ def test_save_load_round_trip_gives_identical_predictions(fitted, tmp_path):
     assert again.threshold_ == fitted.threshold_
     meta, tensors = read_model_file(path)
     assert meta["backbone"] == "mobilenet_v2" and meta["image_size"] == [64, 64] and meta["package_version"]
-    assert meta["scales"] == [1.0, 0.7] and meta["grids"] == [[16, 16], [12, 12]]  # 45 px: 12 cells
+    assert meta["scales"] == [1.0, 0.7] and meta["grids"] == [[16, 16], [12, 12]]  # 0.7 x 64 px: 48 px, 12 cells
     assert tensors["factor_tril"].shape == (16 * 16 + 12 * 12, 32 * 33 // 2)
 
 

@@ -42,9 +42,13 @@ def fold_batch_norms(net: nn.Module) -> nn.Module:
     return net
 
 
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """The input size of one pyramid level: ``size`` times ``scale``, rounded, at least 8 px."""
-    return (max(8, round(size[0] * scale)), max(8, round(size[1] * scale)))
+def scaled_size(size: tuple[int, int], scale: float, multiple: int = 16) -> tuple[int, int]:
+    """The input size of one pyramid level: ``size`` itself at scale 1, else ``size`` times ``scale``
+    rounded to a multiple of ``multiple`` (at least one): with the deepest tap's stride, each
+    deeper tap's grid then divides the finer ones evenly (see FeatureExtractor.block_layouts)."""
+    if scale == 1.0:
+        return (int(size[0]), int(size[1]))
+    return tuple(max(multiple, round(n * scale / multiple) * multiple) for n in size)
 
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
@@ -100,6 +104,7 @@ class FeatureExtractor(nn.Module):
         # the subset split per tap, so unused channels are never pooled or resized
         offsets = torch.tensor([0, *spec.channels]).cumsum(0)
         self.taps_count = len(spec.channels)
+        self.stride = 4 * 2 ** (self.taps_count - 1)  # of the deepest tap: the first is at 4, each next at 2x
         for i in range(len(spec.channels)):
             keep = channels[(channels >= offsets[i]) & (channels < offsets[i + 1])] - offsets[i]
             self.register_buffer(f"tap{i}", keep.to(torch.long))
@@ -109,7 +114,7 @@ class FeatureExtractor(nn.Module):
         :meth:`buffer`) that the result is written into (its first B images) instead of a new
         tensor; the result is then a view of it, valid until the buffer is written again."""
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
-        sizes = [scaled_size(size, s) for s in self.scales]
+        sizes = self.level_sizes(size)
         step = self.micro_batch
         if (step is None or images.device.type != "cpu" or torch.jit.is_tracing()
                 or (out is None and images.shape[0] <= step)):
@@ -154,6 +159,10 @@ class FeatureExtractor(nn.Module):
         positions = sum(h * w for h, w in self.grids(size))
         return torch.empty(positions, batch_size, self.channels.numel(), device=self.mean.device)
 
+    def level_sizes(self, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The input size of each pyramid level for ``size`` inputs (see scaled_size)."""
+        return [scaled_size(size, s, self.stride) for s in self.scales]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 normalized with the backbone's ImageNet mean and std."""
         return (images.float() - self.mean) / self.std
@@ -180,9 +189,9 @@ class FeatureExtractor(nn.Module):
 
     def prepare_trace(self, size: tuple[int, int], device: torch.device | str = "cpu") -> None:
         """Build the resize matrices of every scale for ``size`` inputs (see resize_matrices)."""
-        for s in self.scales:
-            if scaled_size(size, s) != tuple(size):
-                self.resize_matrices(tuple(size), scaled_size(size, s), device)
+        for level in self.level_sizes(size):
+            if level != tuple(size):
+                self.resize_matrices(tuple(size), level, device)
 
     @torch.inference_mode()
     def grids(self, size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -190,8 +199,8 @@ class FeatureExtractor(nn.Module):
         size = (int(size[0]), int(size[1]))
         if size not in self._grids:
             probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
-            self._grids[size] = [tuple(self.features(probe.expand(1, 3, *scaled_size(size, s))).shape[-2:])
-                                 for s in self.scales]
+            self._grids[size] = [tuple(self.features(probe.expand(1, 3, *hw)).shape[-2:])
+                                 for hw in self.level_sizes(size)]
         return list(self._grids[size])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,8 +251,8 @@ class FeatureExtractor(nn.Module):
             probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
             layouts = []
             with torch.inference_mode():
-                for s in self.scales:
-                    taps = self.net(probe.expand(1, 3, *scaled_size(size, s)))
+                for hw in self.level_sizes(size):
+                    taps = self.net(probe.expand(1, 3, *hw))
                     layouts.append(scale_layout(channels, [tuple(t.shape[-2:]) for t in reversed(taps)]))
             self._layouts[key] = None if any(lay is None for lay in layouts) else layouts
         return self._layouts[key]
@@ -267,8 +276,8 @@ class FeatureExtractor(nn.Module):
         step = self.micro_batch or b
         for start, chunk in zip(range(0, b, step), images.split(step), strict=True):
             chunk = self.normalize(chunk)
-            for scale, bufs in zip(self.scales, out, strict=True):
-                x = self._downscale(chunk, scaled_size(size, scale))
+            for hw, bufs in zip(self.level_sizes(size), out, strict=True):
+                x = self._downscale(chunk, hw)
                 taps = self._kept(self.net(x.contiguous(memory_format=torch.channels_last)))
                 for tap, buf in zip(taps, bufs, strict=True):
                     target = buf[:, start:start + tap.shape[0]]

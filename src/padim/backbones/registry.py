@@ -24,7 +24,8 @@ class BackboneSpec:
     """How to build one backbone.
 
     ``build(weights, pretrained)`` returns a module mapping a normalized float batch to a list of
-    feature maps, the first at stride 4 (PaDiM's three taps are at strides 4, 8 and 16); ``weights``
+    feature maps, the first at stride 4, each next at twice the stride of the one before (PaDiM's
+    three taps are at strides 4, 8 and 16; FeatureExtractor.stride relies on it); ``weights``
     is a file the user named (or None for the default source), ``pretrained=False`` gives random
     weights (tests only).
     """
