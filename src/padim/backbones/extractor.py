@@ -129,8 +129,9 @@ class FeatureExtractor(nn.Module):
         # image by image, normalization, network and tap processing stay in the caches (normalizing
         # a whole batch at once costs ~20x more per image); each result goes straight into a
         # position-major (P, B, d) buffer, the layout scoring and statistics consume
+        scratch = self._scratch(images, step)
         for start, chunk in zip(range(0, images.shape[0], step), images.split(step), strict=True):
-            chunk = self.normalize(chunk)
+            chunk = self.normalize(chunk, scratch)
             levels = [self.features(self._downscale(chunk, hw)) for hw in sizes]
             if start == 0:
                 positions = sum(e.shape[2] * e.shape[3] for e in levels)
@@ -163,9 +164,20 @@ class FeatureExtractor(nn.Module):
         """The input size of each pyramid level for ``size`` inputs (see scaled_size)."""
         return [scaled_size(size, s, self.stride) for s in self.scales]
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> float32 normalized with the backbone's ImageNet mean and std."""
-        return (images.float() - self.mean) / self.std
+    def normalize(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 normalized with the backbone's ImageNet mean and std.
+        ``out``: a float32 (B', 3, H, W) tensor, B' >= B, to write into: a loop that reuses one saves
+        allocations whose page faults cost more than the arithmetic. (NCHW: converting uint8 to
+        channels-last float in one pass, or resizing channels-last, is slower than either here.)"""
+        if out is None:
+            return (images.float() - self.mean) / self.std
+        out = out[:images.shape[0]]
+        out.copy_(images)
+        return out.sub_(self.mean).div_(self.std)
+
+    def _scratch(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """A :meth:`normalize` buffer for ``step`` of ``images`` at a time."""
+        return torch.empty((step, *images.shape[1:]), device=images.device)
 
     def _downscale(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Antialiased bilinear resize of (B, C, H, W) to ``size``. ONNX's Resize filters differently
@@ -274,8 +286,9 @@ class FeatureExtractor(nn.Module):
         b = images.shape[0]
         out = out if out is not None else self.block_buffer(b, size)
         step = self.micro_batch or b
+        scratch = self._scratch(images, step)
         for start, chunk in zip(range(0, b, step), images.split(step), strict=True):
-            chunk = self.normalize(chunk)
+            chunk = self.normalize(chunk, scratch)
             for hw, bufs in zip(self.level_sizes(size), out, strict=True):
                 x = self._downscale(chunk, hw)
                 taps = self._kept(self.net(x.contiguous(memory_format=torch.channels_last)))

@@ -215,10 +215,10 @@ class PadimScorer(nn.Module):
         start = 0
         for h, w in self.grids:
             level = self.smooth(dist[:, start:start + h * w].reshape(-1, h, w), size)
-            maps = level if maps is None else maps + level
+            maps = level if maps is None else maps.add_(level)  # in place: each is a fresh (B, H, W) map
             start += h * w
         if len(self.grids) > 1:
-            maps = maps / len(self.grids)
+            maps.div_(len(self.grids))
         return maps, image_scores(maps, self.top_k)
 
     def forward(self, images: torch.Tensor, out: torch.Tensor | Blocks | None = None,
