@@ -7,9 +7,10 @@ Figures (each the median of --repeats runs):
   backbone_plain_ips  the same network called once per NCHW batch of B images (the usual way)
   fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
   fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
-  fit_stream_ips      Padim.accumulate from decoded uint8 tensors, batch B: the streaming part of a
-                      fit (network + statistics update), without decoding and the fixed costs (the
-                      marginal rate: 4B images more, divided by the extra time)
+  fit_stream_ips      Padim.running_stats from decoded uint8 tensors, batch B: the streaming part of
+                      a fit (network + statistics update), without decoding and the fixed costs (the
+                      marginal rate: 4B images more, divided by the extra time; the float64
+                      conversion at the end, ~1 s of fixed cost, is left out, as its noise swamped it)
   predict_ips         Padim.iter_predict from decoded uint8 tensors (4B images, batch B): maps + image
                       scores, as predict runs batch after batch
   *_vs_backbone       fit_stream_ips and predict_ips over backbone_ips: the median of the ratios of
@@ -112,8 +113,8 @@ def main() -> None:
         t = timed_rounds({
             "backbone": lambda: [extractor.net(c) for x in levels for c in x.split(step)],
             "predict": lambda: list(fitted.iter_predict(images)),
-            "fit_more": lambda: fitted.accumulate(more),
-            "fit": lambda: fitted.accumulate(images),
+            "fit_more": lambda: fitted.running_stats(more),
+            "fit": lambda: fitted.running_stats(images),
         }, args.repeats)
         backbone = [len(images) / s for s in t["backbone"]]
         predict = [len(images) / s for s in t["predict"]]

@@ -210,12 +210,19 @@ class Padim:
         (on CPU, with nearest tap resizing and evenly dividing grids), else None."""
         return self.feature_extractor().block_layouts(size) if self.device.type == "cpu" else None
 
-    @torch.inference_mode()
     def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit") -> GaussianStats:
         """Partial statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
+        return self.running_stats(images, desc).stats()
+
+    @torch.inference_mode()
+    def running_stats(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit",
+                      ) -> StreamingStats | BlockStats:
+        """The streaming part of :meth:`accumulate`: the running sums of ``images``, before their
+        conversion to float64 statistics (``.stats()``, once)."""
         size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else self.image_size
         layouts = self._layouts(size)
         stats = None
+        # the embedding buffer is freed on return, before the float64 sums are made
         for emb in self._embedding_groups(images, desc, STATS_GROUP * self.batch_size, layouts is not None):
             if stats is None:
                 stats = (BlockStats(layouts, self.device) if layouts is not None
@@ -223,8 +230,7 @@ class Padim:
             stats.update(emb)
         if stats is None:
             raise ValueError("no training images")
-        del emb  # a view of the embedding buffer: freed before the float64 sums are made
-        return stats.stats()
+        return stats
 
     def _embedding_groups(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, group: int,
                           blocks: bool = False) -> Iterator[torch.Tensor | list]:
