@@ -84,6 +84,12 @@ def test_block_statistics_equal_the_float64_sums_of_the_full_embeddings(extracto
     torch.testing.assert_close(got.outer, exact.outer, rtol=1e-5, atol=1e-6 * float(exact.outer.abs().max()))
     with pytest.raises(ValueError, match="converted"):
         blocked.update(extractor.blocks(images(1)))
+    bad = extractor.blocks(images(2))
+    bad[1][0][3, 1, 0] = float("nan")
+    fresh = BlockStats(layouts)
+    with pytest.raises(FloatingPointError, match="1 NaN or inf"):
+        fresh.update(bad)
+    assert fresh.count == 0
 
 
 @torch.inference_mode()

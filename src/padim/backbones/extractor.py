@@ -86,7 +86,7 @@ class FeatureExtractor(nn.Module):
         self.scales = check_scales(scales)
         self._resize: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._grids: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        self._layouts: dict[tuple, list[ScaleLayout] | None] = {}
+        self._layouts: dict[tuple[int, int], list[ScaleLayout] | None] = {}
         if pool < 1 or pool % 2 == 0:
             raise ValueError(f"pool must be an odd size >= 1, got {pool}")
         if tap_resize not in TAP_RESIZE:
@@ -256,8 +256,7 @@ class FeatureExtractor(nn.Module):
         (PadimScorer, BlockStats), about 4x less work than per position at MobileNetV2's taps."""
         if self.tap_resize != "nearest":
             return None
-        size = (int(size[0]), int(size[1]))
-        key = ("blocks", *size)
+        key = (int(size[0]), int(size[1]))
         if key not in self._layouts:
             channels = [getattr(self, f"tap{i}").numel() for i in range(self.taps_count)][::-1]
             probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)

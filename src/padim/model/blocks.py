@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..backbones.blocks import ScaleLayout
-from .stats import GaussianStats, add_shift_terms, position_chunks
+from .stats import GaussianStats, add_shift_terms, all_finite, position_chunks
 
 Blocks = list[list[torch.Tensor]]  # per scale, per tap (deepest first): (cells, B, channels)
 STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
@@ -90,12 +90,11 @@ class BlockStats:
         b = blocks[0][0].shape[1]
         if b == 0:
             return
-        for scale in blocks:
-            for x in scale:
-                if not torch.isfinite(x.sum()):
-                    bad = int((~torch.isfinite(x)).sum())
-                    raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); "
-                                             "statistics not updated")
+        for x in (x for scale in blocks for x in scale):
+            if not all_finite(x):
+                bad = int((~torch.isfinite(x)).sum())
+                raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); "
+                                         "statistics not updated")
         if self.shift is None:
             self.shift = [[x.mean(dim=1) for x in scale] for scale in blocks]
         self.count += b
