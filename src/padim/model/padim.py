@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import FeatureExtractor, channel_index, get_spec
+from ..backbones.blocks import ScaleLayout
 from ..backbones.extractor import check_scales
 from ..datasets.images import ImageFiles, ImageSource
 from .blocks import BlockStats
@@ -205,7 +206,7 @@ class Padim:
                 out = make(buffer_images or self.batch_size, tuple(batch.shape[-2:]))
             yield batch.to(self.device), out
 
-    def _layouts(self, size: tuple[int, int]) -> list | None:
+    def _layouts(self, size: tuple[int, int]) -> list[ScaleLayout] | None:
         """The extractor's block layouts for ``size`` inputs when fit and scoring run cell by cell
         (on CPU, with nearest tap resizing and evenly dividing grids), else None."""
         return self.feature_extractor().block_layouts(size) if self.device.type == "cpu" else None
