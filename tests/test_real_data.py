@@ -6,12 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from padim import Padim
 from padim.cli import main
-from padim.datasets import load_split, read_mask
+from padim.datasets import load_split, read_image, read_mask
+from padim.datasets.images import to_tensor
 from padim.metrics import aupro, auroc
+from padim.model import PadimScorer
+from padim.model.stats import GaussianStats, whitening_factors
 
 pytestmark = pytest.mark.real_data
 
@@ -47,3 +51,20 @@ def test_cli_seed_protocol_on_fryum(visa_root, tmp_path):
     assert metrics["model"]["n_train"] == 100 and metrics["dataset"]["n_test_anomalous"] == 100
     assert metrics["overall"]["image_auroc"] is None
     assert metrics["overall"]["pixel_auroc"] > 0.85
+
+
+def test_cell_by_cell_fit_on_real_fryum_equals_the_position_by_position_one(visa_root):
+    split = load_split(visa_root, "fryum")
+    train = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.train[:30]])
+    test = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.test[45:55]])
+    model = Padim(image_size=128, tap_resize="nearest", calibration_fraction=0).fit(train)
+    assert model.scorer_.blocks is not None  # 128 px and its 96 px level: every tap grid nests
+    extractor = model.feature_extractor()
+    with torch.inference_mode():
+        stats = GaussianStats.empty(model.scorer_.mean.shape[0], model.d)
+        stats.update(extractor(train))
+        full = PadimScorer(extractor, stats.mean(), whitening_factors(stats, model.eps), model.grids_,
+                           model.image_size, model.sigma)
+        expected = full(test)[0].numpy()
+    got = model.predict(test).maps
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
