@@ -91,8 +91,8 @@ def test_extractor_writes_into_a_reused_buffer_with_the_same_values():
 
 def test_grids_are_probed_once_per_input_size(monkeypatch):
     extractor = FeatureExtractor("mobilenet_v2", torch.arange(5), scales=(1.0, 0.5))
-    probes, features = [], extractor.features
-    monkeypatch.setattr(extractor, "features", lambda x: probes.append(tuple(x.shape)) or features(x))
+    probes, forward = [], extractor.net.forward
+    monkeypatch.setattr(extractor.net, "forward", lambda x: probes.append(tuple(x.shape)) or forward(x))
     assert extractor.grids((64, 64)) == extractor.grids((64, 64)) == [(16, 16), (8, 8)]
     assert probes == [(1, 3, 64, 64), (1, 3, 32, 32)]  # the second call ran no network
 

@@ -85,7 +85,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.scales = check_scales(scales)
         self._resize: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._grids: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._grids: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._layouts: dict[tuple[int, int], list[ScaleLayout] | None] = {}
         if pool < 1 or pool % 2 == 0:
             raise ValueError(f"pool must be an odd size >= 1, got {pool}")
@@ -205,15 +205,20 @@ class FeatureExtractor(nn.Module):
             if level != tuple(size):
                 self.resize_matrices(tuple(size), level, device)
 
-    @torch.inference_mode()
     def grids(self, size: tuple[int, int]) -> list[tuple[int, int]]:
-        """The (h, w) feature grid of each scale for ``size`` inputs (one probe per scale, kept)."""
+        """The (h, w) feature grid of each scale for ``size`` inputs: its finest tap's."""
+        return [taps[0] for taps in self.tap_grids(size)]
+
+    @torch.inference_mode()
+    def tap_grids(self, size: tuple[int, int]) -> list[list[tuple[int, int]]]:
+        """Per scale, the (h, w) grid of every tap of the network, in tap order, for ``size`` inputs
+        (one probe per scale, kept)."""
         size = (int(size[0]), int(size[1]))
         if size not in self._grids:
             probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
-            self._grids[size] = [tuple(self.features(probe.expand(1, 3, *hw)).shape[-2:])
+            self._grids[size] = [[tuple(t.shape[-2:]) for t in self.net(probe.expand(1, 3, *hw))]
                                  for hw in self.level_sizes(size)]
-        return list(self._grids[size])
+        return [list(taps) for taps in self._grids[size]]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized float (B, 3, H, W) -> (B, d, H/4, W/4) embeddings (channels-last) of one scale,
@@ -259,12 +264,7 @@ class FeatureExtractor(nn.Module):
         key = (int(size[0]), int(size[1]))
         if key not in self._layouts:
             channels = [getattr(self, f"tap{i}").numel() for i in range(self.taps_count)][::-1]
-            probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
-            layouts = []
-            with torch.inference_mode():
-                for hw in self.level_sizes(size):
-                    taps = self.net(probe.expand(1, 3, *hw))
-                    layouts.append(scale_layout(channels, [tuple(t.shape[-2:]) for t in reversed(taps)]))
+            layouts = [scale_layout(channels, taps[::-1]) for taps in self.tap_grids(key)]
             self._layouts[key] = None if any(lay is None for lay in layouts) else layouts
         return self._layouts[key]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..backbones.blocks import ScaleLayout
-from .stats import GaussianStats, add_shift_terms, all_finite, position_chunks
+from .stats import GaussianStats, add_shift_terms, check_finite, position_chunks
 
 Blocks = list[list[torch.Tensor]]  # per scale, per tap (deepest first): (cells, B, channels)
 STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
@@ -82,7 +82,6 @@ class BlockStats:
         self.cross = [[[torch.zeros(b.cells, lay.step(i, j) ** 2 * a.channels, b.channels, device=device)
                         for j, b in enumerate(lay.levels[:i + 1])] for i, a in enumerate(lay.levels)]
                       for lay in layouts]
-        self._converted = False
 
     def update(self, blocks: Blocks) -> None:
         """Add a batch of embeddings from FeatureExtractor.blocks."""
@@ -91,10 +90,7 @@ class BlockStats:
         if b == 0:
             return
         for x in (x for scale in blocks for x in scale):
-            if not all_finite(x):
-                bad = int((~torch.isfinite(x)).sum())
-                raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); "
-                                         "statistics not updated")
+            check_finite(x)
         if self.shift is None:
             self.shift = [[x.mean(dim=1) for x in scale] for scale in blocks]
         self.count += b
@@ -121,7 +117,6 @@ class BlockStats:
         if self.shift is None:
             raise ValueError("no samples accumulated")
         self._check_unconverted()
-        self._converted = True
         d = sum(lv.channels for lv in self.layouts[0].levels)
         positions = sum(lay.positions for lay in self.layouts)
         device = self.total[0][0].device
@@ -148,11 +143,11 @@ class BlockStats:
                             o[:, channels[j], ri] = block.transpose(1, 2)
                 add_shift_terms(o, s, t, self.count)
                 t.add_(s, alpha=self.count)
-        self.cross = self.total = None  # freed
+        self.cross = self.total = None  # freed; also marks the sums converted
         return GaussianStats(self.count, total, outer)
 
     def _check_unconverted(self) -> None:
-        if self._converted:
+        if self.cross is None:
             raise ValueError("these statistics were converted by stats(), which frees the running sums")
 
 

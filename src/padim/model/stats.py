@@ -160,10 +160,15 @@ def checked_batch(embeddings: torch.Tensor, positions: int, dim: int) -> torch.T
     if (p, d) != (positions, dim):
         raise ValueError(f"embeddings of {d} channels x {p} positions do not match statistics "
                          f"{(positions, dim)}")
-    if not all_finite(embeddings):
-        bad = int((~torch.isfinite(embeddings)).sum())
-        raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
+    check_finite(embeddings)
     return embeddings
+
+
+def check_finite(features: torch.Tensor) -> None:
+    """A clear error, before any statistic is updated, when a batch's features hold NaN or inf."""
+    if not all_finite(features):
+        bad = int((~torch.isfinite(features)).sum())
+        raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
 
 
 def all_finite(x: torch.Tensor) -> bool:
