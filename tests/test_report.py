@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from conftest import make_visa_dataset
 from padim.cli import main
-from padim.reports.curves import curves, thin
+from padim.metrics import Group, Ranking
+from padim.reports.curves import thin
 from padim.reports.gallery import CONTOUR_RGB, select, tile
 
 FAST = ["--image-size", "64", "--d", "16", "--no-progress", "--workers", "0"]
@@ -54,6 +55,10 @@ def test_tile_outlines_the_ground_truth_around_the_defect_not_on_it():
     assert line[8, 15] and line[9, 15] and line[15, 20] and not line[10, 15] and not line[7, 15]
     assert not line[mask].any() and not line[0, 0]
     assert not (tile(image, np.zeros((32, 32)), None, (0.0, 1.0)) == CONTOUR_RGB).all(axis=2).any()
+
+
+def curves(labels, scores):
+    return Ranking([Group.of(scores, labels)]).curves()
 
 
 def test_thin_keeps_ends_and_shape_and_curves_are_undefined_for_one_class():

@@ -9,11 +9,13 @@ leftovers that no live writer holds (each writer keeps an exclusive ``flock`` on
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import glob
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -90,3 +92,12 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write UTF-8 ``text`` to ``path``."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
+    """A CSV document (for :func:`write_text`): the header line, then the rows."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -17,16 +17,14 @@ from pathlib import Path
 
 import click
 
+# Only click and light modules of this package at import time: --help, --version and usage errors
+# answer before torch, scikit-learn or matplotlib load; each command imports its machinery itself.
 from . import __version__
-from .backbones import BackboneError, list_backbones
-from .backbones.extractor import check_scales
-from .datasets import LAYOUTS, DatasetError
-from .datasets.download import VISA_SHA256, VISA_URL, DownloadError, download_visa
-from .datasets.images import keep_aspect
-from .model import ModelFileError, Padim
-from .runs import MODEL_FILE, DataArgs, evaluate, fit, predict_files
-
-EXIT_DATA, EXIT_MODEL, EXIT_BACKBONE, EXIT_DOWNLOAD = 3, 4, 5, 6
+from .backbones import list_backbones
+from .datasets import LAYOUTS
+from .datasets.visa import VISA_SHA256, VISA_URL
+from .errors import exit_code
+from .params import MODEL_FILE, check_scales
 
 
 def _fail(code: int, message: str) -> None:
@@ -41,19 +39,14 @@ def handle_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except DatasetError as exc:
-            _fail(EXIT_DATA, str(exc))
-        except ModelFileError as exc:
-            _fail(EXIT_MODEL, str(exc))
-        except BackboneError as exc:
-            _fail(EXIT_BACKBONE, str(exc))
-        except DownloadError as exc:
-            _fail(EXIT_DOWNLOAD, str(exc))
-        except FloatingPointError as exc:
-            # input images cannot hold NaN; non-finite features come from the backbone's weights
-            _fail(EXIT_BACKBONE, f"{exc}; check the backbone weights (--weights)")
         except KeyboardInterrupt:
             _fail(130, "interrupted; files already written are complete, nothing half-written was kept")
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None:
+                raise
+            hint = "; check the backbone weights (--weights)" if isinstance(exc, FloatingPointError) else ""
+            _fail(code, f"{exc}{hint}")
 
     return wrapper
 
@@ -191,9 +184,11 @@ class Scales(click.ParamType):
 
 
 def _check_device(device: str) -> None:
+    if device != "cuda":
+        return
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
 
 
@@ -217,14 +212,33 @@ def _print_table(report: dict) -> None:
         click.echo(f"note: {note}")
 
 
-def _run_evaluation(model: Padim, model_path: Path, data: DataArgs, out: Path, metrics_resolution: str,
-                    figures: bool, progress: bool) -> dict:
-    split = data.load()
-    report = evaluate(model, data, split, out, model_path, metrics_resolution, figures, progress)
+def _evaluate(model, model_path: Path, data, split, out: Path, metrics_resolution: str, figures: bool,
+              progress: bool, stages) -> dict:
+    from .runs import evaluate_job
+
+    report = evaluate_job(model, data, split, out, model_path, metrics_resolution, figures, progress, stages)
     _print_table(report)
     click.echo(f"wrote {out / 'metrics.json'}, {out / 'scores.csv'}, {out / 'roc_curve.png'}"
                + (f", {out / 'figures'}/" if figures else "") + f", {out / 'report.html'}")
     return report
+
+
+def _stages():
+    """A stage timer that prints one line per finished stage."""
+    from .evaluation import Stages
+
+    return Stages(echo=lambda line: click.echo(f"stage {line}"))
+
+
+def _load(data_root: Path, category: str, split: str, layout: str, stages=None):
+    """The data arguments and the split, read once for the whole command."""
+    from .runs import DataArgs
+
+    data = DataArgs(data_root, category, split, layout)
+    if stages is None:
+        return data, data.load()
+    with stages("data"):
+        return data, data.load()
 
 
 def dask_options(func):
@@ -273,12 +287,15 @@ def main() -> None:
     _show_warnings()
 
 
-def _new_model(device: str, workers: int | None, data: DataArgs, aspect: str, image_size: int | tuple[int, int],
-               **params) -> Padim:
+def _new_model(device: str, workers: int | None, split, aspect: str, image_size: int | tuple[int, int],
+               **params):
     """A Padim for these options; with --aspect keep, the input size follows the training images."""
+    from .datasets.images import keep_aspect
+    from .model import Padim
+
     _check_device(device)
     if isinstance(image_size, int):
-        image_size = keep_aspect(image_size, data.load().train[0].path) if aspect == "keep" else (image_size,) * 2
+        image_size = keep_aspect(image_size, split.train[0].path) if aspect == "keep" else (image_size,) * 2
     return Padim(device=device, num_workers=workers, image_size=image_size, **params)
 
 
@@ -292,19 +309,20 @@ def _new_model(device: str, workers: int | None, data: DataArgs, aspect: str, im
 @handle_errors
 def fit_cmd(data_root, category, split, layout, device, workers, out, dask_address, shard_size, **params):
     """Fit a model on the normal training images of a category."""
-    data = DataArgs(data_root, category, split, layout)
-    model = _new_model(device, workers, data, **params)
+    data, loaded = _load(data_root, category, split, layout)
+    model = _new_model(device, workers, loaded, **params)
     if dask_address:
         dist = _distributed()
-        try:
-            _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE,
-                                         params["progress"], click.echo)
-        except dist.ClusterError as exc:
-            _fail(2, str(exc))
+        _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE,
+                                     params["progress"], click.echo)
+        seconds, n_train = info["fit_seconds"], info["n_train"]
     else:
-        _, path, info = fit(data, out, model)
-    click.echo(f"fitted on {info['n_train']} images in {info['fit_seconds']:.1f} s; wrote {path} "
-               f"(threshold {model.threshold_})")
+        from .runs import fit_job
+
+        stages = _stages()
+        path = fit_job(data, loaded, out, model, stages)
+        seconds, n_train = stages.seconds["fit"], len(loaded.train)
+    click.echo(f"fitted on {n_train} images in {seconds:.1f} s; wrote {path} (threshold {model.threshold_})")
 
 
 @main.command("evaluate")
@@ -321,11 +339,16 @@ def fit_cmd(data_root, category, split, layout, device, workers, out, dask_addre
 def evaluate_cmd(data_root, category, split, layout, model_path, weights, device, batch_size, workers, progress,
                  metrics_resolution, figures, out):
     """Score the test split of a category with a fitted model and write metrics and figures."""
+    from .model import Padim
+
     _check_device(device)
-    model = Padim.load(model_path, device=device, weights=weights, progress=progress)
+    stages = _stages()
+    data, loaded = _load(data_root, category, split, layout, stages)
+    with stages("load"):
+        model = Padim.load(model_path, device=device, weights=weights, progress=progress)
     model.batch_size, model.num_workers = batch_size, workers
-    _run_evaluation(model, model_path, DataArgs(data_root, category, split, layout), out, metrics_resolution,
-                    figures, progress)
+    _evaluate(model, model_path, data, loaded, out, metrics_resolution, figures, progress, stages)
+    click.echo(f"total {sum(stages.seconds.values()):.1f} s")
 
 
 @main.command("run")
@@ -338,13 +361,15 @@ def evaluate_cmd(data_root, category, split, layout, model_path, weights, device
 @handle_errors
 def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, **params):
     """Fit, then evaluate: the whole job in one command."""
+    from .runs import fit_job
+
     start = time.perf_counter()
-    progress = params["progress"]
-    data = DataArgs(data_root, category, split, layout)
-    model = _new_model(device, workers, data, **params)
-    _, path, info = fit(data, out, model)
-    click.echo(f"fitted on {info['n_train']} images in {info['fit_seconds']:.1f} s; wrote {path}")
-    _run_evaluation(model, path, data, out, metrics_resolution, figures, progress)
+    stages = _stages()
+    data, loaded = _load(data_root, category, split, layout, stages)
+    model = _new_model(device, workers, loaded, **params)
+    path = fit_job(data, loaded, out, model, stages)
+    click.echo(f"fitted on {len(loaded.train)} images; wrote {path}")
+    _evaluate(model, path, data, loaded, out, metrics_resolution, figures, params["progress"], stages)
     click.echo(f"total {time.perf_counter() - start:.1f} s")
 
 
@@ -364,24 +389,21 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
 def predict_cmd(model_path, paths, weights, device, batch_size, workers, progress, heatmaps, out, dask_address,
                 shard_size):
     """Score new images (files, or folders searched recursively) with a .safetensors or .onnx model."""
-    from .export import open_model
-
     _check_device(device)
     if dask_address:
         dist = _distributed()
-        try:
-            result = dist.predict_job(model_path, paths, out, dask_address, device=device, weights=weights,
-                                      batch_size=batch_size, heatmaps=heatmaps,
-                                      shard_size=shard_size or dist.PREDICT_SHARD_SIZE,
-                                      progress=progress, log=click.echo)
-        except dist.ClusterError as exc:
-            _fail(2, str(exc))
+        result = dist.predict_job(model_path, paths, out, dask_address, device=device, weights=weights,
+                                  batch_size=batch_size, heatmaps=heatmaps,
+                                  shard_size=shard_size or dist.PREDICT_SHARD_SIZE, progress=progress, log=click.echo)
         flagged = sum(1 for r in result["rows"] if r[2] == "anomaly")
         click.echo(f"scored {len(result['rows'])} images in {result['shards']} shards ({result['reused']} reused "
                    f"from {out / 'parts'}), {flagged} above the threshold; wrote {out / 'scores.csv'}")
         return
     if model_path.suffix.lower() == ".onnx" and device != "cpu":
         raise click.BadParameter("ONNX models run on the CPU (onnxruntime); use --device cpu", param_hint="--device")
+    from .export import open_model
+    from .runs import predict_files
+
     model = open_model(model_path, device=device, weights=weights, progress=progress)
     model.batch_size, model.num_workers = batch_size, workers
     rows = predict_files(model, paths, out, heatmaps)
@@ -418,6 +440,8 @@ def download_visa_cmd(root, url, sha256, retries, keep_archive, progress):
     A dropped transfer is resumed (also by running the command again); a second run after a
     finished one does nothing.
     """
+    from .datasets.download import download_visa
+
     try:
         download_visa(root, url, sha256, retries=retries, keep_archive=keep_archive, progress=progress,
                       echo=lambda line: click.echo(line, err=True))

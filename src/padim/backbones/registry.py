@@ -3,40 +3,53 @@ where its weights come from, its input normalization and its three feature taps.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+from ..errors import BackboneError
 
-from ..checksums import sha256_of
+if TYPE_CHECKING:
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BackboneError", "BackboneSpec", "get_spec", "list_backbones",
+           "register", "verify_sha256"]
 
-class BackboneError(RuntimeError):
-    """A backbone or its weights cannot be had; the message says how to get them."""
+Factory = Callable[[Path | None, bool], "nn.Module"]
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build one backbone.
 
-    ``build(weights, pretrained)`` returns a module mapping a normalized float batch to a list of
+    ``factory(weights, pretrained)`` returns a module mapping a normalized float batch to a list of
     feature maps, the first at stride 4, each next at twice the stride of the one before (PaDiM's
     three taps are at strides 4, 8 and 16; FeatureExtractor.stride relies on it); ``weights``
     is a file the user named (or None for the default source), ``pretrained=False`` gives random
-    weights (tests only).
+    weights (tests only). A ``"module:function"`` string is imported on the first build, so that
+    listing the backbones imports no deep-learning library.
     """
 
     name: str
-    build: Callable[[Path | None, bool], nn.Module]
+    factory: str | Factory
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     taps: tuple[str, ...]
     channels: tuple[int, ...]
     source: str
+
+    def build(self, weights: Path | None, pretrained: bool) -> nn.Module:
+        """The network with its weights (see the class docstring)."""
+        factory = self.factory
+        if isinstance(factory, str):
+            module, _, name = factory.partition(":")
+            factory = getattr(importlib.import_module(module), name)
+        return factory(weights, pretrained)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -65,6 +78,8 @@ def get_spec(name: str) -> BackboneSpec:
 
 def verify_sha256(path: Path, expected: str) -> None:
     """Raise BackboneError unless the file's sha256 is ``expected``."""
+    from ..checksums import sha256_of  # hashlib: only when weights are loaded
+
     actual = sha256_of(path)
     if actual != expected:
         raise BackboneError(

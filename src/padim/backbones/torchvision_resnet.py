@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from .packaged import load_state
-from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneError, BackboneSpec, register
+from .registry import BackboneError
 
 
 def cached_weights(url: str) -> Path:
@@ -53,15 +53,6 @@ def _resnet_builder(factory, weights_enum):
     return build
 
 
-register(BackboneSpec(
-    "resnet18",
-    _resnet_builder(torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    IMAGENET_MEAN, IMAGENET_STD, ("layer1", "layer2", "layer3"), (64, 128, 256),
-    "torchvision ResNet18_Weights.IMAGENET1K_V1 (local cache or --weights)",
-))
-register(BackboneSpec(
-    "wide_resnet50_2",
-    _resnet_builder(torchvision.models.wide_resnet50_2, torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1),
-    IMAGENET_MEAN, IMAGENET_STD, ("layer1", "layer2", "layer3"), (256, 512, 1024),
-    "torchvision Wide_ResNet50_2_Weights.IMAGENET1K_V1 (local cache or --weights)",
-))
+resnet18 = _resnet_builder(torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+wide_resnet50_2 = _resnet_builder(torchvision.models.wide_resnet50_2,
+                                  torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1)

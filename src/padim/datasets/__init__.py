@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .checks import check_split
-from .images import ImageFiles, image_size, read_image, read_mask
+from ..errors import DatasetError
+from ..lazy import lazy_attributes
 from .mvtec import is_folder, is_mvtec, list_images, load_folder
-from .samples import DatasetError, Sample, Split
+from .samples import Sample, Split
 from .visa import is_visa, load_visa
+
+if TYPE_CHECKING:
+    from .checks import check_split
+    from .images import ImageFiles, image_size, read_image, read_mask
 
 LAYOUTS = ("auto", "visa", "mvtec", "folder")
 
@@ -16,6 +21,9 @@ __all__ = [
     "LAYOUTS", "DatasetError", "ImageFiles", "Sample", "Split", "check_split", "detect_layout", "image_size",
     "list_images", "load_split", "read_image", "read_mask",
 ]
+# decoding needs numpy and Pillow: loaded on first use, so the command line starts fast
+__getattr__ = lazy_attributes(__name__, {"check_split": ".checks", **dict.fromkeys(
+    ("ImageFiles", "image_size", "read_image", "read_mask"), ".images")})
 
 
 def detect_layout(root: Path, category: str) -> str:
@@ -49,6 +57,8 @@ def load_split(root: str | Path, category: str, split: str = "1cls", layout: str
         raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect_layout(root, category)
+    from .checks import check_split
+
     if layout == "visa":
         return check_split(load_visa(root, category, split))
     return check_split(load_folder(root, category, layout))

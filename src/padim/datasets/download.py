@@ -26,17 +26,12 @@ from tqdm import tqdm
 from .. import __version__
 from ..atomic import write_text
 from ..checksums import sha256_of
-from .samples import DatasetError
+from ..errors import DatasetError, DownloadError
+from .visa import VISA_SHA256, VISA_URL
 
-VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
-VISA_SHA256 = "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"
 MARKER = ".padim-download.json"
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0
-
-
-class DownloadError(Exception):
-    """The archive could not be fetched or stored (no network, server error, local disk)."""
 
 
 class ArchiveError(DatasetError):

@@ -1,4 +1,4 @@
-"""Image and mask decoding, resizing, and a torch Dataset that feeds the backbone uint8 tensors.
+"""Image and mask decoding, resizing, and a data set of images that feeds the backbone uint8 tensors.
 
 Decoding is strict: truncated files, files that are not images and images over Pillow's
 decompression-bomb limit are refused with a :class:`DatasetError` naming the file. Images in other
@@ -11,12 +11,15 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from .samples import DatasetError
+from ..errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +169,14 @@ def read_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """uint8 (3, h, w) tensor from an RGB PIL image."""
+    import torch  # here, not at the top: reading images and masks needs no torch
+
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Images (paths, PIL images or HxWx3 uint8 arrays) decoded and resized to uint8 (3, h, w)."""
+class ImageFiles:
+    """Images (paths, PIL images or HxWx3 uint8 arrays) decoded and resized to uint8 (3, h, w): a
+    map-style data set for torch's DataLoader."""
 
     def __init__(self, sources: Sequence[ImageSource], size: tuple[int, int]):
         self.sources = list(sources)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import DatasetError
+
+__all__ = ["NORMAL", "DatasetError", "Sample", "Split"]
+
 NORMAL = "normal"
 
 
@@ -42,15 +46,3 @@ class Split:
         """True when the test set holds both classes, so image-level metrics are defined."""
         labels = {s.label for s in self.test}
         return labels == {0, 1}
-
-
-class DatasetError(ValueError):
-    """A data set on disk is missing, incomplete or malformed; the message names the file."""
-
-    def __init__(self, message: str = ""):
-        # torch's DataLoader re-raises an error from a decoding worker as
-        # DatasetError("Caught DatasetError in DataLoader worker process N. Original Traceback ...");
-        # keep only the original message so the user never sees the worker's stack trace
-        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
-            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .samples import NORMAL, DatasetError, Sample, Split
 
+# the official archive (Registry of Open Data on AWS) and its sha256, as anomalib pins it
+VISA_URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
+VISA_SHA256 = "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"
 SPLITS = ("1cls", "seed")
 SEED_TRAIN_COUNT = 100  # the seed notebook trained on the first 100 normal images
 

@@ -14,7 +14,7 @@ from typing import Any
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
 from .. import __version__
-from ..datasets import DatasetError
+from ..errors import ClusterError, DatasetError
 
 LOCAL = "local:"
 RETRIES = 2  # extra tries of a task that raised (a killed worker is rescheduled by Dask anyway)
@@ -23,10 +23,6 @@ RETRIES = 2  # extra tries of a task that raised (a killed worker is rescheduled
 # returns a row count, and its shard is the unit of resumption, so scoring shards are small.
 FIT_SHARD_SIZE = 512
 PREDICT_SHARD_SIZE = 64
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be reached or its workers cannot run this version of the package."""
 
 
 @contextlib.contextmanager

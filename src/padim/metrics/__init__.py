@@ -1,7 +1,8 @@
 """Metrics: AUROC, F1-max and AUPRO for images and pixels, overall and per defect type."""
 
-from .curves import auroc, confusion, f1_max
-from .evaluate import compute_metrics
-from .pro import aupro, pro_curve
+from .binary import auroc, confusion, f1_max
+from .evaluate import compute_metrics, metrics_and_curves
+from .pro import aupro
+from .ranks import Group, Ranking
 
-__all__ = ["aupro", "auroc", "compute_metrics", "confusion", "f1_max", "pro_curve"]
+__all__ = ["Group", "Ranking", "aupro", "auroc", "compute_metrics", "confusion", "f1_max", "metrics_and_curves"]

@@ -24,6 +24,7 @@ from .. import __version__
 from ..atomic import write_bytes
 from ..backbones import BackboneError, get_spec
 from ..backbones.extractor import TAP_RESIZE, channel_index
+from ..errors import ModelFileError
 from .padim import Padim
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, position_chunks
@@ -33,10 +34,6 @@ TENSORS = ("mean", "factor_tril", "channels")
 MAX_IMAGE_SIDE = 4096
 
 logger = logging.getLogger(__name__)
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, truncated, tampered or from an incompatible version."""
 
 
 CHUNK = 1024  # positions per step of packing and unpacking: the full (P, d, d) factor never exists

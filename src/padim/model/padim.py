@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..backbones.blocks import ScaleLayout
-from ..backbones.extractor import check_scales
 from ..datasets.images import ImageFiles, ImageSource
+from ..params import check_scales
 from .blocks import BlockStats
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, GaussianStats, StreamingStats, whitening_factors

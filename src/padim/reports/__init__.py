@@ -1,9 +1,22 @@
-"""Reports: figures and files that show an evaluation to people."""
+"""Reports: figures and files that show an evaluation to people (imported on first use: matplotlib
+and jinja2 load only for the commands that draw)."""
 
-from .curves import save_pixel_curves
-from .figures import five_panel, overlay, roc_figure, save_overlay
-from .gallery import write_galleries
-from .html import ReportError, write_report
+from typing import TYPE_CHECKING
 
-__all__ = ["ReportError", "five_panel", "overlay", "roc_figure", "save_overlay", "save_pixel_curves",
-           "write_galleries", "write_report"]
+from ..lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from .curves import save_pixel_curves
+    from .figures import FivePanel, five_panel, roc_figure
+    from .gallery import write_galleries
+    from .html import ReportError, write_report
+    from .overlay import overlay, save_overlay
+    from .run_folder import write_run_folder
+
+__all__ = ["FivePanel", "ReportError", "five_panel", "overlay", "roc_figure", "save_overlay", "save_pixel_curves",
+           "write_galleries", "write_report", "write_run_folder"]
+__getattr__ = lazy_attributes(__name__, {
+    "save_pixel_curves": ".curves", "FivePanel": ".figures", "five_panel": ".figures", "roc_figure": ".figures",
+    "write_galleries": ".gallery", "ReportError": ".html", "write_report": ".html", "overlay": ".overlay",
+    "save_overlay": ".overlay", "write_run_folder": ".run_folder",
+})

@@ -1,5 +1,5 @@
-"""ROC and precision-recall curves for the report: computed once from all test pixels at evaluation
-time and kept, thinned to a few thousand points, in ``curves.npz``."""
+"""The pixel ROC and precision-recall curves of an evaluation, kept for the report in ``curves.npz``
+(thinned to a few thousand points; the maps are gone once the evaluation ends)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ..atomic import write_bytes
 
@@ -27,25 +26,15 @@ def thin(x: np.ndarray, y: np.ndarray, n: int = MAX_POINTS) -> tuple[np.ndarray,
     return x[keep], y[keep]
 
 
-def curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray] | None:
-    """ROC (fpr, tpr), precision-recall (recall, precision) and average precision of binary
-    labels and scores; None when only one class is present."""
-    labels = np.asarray(labels).ravel().astype(bool)
-    scores = np.asarray(scores).ravel()
-    if labels.size == 0 or labels.all() or not labels.any():
-        return None
-    fpr, tpr, _ = roc_curve(labels, scores)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    ap = -np.sum(np.diff(recall) * precision[:-1])  # sklearn's average precision, from the same curve
-    fpr, tpr = thin(fpr, tpr)
-    recall, precision = thin(recall, precision)
-    return {"fpr": fpr, "tpr": tpr, "recall": recall, "precision": precision, "ap": np.float64(ap)}
-
-
-def save_pixel_curves(out_dir: Path, pixel_labels: np.ndarray | None, pixel_scores: np.ndarray | None) -> Path:
-    """Write the pixel curves to ``out_dir/curves.npz`` (empty when they are undefined)."""
-    found = curves(pixel_labels, pixel_scores) if pixel_labels is not None else None
-    arrays = {f"pixel_{k}": v.astype(np.float32) for k, v in (found or {}).items()}
+def save_pixel_curves(out_dir: Path, curves: dict[str, np.ndarray] | None) -> Path:
+    """Write the pixel curves (:meth:`padim.metrics.Ranking.curves`) to ``out_dir/curves.npz``,
+    thinned (empty when they are undefined)."""
+    arrays = {}
+    if curves is not None:
+        fpr, tpr = thin(curves["fpr"], curves["tpr"])
+        recall, precision = thin(curves["recall"], curves["precision"])
+        found = {"fpr": fpr, "tpr": tpr, "recall": recall, "precision": precision, "ap": np.float64(curves["ap"])}
+        arrays = {f"pixel_{k}": np.asarray(v, np.float32) for k, v in found.items()}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     path = out_dir / CURVES_FILE

@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..atomic import atomic_path, write_text
-from .figures import overlay
+from .overlay import overlay
 
 TILES_DIR = "tiles"
 MANIFEST = "galleries.json"

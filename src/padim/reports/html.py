@@ -14,16 +14,13 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_text
-from ..datasets import DatasetError
+from ..errors import ReportError
+from ..metrics import Group, Ranking
 from . import plots
-from .curves import CURVES_FILE, curves, load_pixel_curves
+from .curves import CURVES_FILE, load_pixel_curves
 from .gallery import MANIFEST, TILES_DIR
 
 REPORT_FILE = "report.html"
-
-
-class ReportError(DatasetError):
-    """A run folder lacks a file the report needs, or the file is malformed; the message names it."""
 
 
 def _data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -120,7 +117,7 @@ def report_context(run_dir: Path) -> dict:
     labels = np.array([r["label"] == "anomaly" for r in rows], dtype=np.int64)
     scores = np.array([float(r["score"]) for r in rows])
     threshold = model.get("threshold")
-    image = curves(labels, scores)
+    image = Ranking([Group.of(scores, labels)]).curves()
     pixel = load_pixel_curves(run_dir / CURVES_FILE)
     size = model.get("image_size") or []
     headline = [("Image AUROC", overall.get("image_auroc"), "How well the image score ranks defective above good "

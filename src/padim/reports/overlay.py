@@ -1,0 +1,35 @@
+"""Heat-map overlays: an anomaly map in the heat colour map, blended over its image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+
+from ..atomic import atomic_path
+
+HEAT_CMAP = "jet"
+# the colour map as a 256-entry table: colouring a map is then one lookup per pixel
+_HEAT_LUT = np.rint(matplotlib.colormaps[HEAT_CMAP](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def heat_colors(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
+    """uint8 (H, W, 3): the map in the heat colour map over ``vrange`` (clipped at both ends)."""
+    lo, hi = vrange
+    index = np.clip((np.asarray(amap, np.float32) - lo) * (255 / max(hi - lo, 1e-12)), 0, 255)
+    return _HEAT_LUT[np.rint(index).astype(np.uint8)]
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float], alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3) image blended with the heat map coloured over ``vrange``."""
+    blended = (1 - alpha) * np.asarray(image, np.float32) + alpha * heat_colors(amap, vrange)
+    return np.rint(blended).astype(np.uint8)
+
+
+def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float]) -> Path:
+    """Write the heat-map overlay of one image as PNG."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(overlay(image, amap, vrange)).save(tmp, format="PNG")
+    return path
