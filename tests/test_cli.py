@@ -128,3 +128,26 @@ def test_bad_scales_are_refused_with_a_usage_error(visa, tmp_path, bad):
     result = CliRunner().invoke(main, ["fit", str(visa), "--category", "widget", "--out", str(tmp_path / "m"),
                                        "--scales", bad])
     assert result.exit_code == 2 and "--scales" in result.output and "(0, 1]" in result.output
+
+
+def test_run_prints_and_stores_one_timing_per_stage(visa, tmp_path):
+    out = tmp_path / "timed"
+    result = invoke("run", visa, "--category", "widget", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    stages = ["data", "fit", "calibrate", "save", "predict", "metrics", "figures", "report"]
+    printed = [line.split()[1] for line in result.output.splitlines() if line.startswith("stage ")]
+    assert printed == stages
+    timings = json.loads((out / "metrics.json").read_text())["timings"]
+    assert list(timings) == [*stages, "total"] and all(v >= 0 for v in timings.values())
+    assert timings["total"] == pytest.approx(sum(timings[s] for s in stages), abs=0.01)
+
+
+def test_run_reads_the_split_once(visa, tmp_path, monkeypatch):
+    import padim.runs
+
+    calls = []
+    original = padim.runs.load_split
+    monkeypatch.setattr(padim.runs, "load_split", lambda *a, **k: calls.append(a) or original(*a, **k))
+    result = invoke("run", visa, "--category", "widget", "--out", tmp_path / "once", *FAST)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1

@@ -321,7 +321,7 @@ def fit_cmd(data_root, category, split, layout, device, workers, out, dask_addre
 
         stages = _stages()
         path = fit_job(data, loaded, out, model, stages)
-        seconds, n_train = stages.seconds["fit"], len(loaded.train)
+        seconds, n_train = stages.seconds["fit"] + stages.seconds["calibrate"], len(loaded.train)
     click.echo(f"fitted on {n_train} images in {seconds:.1f} s; wrote {path} (threshold {model.threshold_})")
 
 

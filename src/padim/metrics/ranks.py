@@ -41,7 +41,7 @@ class Group:
         if region_ids is None:
             return cls(negatives, positives)
         ids = np.ravel(region_ids)[labels]
-        sizes = np.bincount(ids)
+        sizes = np.bincount(ids, minlength=1)  # ids 1..R on positives: R + 1 bins, none when no positive
         return cls(negatives, positives, 1.0 / sizes[ids], int(sizes.size - 1))
 
 

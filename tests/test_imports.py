@@ -1,0 +1,40 @@
+"""The command line's import contract: ``padim --help`` and usage errors need no heavy library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "scipy", "dask", "distributed", "onnx", "onnxruntime",
+         "fastapi", "uvicorn", "jinja2", "PIL", "numpy")
+
+
+def _imported(code: str) -> set[str]:
+    """Top-level names of the modules ``python -X importtime -c code`` imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                            check=True)
+    names = set()
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("code", ["import padim.cli", "import padim", "from padim.errors import exit_code"])
+def test_the_command_line_and_the_package_import_no_heavy_library(code):
+    heavy = sorted(set(HEAVY) & _imported(code))
+    assert not heavy, f"{code!r} imports {heavy}"
+
+
+def test_help_and_usage_errors_stay_light():
+    probe = ("import sys\nfrom padim.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             f"heavy = sorted(set({HEAVY!r}) & {{m.split('.')[0] for m in sys.modules}})\n"
+             "print('HEAVY', heavy, code)")
+    for args in (["--help"], ["fit", "--help"], ["run", "--help"], ["fit", "--scales", "2", "x", "--category", "c",
+                                                                    "--out", "o"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
+        assert "HEAVY [] " in out, (args, out[-300:])
+    assert "HEAVY [] 2" in out  # the bad --scales is a usage error, found before any heavy import
