@@ -202,6 +202,9 @@ def test_serve_passes_token_tls_and_drain_timeout_to_uvicorn_and_warns(tiny, cer
     from padim.serve.security import ServeConfigError, resolve_security
 
     monkeypatch.delenv("PADIM_SERVE_TOKEN", raising=False)
+    served_log = logging.getLogger("padim.serve")
+    monkeypatch.setattr(served_log, "handlers", [])  # serve() adds one on captured stderr; gone after the test
+    monkeypatch.setattr(served_log, "level", served_log.level)
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))  # binds nothing
     cert, key = certificate
@@ -354,6 +357,7 @@ def test_one_structured_log_line_per_request(tiny, caplog):
     line = json.loads(JsonLines().format(records[0]))
     assert line["request_id"] == ok.headers["X-Request-ID"] and line["route"] == "/predict"
     assert line["status"] == 200 and line["method"] == "POST" and line["ms"] > 0 and line["images"] == 1
+    assert line["client"] == "testclient"
     assert line["score"] == pytest.approx(ok.json()["score"]) and line["flagged"] is (ok.json()["label"] == "anomaly")
     assert line["level"] == "INFO" and line["logger"] == "padim.serve.access" and line["time"].endswith("Z")
     refused, health = (json.loads(JsonLines().format(r)) for r in records[1:])

@@ -154,3 +154,24 @@ def test_tls_through_uvicorn(tiny, certificate):  # noqa: F811
             assert client.get(f"{url}/model", headers=AUTH).status_code == 200
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url.replace('https', 'http')}/health", timeout=5)  # plain HTTP is not answered
+
+
+def test_a_client_leaving_mid_upload_is_counted_as_499_not_logged_as_a_bug(tiny, caplog):  # noqa: F811
+    require("httpx")
+    from padim.serve import Inspector
+    from padim.serve.app import create_app
+
+    app = create_app(Inspector.open(tiny[0]), token=TOKEN)
+    image = png_bytes(tiny[1][0])
+    with caplog.at_level("INFO", logger="padim.serve"), running_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                            f"Content-Length: {len(image)}\r\n\r\n").encode() + image[:100])
+            time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not any(getattr(r, "fields", {}).get("status") == 499 for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert requests_total(samples(app.state.metrics.render()[0].decode()), "/predict", "POST", 499) == 1

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -173,6 +174,8 @@ class Gate:
                     await response(scope, receive, send_with_id)
                     return
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = status or 499  # the client left before its upload arrived: nobody to answer, no bug
         except Exception:
             # a bug, not bad input: the log gets the traceback and the id, the client only the id
             log.exception("internal error on %s %s (request %s)", method, path, request_id)
@@ -187,8 +190,10 @@ class Gate:
             self.metrics.in_progress.dec()
             self.metrics.observe(route, method, final, seconds)
             scores, labels = state.get("scores"), state.get("labels")
+            client = scope.get("client")
             access_log.info("%s %s %s", method, path, final, extra={"fields": {
                 "request_id": request_id, "method": method, "route": route, "status": final,
+                "client": client[0] if client else None,
                 "ms": round(1000 * seconds, 2),
                 "score": max(scores) if scores else None,
                 "flagged": None if not labels or None in labels else "anomaly" in labels,

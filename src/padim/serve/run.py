@@ -37,7 +37,6 @@ def configure_logging(stream=None) -> logging.Handler:
     handler.setFormatter(JsonLines())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False
     return handler
 
 
