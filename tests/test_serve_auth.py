@@ -84,6 +84,9 @@ def test_every_data_and_model_route_needs_the_token(locked, tiny):
     wrong = locked.get("/model", headers={"Authorization": "Bearer nope-nope-nope-nope"})
     assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"] and "invalid token" in wrong.text
     assert locked.get("/no-such-route").status_code == 401  # unknown routes do not reveal themselves
+    schema = locked.get("/openapi.json", headers=AUTH).json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert schema["security"] == [{"bearer": []}] and schema["paths"]["/health"]["get"]["security"] == []
 
 
 def test_health_and_the_page_stay_open(locked):

@@ -302,6 +302,23 @@ def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
+    if token is not None:
+        _declare_bearer(app)
     routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
     app.add_middleware(Gate, token=token, metrics=metrics, routes=routes)
     return app
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """Say in /openapi.json that the API takes a bearer token (Gate enforces it), /health excepted."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()  # FastAPI caches it; the edits below are idempotent
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        for operation in schema["paths"].get("/health", {}).values():
+            operation["security"] = []
+        return schema
+
+    app.openapi = openapi
