@@ -115,7 +115,11 @@ def test_sigterm_lets_the_request_in_flight_finish(server, tiny):  # noqa: F811
     # an upload still arriving when the signal comes: in flight, and deterministic on any machine
     client = socket.create_connection(("127.0.0.1", port), timeout=60)
     client.sendall(head + image[: len(image) // 2])
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    in_progress = ("padim_serve_requests_in_progress", frozenset())
+    while samples(httpx.get(f"{url}/metrics", headers=AUTH).text)[in_progress] < 2:  # it, and this /metrics
+        assert time.monotonic() < deadline, "the half-sent request never reached the app"
+        time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 20
     while True:  # the listening socket closes: no new connections while draining
