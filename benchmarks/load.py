@@ -1,13 +1,16 @@
 """Bounded load test of the inspection service on loopback: a fixed number of POST /predict requests
-from concurrent clients, within a time limit. Prints requests/s, latency percentiles, errors, and
-whether every score under load equals the image's single-request score.
+from concurrent clients, within a time limit. Prints requests/s, latency percentiles, errors,
+whether every score under load equals the image's single-request score, and whether the server's
+Prometheus counters (/metrics) moved by exactly the requests sent.
 
-Starts its own server (``padim serve`` on 127.0.0.1, a free port) unless --url is given:
+Starts its own server (``padim serve`` on 127.0.0.1, a free port, with a fresh random token) unless
+--url is given (loopback only; its token from $PADIM_SERVE_TOKEN or --token-file, if it has one):
 
     python benchmarks/load.py --model runs/fryum/model.onnx --data ../shared/data/visa \\
         --requests 200 --concurrency 8 --time-limit 300
 
-Exit status 1 when a request failed, did not finish in time, or got a different score.
+Exit status 1 when a request failed, did not finish in time, got a different score, or the counters
+do not match.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import httpx
 import numpy as np
 
 from padim.datasets import load_split
+from padim.serve.security import TOKEN_ENV, is_loopback, read_token
 
 
 def free_port() -> int:
@@ -33,17 +39,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, token: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "padim.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr gets a log line per request and nobody reads it during the load: a file, as a full pipe would
+    # block the server
+    log = tempfile.TemporaryFile("w+")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, TOKEN_ENV: token})
+    server.log = log
+    return server
 
 
 def wait_healthy(url: str, server: subprocess.Popen | None, limit: float = 180) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if server is not None and server.poll() is not None:
-            raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
+            server.log.seek(0)
+            raise SystemExit(f"server exited: {server.log.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -53,7 +65,40 @@ def wait_healthy(url: str, server: subprocess.Popen | None, limit: float = 180) 
     raise SystemExit(f"no healthy server at {url} after {limit} s")
 
 
-async def run_load(url: str, bodies: list[bytes], n: int, concurrency: int, time_limit: float) -> dict:
+def scrape(url: str, headers: dict[str, str]) -> dict[tuple[str, frozenset], float]:
+    """The server's /metrics samples, parsed by prometheus_client, keyed by (sample name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+    response.raise_for_status()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def counter_check(before: dict, after: dict, completed: int, failed: int) -> list[str]:
+    """Mismatches between the counters' growth and the /predict requests this run sent and saw answered."""
+    def grew(name: str, **labels: str) -> float:
+        if labels:
+            return sum(v - before.get(k, 0.0) for k, v in after.items()
+                       if k[0] == name and labels.items() <= dict(k[1]).items())
+        key = (name, frozenset())
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    checks = {
+        "padim_serve_requests_total{route=/predict,status=200}": (
+            grew("padim_serve_requests_total", route="/predict", method="POST", status="200"), completed),
+        "padim_serve_requests_total{route=/predict} (all statuses)": (
+            grew("padim_serve_requests_total", route="/predict", method="POST"), completed + failed),
+        "padim_serve_request_duration_seconds_count{route=/predict}": (
+            grew("padim_serve_request_duration_seconds_count", route="/predict"), completed + failed),
+        "padim_serve_images_scored_total": (grew("padim_serve_images_scored_total"), completed),
+    }
+    return [f"{name}: grew by {got:.0f}, expected {want}" for name, (got, want) in checks.items() if got != want]
+
+
+async def run_load(url: str, bodies: list[bytes], n: int, concurrency: int, time_limit: float,
+                   headers: dict[str, str] | None = None) -> dict:
+    """Send ``n`` POST /predict requests (``bodies`` round robin) from ``concurrency`` clients."""
     latencies, scores, errors = [], [], []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
@@ -65,7 +110,8 @@ async def run_load(url: str, bodies: list[bytes], n: int, concurrency: int, time
             k = i % len(bodies)
             start = time.perf_counter()
             try:
-                r = await client.post("/predict", content=bodies[k], headers={"Content-Type": "image/jpeg"})
+                r = await client.post("/predict", content=bodies[k],
+                                      headers={"Content-Type": "image/jpeg", **(headers or {})})
                 elapsed = time.perf_counter() - start
                 if r.status_code != 200:
                     errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -90,7 +136,8 @@ async def run_load(url: str, bodies: list[bytes], n: int, concurrency: int, time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model to serve (.safetensors or .onnx); or give --url")
-    parser.add_argument("--url", help="an already running service, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--url", help="an already running service on loopback, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--token-file", type=Path, help=f"the --url server's token (else ${TOKEN_ENV})")
     parser.add_argument("--data", type=Path, help="DATA_ROOT: use 2 normal + 2 anomalous test images")
     parser.add_argument("--category", default="fryum")
     parser.add_argument("--images", type=Path, nargs="*", default=[], help="image files to send (instead of --data)")
@@ -100,6 +147,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.model is None) == (args.url is None):
         parser.error("give exactly one of --model and --url")
+    if args.url is not None and not is_loopback(httpx.URL(args.url).host):
+        parser.error(f"{args.url}: the load test runs on loopback only (127.0.0.0/8, ::1, localhost)")
     paths = list(args.images)
     if args.data is not None:
         test = load_split(args.data, args.category).test
@@ -112,11 +161,20 @@ def main() -> None:
     url = args.url
     if url is None:
         url = f"http://127.0.0.1:{free_port()}"
-        server = start_server(args.model, int(url.rsplit(":", 1)[1]))
+        token = secrets.token_urlsafe(32)
+        server = start_server(args.model, int(url.rsplit(":", 1)[1]), token)
+    else:
+        token = read_token(args.token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         wait_healthy(url, server)
-        reference = [httpx.post(f"{url}/predict", content=b, timeout=120).json()["score"] for b in bodies]
-        result = asyncio.run(run_load(url, bodies, args.requests, args.concurrency, args.time_limit))
+        reference = [httpx.post(f"{url}/predict", content=b, headers=headers, timeout=120).json()["score"]
+                     for b in bodies]
+        before = scrape(url, headers)
+        result = asyncio.run(run_load(url, bodies, args.requests, args.concurrency, args.time_limit, headers))
+        # an error answered over HTTP is counted by the server; a dropped connection is not
+        answered = sum(e.startswith("HTTP ") for e in result["errors"])
+        mismatched = counter_check(before, scrape(url, headers), len(result["latencies"]), answered)
     finally:
         if server is not None:
             server.terminate()
@@ -135,9 +193,13 @@ def main() -> None:
         print(f"latency ms: p50 {p50:.0f}, p95 {p95:.0f}, p99 {p99:.0f}, max {lat.max():.0f}")
     print(f"scores equal to the single-request score: {len(diffs) - mismatches}/{len(diffs)}"
           f" (max abs diff {max(diffs, default=0.0):.3g})")
+    print(f"metrics counters match the requests sent: {'yes' if not mismatched else 'NO'}"
+          f" ({'token' if headers else 'no token'})")
+    for line in mismatched:
+        print(f"counter mismatch: {line}")
     for error in result["errors"][:5]:
         print(f"error: {error}")
-    if result["errors"] or result["unfinished"] or mismatches:
+    if result["errors"] or result["unfinished"] or mismatches or mismatched:
         sys.exit(1)
 
 

@@ -484,7 +484,8 @@ def export_cmd(model_path, fmt, out, batch, opset, weights):
 @main.command("serve")
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Model file: .safetensors (native) or .onnx (onnxruntime).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on. Any but loopback (127.0.0.0/8, ::1, localhost) needs a token.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True,
               help="Largest accepted upload (per image).")
@@ -492,12 +493,36 @@ def export_cmd(model_path, fmt, out, batch, opset, weights):
               help="Largest accepted image (width x height).")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Backbone weights file, if the model was fitted with --weights.")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File whose first line is the bearer token clients must send (else $PADIM_SERVE_TOKEN; "
+                   "there is no option for the token itself: command lines are visible to other users).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Listen on a non-loopback host without a token (logged as a warning).")
+@click.option("--ssl-certfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS.")
+@click.option("--ssl-keyfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TLS private key (PEM, unencrypted), with --ssl-certfile.")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="On SIGTERM, seconds to let requests in flight finish before cancelling them.")
 @handle_errors
-def serve_cmd(model_path, host, port, max_upload_mb, max_pixels, weights):
-    """Run the inspection service: HTTP API + a page at / to try images."""
+def serve_cmd(model_path, host, port, max_upload_mb, max_pixels, weights, token_file, allow_unauthenticated,
+              ssl_certfile, ssl_keyfile, shutdown_timeout):
+    """Run the inspection service: HTTP API + a page at / to try images.
+
+    The bearer token comes from $PADIM_SERVE_TOKEN or --token-file. Exit code 2 when the start is
+    refused (reachable host without a token, unusable token or TLS files).
+    """
+    # checked before the model loads or the web framework is imported, so a refusal is immediate
+    from .serve.security import ServeConfigError, resolve_security
+
+    try:
+        security = resolve_security(host, token_file, allow_unauthenticated, ssl_certfile, ssl_keyfile)
+    except ServeConfigError as exc:
+        _fail(2, str(exc))
     from .serve.run import serve
 
-    serve(model_path, host, port, int(max_upload_mb * 1024 * 1024), max_pixels, weights)
+    serve(model_path, host, port, int(max_upload_mb * 1024 * 1024), max_pixels, weights, security,
+          shutdown_timeout)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,40 @@
 POST /predict takes one image as a multipart upload (field ``file``) or as the raw request body;
 ``?overlay=true`` adds the heat-map overlay as a base64 PNG (``overlay_png``) to the JSON.
 Errors are JSON ``{"detail": "..."}`` with a 4xx status; nothing answers with a stack trace.
+With a token, every route but ``/`` (the page) and ``/health`` needs ``Authorization: Bearer <token>``
+(else 401). ``/metrics`` is the Prometheus text format. Every answer carries an ``X-Request-ID``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from importlib.resources import files
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from .inspector import ImageRejected, Inspector, decode
+from .metrics import ServeMetrics
+from .security import bearer_token, token_matches
 
 log = logging.getLogger("padim.serve")
+access_log = logging.getLogger("padim.serve.access")
+
+OPEN_PATHS = frozenset({"/", "/health"})  # the page must load to ask for the token; liveness probes carry none
+REQUEST_ID = "X-Request-ID"
+# an id from a proxy in front is kept so logs line up; anything else is replaced, never echoed into the log
+_GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class Timing(BaseModel):
@@ -117,13 +132,93 @@ def _check_length(request: Request, limit: int) -> None:
         raise HTTPException(413, f"upload of {length} bytes is larger than the limit of {limit} bytes")
 
 
-def create_app(inspector: Inspector) -> FastAPI:
-    """The FastAPI application serving ``inspector``'s model."""
+class Gate:
+    """The outermost layer: request id, bearer-token check, metrics and one log line per request.
+
+    Pure ASGI rather than ``@app.middleware``, so it sees the status of every answer, the 401s it
+    gives itself and the 500 of a bug included, and can put the request id on all of them.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, metrics: ServeMetrics, routes: frozenset[str]):
+        self.app, self.token, self.metrics, self.routes = app, token, metrics, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = Headers(scope=scope)
+        offered = headers.get(REQUEST_ID.lower(), "")
+        request_id = offered if _GOOD_ID.fullmatch(offered) else uuid.uuid4().hex
+        path, method = scope["path"], scope["method"]
+        route = path if path in self.routes else "other"  # bounded label values, whatever clients ask for
+        state = scope.setdefault("state", {})  # the routes leave the scores here for the log line
+        status = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID] = request_id
+            await send(message)
+
+        self.metrics.in_progress.inc()
+        try:
+            if self.token is not None and path not in OPEN_PATHS:
+                presented = bearer_token(headers.get("authorization"))
+                if not token_matches(presented, self.token):
+                    detail = "missing bearer token" if presented is None else "invalid token"
+                    challenge = 'Bearer realm="padim"' + ("" if presented is None else ', error="invalid_token"')
+                    response = JSONResponse({"detail": f"{detail}; send the header 'Authorization: Bearer <token>'"},
+                                            status_code=401, headers={"WWW-Authenticate": challenge})
+                    await response(scope, receive, send_with_id)
+                    return
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = status or 499  # the client left before its upload arrived: nobody to answer, no bug
+        except Exception:
+            # a bug, not bad input: the log gets the traceback and the id, the client only the id
+            log.exception("internal error on %s %s (request %s)", method, path, request_id)
+            if status is not None:
+                raise  # the answer has started; the server closes the connection
+            response = JSONResponse({"detail": f"internal error; the server log has the details (request "
+                                               f"{request_id})"}, status_code=500)
+            await response(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - start
+            final = 500 if status is None else status
+            self.metrics.in_progress.dec()
+            self.metrics.observe(route, method, final, seconds)
+            scores, labels = state.get("scores"), state.get("labels")
+            client = scope.get("client")
+            access_log.info("%s %s %s", method, path, final, extra={"fields": {
+                "request_id": request_id, "method": method, "route": route, "status": final,
+                "client": client[0] if client else None,
+                "ms": round(1000 * seconds, 2),
+                "score": max(scores) if scores else None,
+                "flagged": None if not labels or None in labels else "anomaly" in labels,
+                "images": len(scores) if scores else 0,
+            }})
+
+
+def _model_labels(inspector: Inspector) -> dict[str, str]:
+    h, w = inspector.image_size
+    threshold = inspector.threshold
+    return {"model_id": inspector.model_id, "format": inspector.format,
+            "threshold": "none" if threshold is None else repr(float(threshold)),
+            "image_size": f"{h}x{w}", "server_version": __version__}
+
+
+def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``inspector``'s model; with ``token``, all routes but the page
+    and /health need it as a bearer token. Metrics go to the app's own registry (``app.state.metrics``)."""
     # no /docs or /redoc: they load their scripts from a CDN and the service must work offline;
     # the schema itself is at /openapi.json
     app = FastAPI(title="VisA-PaDiM inspection service", version=__version__, docs_url=None, redoc_url=None,
                   description="Anomaly score, verdict and heat map for an image of a part. " + (__doc__ or ""))
     limits = inspector.limits
+    metrics = ServeMetrics(_model_labels(inspector))
+    app.state.metrics = metrics
 
     @app.middleware("http")
     async def refuse_oversized(request: Request, call_next):
@@ -137,11 +232,12 @@ def create_app(inspector: Inspector) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # a bug, not bad input: log it here, answer without internals
+        # Gate answers a route's bug itself (with the request id); this catches a bug in Gate
         log.exception("internal error on %s", request.url.path)
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
-    async def _score(uploads: list[tuple[str | None, bytes]], with_overlay: bool) -> tuple[list[dict], Timing]:
+    async def _score(request: Request, uploads: list[tuple[str | None, bytes]],
+                     with_overlay: bool) -> tuple[list[dict], Timing]:
         start = time.perf_counter()
         decoded = []
         for i, (name, data) in enumerate(uploads):
@@ -156,6 +252,9 @@ def create_app(inspector: Inspector) -> FastAPI:
             _prediction(inspector, name, image, amap, score, w, h, with_overlay)
             for (name, _), (image, w, h), score, amap in zip(uploads, decoded, scores, maps, strict=True)
         ]
+        labels = [r["label"] for r in results]
+        metrics.scored(labels)
+        request.state.scores, request.state.labels = [r["score"] for r in results], labels
         timing = Timing(decode_ms=1000 * (decoded_at - start), queue_ms=1000 * waited, inference_ms=1000 * computed,
                         total_ms=1000 * (time.perf_counter() - start))
         return results, timing
@@ -185,17 +284,41 @@ def create_app(inspector: Inspector) -> FastAPI:
             name, data = upload.filename, await upload.read(limits.max_bytes + 1)
         else:
             name, data = None, await _read_limited(request, limits.max_bytes)
-        results, timing = await _score([(name, data)], overlay)
+        results, timing = await _score(request, [(name, data)], overlay)
         return {**results[0], "timing": timing}
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=ERRORS,
               summary="Score several images (multipart, one 'files' field per image)")
-    async def predict_batch(files: Annotated[list[UploadFile], File(description="the images")],
+    async def predict_batch(request: Request, files: Annotated[list[UploadFile], File(description="the images")],
                             overlay: Annotated[bool, Query(description="add base64 PNG overlays")] = False) -> dict:
         if len(files) > limits.max_batch:
             raise HTTPException(413, f"{len(files)} images, the limit per batch is {limits.max_batch}")
         uploads = [(f.filename, await f.read(limits.max_bytes + 1)) for f in files]
-        results, timing = await _score(uploads, overlay)
+        results, timing = await _score(request, uploads, overlay)
         return {"model_id": inspector.model_id, "results": results, "timing": timing}
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    if token is not None:
+        _declare_bearer(app)
+    routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    app.add_middleware(Gate, token=token, metrics=metrics, routes=routes)
     return app
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """Say in /openapi.json that the API takes a bearer token (Gate enforces it), /health excepted."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()  # FastAPI caches it; the edits below are idempotent
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        for operation in schema["paths"].get("/health", {}).values():
+            operation["security"] = []
+        return schema
+
+    app.openapi = openapi

@@ -1,29 +1,79 @@
-"""The job behind ``padim serve``: load the model, start uvicorn."""
+"""The job behind ``padim serve``: check who may connect, load the model, start uvicorn."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+import time
 from pathlib import Path
 
 import click
 
-from .inspector import Limits
+from .security import ServeSecurity, resolve_security
+
+LOGGER = "padim.serve"
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per log record: time, level, logger, message, and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(stream=None) -> logging.Handler:
+    """Send the service's logs (``padim.serve``, ``padim.serve.access``) as JSON lines to stderr."""
+    logger = logging.getLogger(LOGGER)
+    for old in [h for h in logger.handlers if isinstance(h.formatter, JsonLines)]:
+        logger.removeHandler(old)  # serving twice in one process must not log each line twice
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonLines())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def serve(model_path: Path, host: str, port: int, max_bytes: int, max_pixels: int,
-          weights: Path | None = None) -> None:
-    """Serve ``model_path`` on ``host:port`` until interrupted."""
+          weights: Path | None = None, security: ServeSecurity | None = None,
+          shutdown_timeout: float = 30.0) -> None:
+    """Serve ``model_path`` on ``host:port`` until interrupted; on SIGTERM, stop accepting connections and
+    let requests in flight finish (up to ``shutdown_timeout`` seconds).
+
+    ``security`` comes from :func:`padim.serve.security.resolve_security`; without it the token is read
+    from the environment and a reachable ``host`` without one is refused (ServeConfigError).
+    """
+    if security is None:
+        security = resolve_security(host)
     try:
         import uvicorn
 
         from .app import create_app
     except ImportError as exc:
         raise click.ClickException(
-            f"the service needs the optional packages fastapi, uvicorn and python-multipart ({exc.name} missing); "
-            "install them with: pip install 'visa-padim[serve]'"
+            f"the service needs the optional packages fastapi, uvicorn, python-multipart and prometheus-client "
+            f"({exc.name} missing); install them with: pip install 'visa-padim[serve]'"
         ) from None
-    from .inspector import Inspector
+    from .inspector import Inspector, Limits
 
+    configure_logging()
+    log = logging.getLogger(LOGGER)
+    for warning in security.warnings:
+        log.warning(warning)
     inspector = Inspector.open(model_path, Limits(max_bytes=max_bytes, max_pixels=max_pixels), weights)
-    click.echo(f"model {inspector.model_id} ({inspector.format}, {model_path}); "
-               f"page at http://{host}:{port}/, API schema at http://{host}:{port}/openapi.json")
-    uvicorn.run(create_app(inspector), host=host, port=port, log_level="info")
+    scheme = "https" if security.ssl_certfile else "http"
+    auth = "bearer token required" if security.token else "no authentication"
+    click.echo(f"model {inspector.model_id} ({inspector.format}, {model_path}); {auth}; "
+               f"page at {scheme}://{host}:{port}/, API schema at {scheme}://{host}:{port}/openapi.json, "
+               f"metrics at {scheme}://{host}:{port}/metrics")
+    uvicorn.run(create_app(inspector, token=security.token), host=host, port=port, log_level="info",
+                access_log=False,  # padim.serve.access logs each request, with its id, score and verdict
+                ssl_certfile=str(security.ssl_certfile) if security.ssl_certfile else None,
+                ssl_keyfile=str(security.ssl_keyfile) if security.ssl_keyfile else None,
+                timeout_graceful_shutdown=shutdown_timeout)
