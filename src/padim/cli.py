@@ -225,7 +225,7 @@ def _evaluate(model, model_path: Path, data, split, out: Path, metrics_resolutio
 
 def _stages():
     """A stage timer that prints one line per finished stage."""
-    from .evaluation import Stages
+    from .stages import Stages
 
     return Stages(echo=lambda line: click.echo(f"stage {line}"))
 

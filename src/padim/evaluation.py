@@ -3,9 +3,6 @@ nothing written (``padim.reports.run_folder`` puts it on disk)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,33 +10,11 @@ import numpy as np
 
 from .datasets import Sample, Split, image_size, read_mask
 from .metrics import metrics_and_curves
+from .reports.overlay import map_range
+from .stages import Stages
 
 if TYPE_CHECKING:
     from .model import Padim
-
-
-class Stages:
-    """Wall-clock seconds of each stage of a job, in the order the stages ran; ``echo`` (if given)
-    gets one line per finished stage."""
-
-    def __init__(self, echo=None):
-        self.seconds: dict[str, float] = {}
-        self.echo = echo
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        spent = time.perf_counter() - start
-        self.seconds[name] = self.seconds.get(name, 0.0) + spent
-        if self.echo is not None:
-            self.echo(f"{name:<10s}{spent:8.1f} s")
-
-    def rounded(self) -> dict[str, float]:
-        """The seconds per stage to milliseconds, and their total, for a JSON file."""
-        out = {k: round(v, 3) for k, v in self.seconds.items()}
-        out["total"] = round(sum(self.seconds.values()), 3)
-        return out
 
 
 @dataclass
@@ -96,14 +71,6 @@ def _pixel_data(test: list[Sample], maps: np.ndarray, resolution: str,
     return masks, out
 
 
-def map_range(model: Padim, maps: np.ndarray) -> tuple[float, float]:
-    """The heat maps' colour range: the model's (from its held-out normal images), else these maps'."""
-    stored = model.info_.get("map_range")
-    if stored:
-        return float(stored[0]), float(stored[1])
-    return float(maps.min()), float(maps.max())
-
-
 def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stages | None = None) -> Evaluation:
     """Score the test split of ``split`` with ``model`` and compute the metrics (stages 'predict'
     and 'metrics').
@@ -120,4 +87,4 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
         metrics, curves = metrics_and_curves([s.label for s in test], prediction.scores, [s.defects for s in test],
                                              masks, maps, model.threshold_)
     return Evaluation(test, prediction.scores, prediction.maps, prediction.labels, masks, resolution, metrics, curves,
-                      model.threshold_, map_range(model, prediction.maps), stages)
+                      model.threshold_, map_range(model.info_.get("map_range"), prediction.maps), stages)

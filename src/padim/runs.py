@@ -14,12 +14,12 @@ import numpy as np
 from .atomic import csv_text, write_text
 from .datasets import DatasetError, Split, load_split, read_image
 from .datasets.folders import IMAGE_SUFFIXES, is_image_name
-from .evaluation import Evaluation, Stages, evaluate, map_range
 from .model import Padim
 from .params import MODEL_FILE
-from .reports.overlay import save_overlay
+from .reports.overlay import map_range, save_overlay
+from .stages import Stages
 
-__all__ = ["MODEL_FILE", "DataArgs", "Evaluation", "Stages", "check_training_set", "collect_images", "csv_text",
+__all__ = ["MODEL_FILE", "DataArgs", "Stages", "check_training_set", "collect_images", "csv_text",
            "evaluate_job", "fit_job", "predict_files", "score_files"]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
                  stages: Stages | None = None) -> dict:
     """Score the test split and write the run folder (metrics.json, scores.csv, roc_curve.png,
     figures, report.html with curves.npz and tiles/); returns metrics.json's content."""
+    from .evaluation import evaluate  # the metrics' libraries: only for evaluations
+
     if not split.test:
         raise DatasetError(f"{data.where}: the test split is empty")
     ev = evaluate(model, split, resolution, stages)
@@ -129,7 +131,7 @@ def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_d
     for scores, maps in model.iter_predict([p for p, _ in files]):
         labels = model.labels(scores)
         if vrange is None:
-            vrange = map_range(model, maps)
+            vrange = map_range(model.info_.get("map_range"), maps)
         for i, (score, amap) in enumerate(zip(scores, maps, strict=True)):
             path, name = files[offset + i]
             label = "" if labels is None else ("anomaly" if labels[i] else "normal")
