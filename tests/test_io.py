@@ -148,7 +148,8 @@ def test_unreadable_metadata_is_refused(model_file, tmp_path, raw, fragment):
     (_set("format", "visa-padim/0"), "model format 'visa-padim/0'"),
     (_set("format", "visa-padim/1"), "model format 'visa-padim/1'"),  # before the feature pyramid
     (_set("format", "visa-padim/2"), "model format 'visa-padim/2'"),  # channels in tap order
-    (_set("format", "visa-padim/4"), "model format 'visa-padim/4'"),
+    (_set("format", "visa-padim/3"), "re-run 'padim fit'"),  # the factor position by position, float32
+    (_set("format", "visa-padim/5"), "model format 'visa-padim/5'"),
     (_set("package_version", "9.1.0"), "newer than this"),
     (_set("package_version", "latest"), "'package_version'"),
 ])
