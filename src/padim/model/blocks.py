@@ -272,12 +272,12 @@ class BlockWhitening(nn.Module):
         w = self.get_buffer(f"w{s}_{i}_{j}")
         return w.view(w.shape[0], w.shape[1], -1, self.layouts[s].levels[i].channels)
 
-    def fill(self, positions: slice, factor: torch.Tensor, mean: torch.Tensor) -> None:
-        """Take the rows of the (p, d, d) ``factor`` and (p, d) ``mean`` of ``positions`` (of all
-        scales) at the top-left finest position of each cell; call for every position in turn."""
+    def fill(self, positions: slice, factor: torch.Tensor) -> None:
+        """Take the rows of the (p, d, d) ``factor`` of ``positions`` (of all scales) at the top-left
+        finest position of each cell; call for every position in turn, then :meth:`set_bias`."""
         for s, layout, rows, local in _scale_ranges(self.layouts, positions):
             channels = _offsets(layout)
-            f, mu = factor[rows], mean[rows]
+            f = factor[rows]
             fine = torch.arange(local.start, local.stop, device=f.device)
             for i, level in enumerate(layout.levels):
                 row, col = layout.cell_of(i, fine)
@@ -286,11 +286,37 @@ class BlockWhitening(nn.Module):
                     continue
                 row, col, end = row[first], col[first], channels[i].stop
                 w = f[first][:, channels[i], :end].float()  # (n, C_i, channels of taps <= i)
-                self.get_buffer(f"b{s}_{i}")[row * level.grid[1] + col] = torch.bmm(
-                    w, mu[first][:, :end, None].float())[..., 0]
                 for j in range(i + 1):
                     above, sub = layout.under(i, j, row, col)
                     self._weight(s, i, j)[above, :, sub] = w[:, :, channels[j]].transpose(1, 2)
+
+    def set_bias(self, mean: torch.Tensor) -> None:
+        """Set W mean per cell from the (P, d) ``mean`` (all scales), once the weights are filled."""
+        start = 0
+        for s, layout in enumerate(self.layouts):
+            xs = self._cells(mean[start:start + layout.positions].T.unsqueeze(0).float(), layout)
+            start += layout.positions
+            for i in range(len(layout.levels)):
+                self.get_buffer(f"b{s}_{i}").copy_(self._project(s, xs, i)[:, 0])
+
+    def _cells(self, embeddings: torch.Tensor, layout: ScaleLayout) -> list[torch.Tensor]:
+        """(B, d, P) embeddings of one scale -> per tap, its (cells, B, C_i) values, read at each
+        cell's top-left position."""
+        return [embeddings[:, c][:, :, layout.first(i).to(embeddings.device)].permute(2, 0, 1)
+                for i, c in enumerate(_offsets(layout))]
+
+    def _project(self, s: int, xs: list[torch.Tensor], i: int) -> torch.Tensor:
+        """W_i x (the rows of tap i of W times x, without W mean) per tap-i cell, (cells, B, C_i),
+        for per-tap (cells, B, C_j) values ``xs`` of scale ``s``: one product per tap j <= i, with
+        the t x t tap-i cells under a tap-j cell side by side, put in tap-i cell order."""
+        layout = self.layouts[s]
+        (h, w), c = layout.levels[i].grid, layout.levels[i].channels
+        y = torch.bmm(xs[i], self.get_buffer(f"w{s}_{i}_{i}"))
+        for j in range(i):
+            t, (hj, wj) = layout.step(i, j), layout.levels[j].grid
+            z = torch.bmm(xs[j], self.get_buffer(f"w{s}_{i}_{j}"))  # (tap-j cells, B, t t C_i)
+            y = y + z.reshape(hj, wj, -1, t, t, c).permute(0, 3, 1, 4, 2, 5).reshape(h * w, -1, c)
+        return y
 
     def factor_of(self, positions: slice, d: int) -> torch.Tensor:
         """The (p, d, d) whitening factor of ``positions`` (of all scales), rebuilt from the cells."""
@@ -323,19 +349,12 @@ class BlockWhitening(nn.Module):
         above, and each cell's squared norm is spread over the finest positions it covers."""
         out, start = [], 0
         for s, layout in enumerate(self.layouts):
-            emb = embeddings[:, :, start:start + layout.positions]
+            xs = self._cells(embeddings[:, :, start:start + layout.positions], layout)
             start += layout.positions
-            xs = [emb[:, c][:, :, layout.first(i).to(emb.device)].permute(2, 0, 1)
-                  for i, c in enumerate(_offsets(layout))]  # (cells, B, C_i)
             squares = None
             for i, level in enumerate(layout.levels):
-                (h, w), c = level.grid, level.channels
-                y = torch.bmm(xs[i], self.get_buffer(f"w{s}_{i}_{i}")) - self.get_buffer(f"b{s}_{i}").unsqueeze(1)
-                for j in range(i):
-                    t, (hj, wj) = layout.step(i, j), layout.levels[j].grid
-                    z = torch.bmm(xs[j], self.get_buffer(f"w{s}_{i}_{j}"))  # (tap-j cells, B, t t C_i)
-                    y = y + z.reshape(hj, wj, -1, t, t, c).permute(0, 3, 1, 4, 2, 5).reshape(h * w, -1, c)
-                r = level.ratio
+                (h, w), r = level.grid, level.ratio
+                y = self._project(s, xs, i) - self.get_buffer(f"b{s}_{i}").unsqueeze(1)
                 q = y.square().sum(dim=2).reshape(h, 1, w, 1, -1).expand(h, r, w, r, -1)
                 q = q.reshape(layout.positions, -1)
                 squares = q if squares is None else squares + q

@@ -107,9 +107,7 @@ def _unpack_cells(path: Path, tensors: dict, layouts: list[ScaleLayout], dtype: 
             target[:, rows, cols] = w.float()
         else:
             target.copy_(w)
-    d = mean.shape[1]
-    for part in position_chunks(mean.shape[0], CHUNK):  # refills the same weights, and W mean
-        blocks.fill(part, blocks.factor_of(part, d), mean[part])
+    blocks.set_bias(mean)
     return blocks
 
 

@@ -120,9 +120,10 @@ class PadimScorer(nn.Module):
                                  f"the mean {positions}")
             filled = 0
             for part, w in pieces:
-                self.blocks.fill(part, w, self.mean[part])
+                self.blocks.fill(part, w)
                 filled += w.shape[0]
             self._check_filled(filled, positions)
+            self.blocks.set_bias(self.mean)
             return
         # W^T is upper triangular: of its columns [:h] only rows [:h] are nonzero, so it is kept as
         # two contiguous blocks (zeros dropped: ~3/4 of the memory, reads and products). Contiguous,
