@@ -164,13 +164,20 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         onnx.helper.set_model_props(proto, flat)
         proto.producer_name, proto.producer_version = "visa-padim", __version__
         external = _weight_bytes(proto) > EXTERNAL_DATA_ABOVE
-        if external:  # the weights file is written under its final name: the graph refers to it by name
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+        if external:
+            # written in the scratch folder (onnx appends to an existing weights file), under the
+            # final name the graph refers to, then moved beside the graph
+            staged = Path(scratch) / out.name
+            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
+            del proto
+            onnx.checker.check_model(str(staged))  # by path: checked with its weights file
+            os.replace(staged.with_name(data.name), data)
+            os.replace(staged, tmp)
         else:
             onnx.save(proto, str(tmp))
-        del proto
-        onnx.checker.check_model(str(tmp))  # by path: a graph with external data is checked with it
+            del proto
+            onnx.checker.check_model(str(tmp))
     if not external and data.is_file():
         os.remove(data)  # a stale weights file of an earlier, larger export
     scorer.to(model.device)

@@ -60,6 +60,43 @@ def _grouped(x: torch.Tensor, layout: ScaleLayout, i: int, j: int) -> torch.Tens
     return x.reshape(h, t, w, t, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
 
 
+def _expand_vectors(layouts: list[ScaleLayout], per_cell: list[list[torch.Tensor]], positions: slice,
+                    ) -> torch.Tensor:
+    """Per-cell (cells, C_i) vectors of every tap -> float64 (p, d) at finest ``positions`` (of all scales)."""
+    positions = slice(*positions.indices(sum(lay.positions for lay in layouts))[:2])
+    d = sum(lv.channels for lv in layouts[0].levels)
+    out = torch.empty(positions.stop - positions.start, d, dtype=torch.float64, device=per_cell[0][0].device)
+    for s, layout, rows, local in _scale_ranges(layouts, positions):
+        fine = torch.arange(local.start, local.stop, device=out.device)
+        for i, (level, ri) in enumerate(zip(layout.levels, _offsets(layout), strict=True)):
+            row, col = layout.cell_of(i, fine)
+            out[rows, ri] = per_cell[s][i][row * level.grid[1] + col].double()
+    return out
+
+
+def _expand_outer(layouts: list[ScaleLayout], cross: list[list[list[torch.Tensor]]], positions: slice,
+                  ) -> torch.Tensor:
+    """Per-cell sums of outer products (BlockStats' layout) -> float64 (p, d, d) at finest ``positions``."""
+    positions = slice(*positions.indices(sum(lay.positions for lay in layouts))[:2])
+    d = sum(lv.channels for lv in layouts[0].levels)
+    outer = torch.empty(positions.stop - positions.start, d, d, dtype=torch.float64, device=cross[0][0][0].device)
+    for s, layout, rows, local in _scale_ranges(layouts, positions):
+        channels = _offsets(layout)
+        o = outer[rows]
+        fine = torch.arange(local.start, local.stop, device=outer.device)
+        for i, level in enumerate(layout.levels):
+            row, col = layout.cell_of(i, fine)
+            ri = channels[i]
+            for j in range(i + 1):
+                c = cross[s][i][j]
+                above, sub = layout.under(i, j, row, col)
+                block = c.view(c.shape[0], -1, level.channels, c.shape[2])[above, sub]
+                o[:, ri, channels[j]] = block
+                if j < i:
+                    o[:, channels[j], ri] = block.transpose(1, 2)
+    return outer
+
+
 def _scale_ranges(layouts: list[ScaleLayout], positions: slice) -> Iterator[tuple[int, ScaleLayout, slice, slice]]:
     """(scale, layout, rows of ``positions`` in the result, local positions of that scale) for every
     scale that ``positions`` (of all scales, concatenated) meets."""
@@ -75,7 +112,8 @@ class BlockStats:
     """Streaming Gaussian statistics of block-layout embeddings, cell by cell (like StreamingStats:
     float32 sums of x minus the first batch's mean, turned into float64 sums by :meth:`stats`).
     For MobileNetV2 at d = 152 an update costs ~1/3 of StreamingStats' and the sums take ~1/4 of
-    its memory."""
+    its memory. A fit in one process uses them as they are (:meth:`mean`, :meth:`covariance`, a few
+    positions at a time), so the float64 sums, twice their size, are made only to be merged."""
 
     def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
         self.layouts = layouts
@@ -88,6 +126,34 @@ class BlockStats:
         self.cross = [[[torch.zeros(b.cells, lay.step(i, j) ** 2 * a.channels, b.channels, device=device)
                         for j, b in enumerate(lay.levels[:i + 1])] for i, a in enumerate(lay.levels)]
                       for lay in layouts]
+
+    @property
+    def positions(self) -> int:
+        """Finest positions of all scales."""
+        return sum(lay.positions for lay in self.layouts)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the sums are."""
+        return self.total[0][0].device
+
+    def mean(self) -> torch.Tensor:
+        """(P, d) float64 sample mean: the shift plus the mean of x - shift."""
+        if self.shift is None:
+            raise ValueError("no samples accumulated")
+        self._check_unconverted()
+        return (_expand_vectors(self.layouts, self.shift, slice(None))
+                + _expand_vectors(self.layouts, self.total, slice(None)) / self.count)
+
+    def covariance(self, eps: float, estimator: str = "eps", positions: slice = slice(None)) -> torch.Tensor:
+        """As :meth:`GaussianStats.covariance`, from the shifted sums of ``positions`` expanded (a
+        covariance does not depend on the shift; with it, the float64 sums cancel fewer digits)."""
+        self._check_unconverted()
+        if self.count < 2:
+            raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
+        outer = _expand_outer(self.layouts, self.cross, positions)
+        mean = _expand_vectors(self.layouts, self.total, positions) / self.count
+        return sums_covariance(outer, mean, self.count, eps, estimator)
 
     def update(self, blocks: Blocks) -> None:
         """Add a batch of embeddings from FeatureExtractor.blocks."""
@@ -204,39 +270,13 @@ class CellStats:
 
     def sums(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The float64 (p, d) sums of x and (p, d, d) sums of x x^T of ``positions`` (of all scales)."""
-        positions = slice(*positions.indices(self.positions)[:2])
-        d, p = self.dim, positions.stop - positions.start
-        device = self.total[0][0].device
-        outer = torch.empty(p, d, d, dtype=torch.float64, device=device)
-        total = torch.empty(p, d, dtype=torch.float64, device=device)
-        for s, layout, rows, local in _scale_ranges(self.layouts, positions):
-            channels = _offsets(layout)
-            o, t = outer[rows], total[rows]
-            fine = torch.arange(local.start, local.stop, device=device)
-            for i, level in enumerate(layout.levels):
-                row, col = layout.cell_of(i, fine)
-                ri = channels[i]
-                t[:, ri] = self.total[s][i][row * level.grid[1] + col]
-                for j in range(i + 1):
-                    c = self.cross[s][i][j]
-                    above, sub = layout.under(i, j, row, col)
-                    block = c.view(c.shape[0], -1, level.channels, c.shape[2])[above, sub]
-                    o[:, ri, channels[j]] = block
-                    if j < i:
-                        o[:, channels[j], ri] = block.transpose(1, 2)
-        return total, outer
+        return _expand_vectors(self.layouts, self.total, positions), _expand_outer(self.layouts, self.cross, positions)
 
     def mean(self) -> torch.Tensor:
         """(P, d) sample mean."""
         if self.count < 1:
             raise ValueError("no samples accumulated")
-        out = torch.empty(self.positions, self.dim, dtype=torch.float64, device=self.total[0][0].device)
-        for s, layout, rows, local in _scale_ranges(self.layouts, slice(0, self.positions)):
-            fine = torch.arange(local.start, local.stop, device=out.device)
-            for i, (level, ri) in enumerate(zip(layout.levels, _offsets(layout), strict=True)):
-                row, col = layout.cell_of(i, fine)
-                out[rows, ri] = self.total[s][i][row * level.grid[1] + col] / self.count
-        return out
+        return _expand_vectors(self.layouts, self.total, slice(None)) / self.count
 
     def covariance(self, eps: float, estimator: str = "eps", positions: slice = slice(None)) -> torch.Tensor:
         """As :meth:`GaussianStats.covariance`, from the sums of ``positions`` expanded."""

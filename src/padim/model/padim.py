@@ -304,12 +304,14 @@ class Padim:
     def fit(self, images: Sequence[ImageSource] | torch.Tensor) -> Padim:
         """Fit on normal images (paths, PIL images, HxWx3 uint8 arrays, or a uint8 (N,3,H,W) tensor)."""
         fit_idx, cal_idx = self.calibration_split(len(images))
-        return self.fit_from_stats(self.accumulate(_take(images, fit_idx)), _take(images, cal_idx),
-                                   n_train=len(images))
+        stats = self.running_stats(_take(images, fit_idx))
+        # cell sums are used as they are: their float64 form, twice the size, is only for merging
+        stats = stats if isinstance(stats, BlockStats) else stats.stats()
+        return self.fit_from_stats(stats, _take(images, cal_idx), n_train=len(images))
 
     @torch.inference_mode()
-    def fit_from_stats(self, stats: GaussianStats | CellStats, calibration: Sequence[ImageSource] | torch.Tensor = (),
-                       n_train: int | None = None) -> Padim:
+    def fit_from_stats(self, stats: GaussianStats | CellStats | BlockStats,
+                       calibration: Sequence[ImageSource] | torch.Tensor = (), n_train: int | None = None) -> Padim:
         """Finish a fit from accumulated statistics (e.g. summed over shards).
 
         The ``calibration`` images are scored by the model from ``stats`` alone (they set the
@@ -317,14 +319,14 @@ class Padim:
         ``stats`` is updated in place (the calibration scorer keeps its own copy of what it needs).
         """
         self.grids_ = self._grids(stats.positions)
-        cells = isinstance(stats, CellStats)
+        cells = isinstance(stats, CellStats | BlockStats)
         if cells and self._layouts(self.image_size) is None:  # e.g. summed on CPU workers, finished on a GPU
-            stats, cells = stats.expand(), False
+            stats, cells = (stats.stats() if isinstance(stats, BlockStats) else stats).expand(), False
         cal_scores, cal_maps = np.empty(0), np.empty(0)
         if len(calibration):
             scorer = self._scorer(stats)
             scores, maps = [], []
-            held_out = BlockStats(stats.layouts, self.device) if cells else None
+            held_out = BlockStats(stats.layouts, self.device) if isinstance(stats, CellStats) else None
             # decoded here: with forked decoders alive, each page of the statistics the merge writes
             # would first be copied (copy-on-write), ~1 s per GB of statistics
             for batch, out in self._batches(calibration, "calibrate", fork=False, blocks=cells):
@@ -332,7 +334,7 @@ class Padim:
                 if cells:
                     blocks = scorer.extractor.blocks(batch, out)
                     m, s = scorer.score_distances(scorer.blocks.distances(blocks), self.image_size)
-                    held_out.update(blocks)
+                    (stats if held_out is None else held_out).update(blocks)
                 else:
                     emb = scorer.extractor(batch, out)
                     m, s = scorer.score_embeddings(emb, self.image_size)
