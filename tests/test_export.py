@@ -15,6 +15,7 @@ from padim import Padim
 from padim.checksums import sha256_of
 from padim.cli import main
 from padim.export import OnnxModel, export_onnx, open_model
+from padim.export.onnx import HALF_MIN_ELEMENTS
 from padim.export.parity import parity
 from padim.model import read_model_file
 
@@ -154,8 +155,9 @@ def test_cell_model_exports_its_cells_in_float16(cell_model, tmp_path):
     proto = onnx.load(str(out))
     weights = {i.name: i for i in proto.graph.initializer}
     half = [i for i in weights.values() if i.data_type == onnx.TensorProto.FLOAT16]
-    factor = [n for n in weights if n.startswith("blocks.w")]
-    assert factor and all(weights[n].data_type == onnx.TensorProto.FLOAT16 for n in factor)
+    factor = [n for n in weights if n.startswith("blocks.w")]  # small ones stay float32: a Cast costs more
+    assert factor and all(weights[n].data_type == onnx.TensorProto.FLOAT16 for n in factor
+                          if np.prod(weights[n].dims) >= HALF_MIN_ELEMENTS)
     assert not any("weight_head" in n or "weight_tail" in n for n in weights)  # no per-position factor
     # the cells' weights, as the model file keeps them (whose diagonal blocks are triangles)
     stored = sum(t.numel() for k, t in read_model_file(path)[1].items() if k.startswith("w"))

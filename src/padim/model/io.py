@@ -156,13 +156,13 @@ def save_model(model: Padim, path: Path) -> Path:
 
 
 def read_model_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, after checking it is one of ours."""
+    """Metadata and tensors of a model file, after checking it is one of ours (the metadata first:
+    an old or foreign file is refused without reading its tensors)."""
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("padim")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: not a readable model file ({exc}); re-run 'padim fit'") from exc
     if raw is None:
@@ -175,6 +175,11 @@ def read_model_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ModelFileError(f"{path}: model format {found!r}, this version reads {FORMAT!r} (the whitening "
                              "factor is now stored per cell); re-run 'padim fit'")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a readable model file ({exc}); re-run 'padim fit'") from exc
     return meta, tensors
 
 
