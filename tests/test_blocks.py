@@ -10,8 +10,8 @@ import torch
 from padim import Padim
 from padim.backbones import FeatureExtractor, channel_index
 from padim.backbones.blocks import scale_layout
-from padim.model import PadimScorer
-from padim.model.blocks import BlockStats
+from padim.model import PadimScorer, read_model_file
+from padim.model.blocks import BlockStats, CellStats
 from padim.model.stats import GaussianStats, whitening_factors
 
 SIZE = (64, 96)  # grids 16x24, 8x12, 4x6; at scale 0.5: 8x12, 4x6, 2x3
@@ -78,7 +78,7 @@ def test_block_statistics_equal_the_float64_sums_of_the_full_embeddings(extracto
         emb = extractor(batch)
         exact = exact or GaussianStats.empty(emb.shape[2], emb.shape[1])
         exact.update(emb)
-    got = blocked.stats()
+    got = blocked.stats().expand()
     assert got.count == exact.count == 11
     torch.testing.assert_close(got.total, exact.total, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.outer, exact.outer, rtol=1e-5, atol=1e-6 * float(exact.outer.abs().max()))
@@ -141,3 +141,80 @@ def test_pyramid_levels_are_rounded_to_the_deepest_stride_so_their_grids_nest():
     assert extractor.level_sizes((320, 480)) == [(320, 480), (224, 336)]
     assert extractor.block_layouts((256, 256)) is not None
     assert extractor.block_layouts((250, 250)) is None  # the input itself is not resized
+
+
+@torch.inference_mode()
+def test_cell_statistics_add_up_and_give_the_dense_covariances_chunk_by_chunk(extractor):
+    layouts = extractor.block_layouts(SIZE)
+    parts, exact = [], None
+    for n, seed in [(6, 11), (5, 12)]:
+        batch = images(n, seed)
+        part = BlockStats(layouts)
+        part.update(extractor.blocks(batch))
+        parts.append(part.stats())
+        emb = extractor(batch)
+        exact = exact or GaussianStats.empty(emb.shape[2], emb.shape[1])
+        exact.update(emb)
+    merged = parts[0] + parts[1]
+    assert isinstance(merged, CellStats) and merged.count == 11 and merged.positions == exact.positions
+    torch.testing.assert_close(merged.mean(), exact.mean(), rtol=1e-6, atol=1e-6)
+    for chunk in (slice(0, 100), slice(350, 400)):  # within a scale, and across the two
+        torch.testing.assert_close(merged.covariance(0.01, positions=chunk), exact.covariance(0.01, positions=chunk),
+                                   rtol=1e-5, atol=1e-5)
+    # a block statistic converted into another adds to it
+    into = parts[0]
+    more = BlockStats(layouts)
+    more.update(extractor.blocks(images(5, 12)))
+    assert more.stats(into=into) is into and into.count == 11
+    torch.testing.assert_close(into.expand().outer, merged.expand().outer, rtol=1e-9, atol=1e-9)
+
+
+def test_cell_fit_equals_the_dense_fit_and_its_file_holds_the_cells(tmp_path):
+    train, test = images(24, 4), images(3, 5)
+    model = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False,
+                  factor_dtype="float32").fit(train)
+    fit_idx, cal_idx = model.calibration_split(len(train))
+    dense = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False,
+                  factor_dtype="float32")
+    dense.extractor_ = model.feature_extractor()  # the same random network
+    with torch.inference_mode():
+        stats = GaussianStats.empty(model.scorer_.mean.shape[0], 40)
+        stats.update(dense.feature_extractor()(train[fit_idx]))
+    dense._layouts = lambda size: None  # position by position, as off the CPU
+    dense.fit_from_stats(stats, train[cal_idx], n_train=len(train))
+    assert dense.scorer_.blocks is None
+    assert dense.threshold_ == pytest.approx(model.threshold_, rel=1e-5)
+    np.testing.assert_allclose(model.predict(test).maps, dense.predict(test).maps, rtol=1e-4, atol=1e-5)
+    # the file keeps each factor row once per cell: W_ii as a triangle, no per-position factor
+    path = model.save(tmp_path / "m.safetensors")
+    meta, tensors = read_model_file(path)
+    assert meta["storage"] == "cells" and "factor_tril" not in tensors
+    cell_values = sum(t.numel() for k, t in tensors.items() if k.startswith("w"))
+    d, positions = 40, model.scorer_.mean.shape[0]
+    assert cell_values < 0.6 * positions * d * (d + 1) // 2
+    dense_path = dense.save(tmp_path / "dense.safetensors")
+    assert read_model_file(dense_path)[0]["storage"] == "positions"
+    loaded = Padim.load(dense_path)  # (with the pretrained weights: compare the factor, not the maps)
+    assert torch.equal(loaded.scorer_.mean, dense.scorer_.mean)
+    torch.testing.assert_close(loaded.scorer_.factor, dense.scorer_.factor, rtol=0, atol=1e-4)
+
+
+def test_float16_factor_scores_within_a_bounded_error_and_round_trips_exactly(tmp_path):
+    train, test = images(24, 4), images(4, 5)
+    kw = {"image_size": SIZE, "scales": (1.0, 0.5), "tap_resize": "nearest", "d": 40, "pretrained": False}
+    full = Padim(**kw, factor_dtype="float32")
+    half = Padim(**kw)
+    half.extractor_ = full.feature_extractor()  # the same random network
+    full.fit(train)
+    half.fit(train)
+    assert half.factor_dtype == "float16"
+    a, b = full.predict(test), half.predict(test)
+    assert np.abs(b.maps - a.maps).max() < 2e-3 * a.maps.max()
+    assert np.abs(b.scores - a.scores).max() < 2e-3 * a.scores.max()
+    path = half.save(tmp_path / "half.safetensors")
+    assert path.stat().st_size < 0.6 * full.save(tmp_path / "full.safetensors").stat().st_size
+    assert all(t.dtype == torch.float16 for k, t in read_model_file(path)[1].items() if k.startswith("w"))
+    loaded = Padim.load(path)  # (with the pretrained weights: compare the factor, not the maps)
+    for name, buffer in half.scorer_.blocks.named_buffers():
+        assert torch.equal(loaded.scorer_.blocks.get_buffer(name), buffer), name
+    assert Padim(eps=1e-9).factor_dtype == "float32"  # |W| up to 1/sqrt(eps) would overflow float16

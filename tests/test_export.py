@@ -15,7 +15,9 @@ from padim import Padim
 from padim.checksums import sha256_of
 from padim.cli import main
 from padim.export import OnnxModel, export_onnx, open_model
+from padim.export.onnx import HALF_MIN_ELEMENTS
 from padim.export.parity import parity
+from padim.model import read_model_file
 
 TOLERANCE = 1e-3  # max abs difference relative to the native image score range
 
@@ -130,3 +132,63 @@ def test_bad_onnx_files_are_model_errors(tmp_path, synthetic_model):
         result = invoke("predict", "--model", bad, tmp_path, "--out", tmp_path / "o")
         assert result.exit_code == 4, result.output
         assert bad.name in result.output and says in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def cell_model(tmp_path_factory):
+    """A tiny model fit cell by cell (nearest tap resizing), float16 factor, saved; with test images."""
+    require("onnxruntime")
+    rng = np.random.default_rng(1)
+    model = Padim(image_size=(64, 96), d=40, tap_resize="nearest", num_workers=0)
+    model.fit([texture(rng, size=96)[:64] for _ in range(12)])
+    assert model.scorer_.blocks is not None and model.factor_dtype == "float16"
+    path = model.save(tmp_path_factory.mktemp("cells") / "model.safetensors")
+    images = [texture(rng, size=96)[:64] for _ in range(3)] + [texture(rng, size=96, defect=True)[:64]]
+    return path, images
+
+
+def test_cell_model_exports_its_cells_in_float16(cell_model, tmp_path):
+    onnx = require("onnx")
+    path, images = cell_model
+    native = Padim.load(path)
+    out = export_onnx(native, tmp_path / "m.onnx", source=path)
+    proto = onnx.load(str(out))
+    weights = {i.name: i for i in proto.graph.initializer}
+    half = [i for i in weights.values() if i.data_type == onnx.TensorProto.FLOAT16]
+    factor = [n for n in weights if n.startswith("blocks.w")]  # small ones stay float32: a Cast costs more
+    assert factor and all(weights[n].data_type == onnx.TensorProto.FLOAT16 for n in factor
+                          if np.prod(weights[n].dims) >= HALF_MIN_ELEMENTS)
+    assert not any("weight_head" in n or "weight_tail" in n for n in weights)  # no per-position factor
+    # the cells' weights, as the model file keeps them (whose diagonal blocks are triangles)
+    stored = sum(t.numel() for k, t in read_model_file(path)[1].items() if k.startswith("w"))
+    assert stored < sum(int(np.prod(i.dims)) for i in half) < 2 * stored
+    report = parity(native.predict(images), OnnxModel.load(out).predict(images))
+    assert report["rel_map_diff"] < 1e-5 and report["label_mismatches"] == 0, report
+
+
+def test_large_graphs_are_written_with_external_data_and_load_from_both_files(cell_model, tmp_path, monkeypatch):
+    import padim.export.onnx as onnx_export
+    path, images = cell_model
+    native = Padim.load(path)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 10_000)  # as if the weights passed 2 GB
+    out = export_onnx(native, tmp_path / "big.onnx", source=path)
+    data = tmp_path / "big.onnx.data"
+    assert onnx_export.onnx_files(out) == [out, data] and data.stat().st_size > out.stat().st_size
+    exported = open_model(out)
+    report = parity(native.predict(images), exported.predict(images))
+    assert report["rel_map_diff"] < 1e-5 and report["label_mismatches"] == 0, report
+    result = invoke("predict", "--model", out, *images_on_disk(images, tmp_path), "--out", tmp_path / "o",
+                    "--no-heatmaps")
+    assert result.exit_code == 0, result.output
+    # a later export that fits in one file leaves no stale weights file behind
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 1_800_000_000)
+    export_onnx(native, out, source=path)
+    assert not data.exists() and open_model(out).predict(images[:1]).scores.shape == (1,)
+
+
+def images_on_disk(images: list[np.ndarray], folder) -> list[str]:
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(folder / f"img{i}.png"))
+        write_png(folder / f"img{i}.png", image)
+    return paths

@@ -26,7 +26,17 @@ from padim.model import read_model_file
 def model_file(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    return Padim(image_size=64, d=8, sigma=1.0).fit([texture(rng) for _ in range(6)]).save(path)
+    return Padim(image_size=64, d=8, sigma=1.0, tap_resize="bilinear").fit([texture(rng) for _ in range(6)]).save(path)
+
+
+@pytest.fixture(scope="module")
+def cell_file(tmp_path_factory) -> Path:
+    """A model whose factor is stored per cell (nearest tap resizing, every tap keeps channels)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("cells") / "model.safetensors"
+    model = Padim(image_size=64, d=40, sigma=1.0, tap_resize="nearest").fit([texture(rng) for _ in range(6)])
+    assert read_model_file(model.save(path))[0]["storage"] == "cells"
+    return path
 
 
 def refused(path: Path, *fragments: str) -> None:
@@ -105,6 +115,36 @@ def test_tampered_tensors_are_refused(model_file, tmp_path, change, fragment):
     refused(rewrite(model_file, tmp_path / "t.safetensors", tensor_change=change), fragment)
 
 
+@pytest.mark.parametrize("change, fragment", [
+    (lambda t: t.pop("w0_1_0"), "'w0_1_0' missing"),
+    (lambda t: t.update(w0_2_1=t["w0_2_1"][:, :-1].contiguous()), "'w0_2_1'"),
+    (lambda t: t.update(w1_0_0=t["w1_0_0"].float()), "'w1_0_0' is torch.float32"),
+    (lambda t: t["w0_0_0"].__setitem__((0, 0), -1.0), "non-positive diagonal"),
+    (lambda t: t["w0_2_0"].__setitem__((0, 0, 0), float("inf")), "NaN or inf"),
+    (lambda t: t.update(factor_tril=torch.zeros(1)), "unexpected tensor"),
+])
+def test_tampered_cell_tensors_are_refused(cell_file, tmp_path, change, fragment):
+    refused(rewrite(cell_file, tmp_path / "t.safetensors", tensor_change=change), fragment)
+
+
+def test_cell_file_is_a_fraction_of_the_position_file_and_loads_the_same_scorer(cell_file, tmp_path):
+    model = Padim.load(cell_file)
+    assert model.scorer_.blocks is not None
+    positions = rewrite(cell_file, tmp_path / "p.safetensors", meta_change=lambda m: m.update(storage="positions"),
+                        tensor_change=lambda t: _as_positions(t, model))
+    as_positions = Padim.load(positions)  # the same factor stored position by position
+    for name, buffer in model.scorer_.blocks.named_buffers():
+        torch.testing.assert_close(as_positions.scorer_.blocks.get_buffer(name), buffer, rtol=0, atol=1e-6)
+    assert cell_file.stat().st_size < 0.75 * positions.stat().st_size
+
+
+def _as_positions(tensors: dict, model: Padim) -> None:
+    for name in [k for k in tensors if k.startswith("w")]:
+        del tensors[name]
+    rows, cols = torch.tril_indices(model.d, model.d)
+    tensors["factor_tril"] = model.scorer_.factor[:, rows, cols].half().contiguous()
+
+
 def _set(key, value):
     return lambda m: m.__setitem__(key, value)
 
@@ -148,7 +188,8 @@ def test_unreadable_metadata_is_refused(model_file, tmp_path, raw, fragment):
     (_set("format", "visa-padim/0"), "model format 'visa-padim/0'"),
     (_set("format", "visa-padim/1"), "model format 'visa-padim/1'"),  # before the feature pyramid
     (_set("format", "visa-padim/2"), "model format 'visa-padim/2'"),  # channels in tap order
-    (_set("format", "visa-padim/4"), "model format 'visa-padim/4'"),
+    (_set("format", "visa-padim/3"), "re-run 'padim fit'"),  # the factor position by position, float32
+    (_set("format", "visa-padim/5"), "model format 'visa-padim/5'"),
     (_set("package_version", "9.1.0"), "newer than this"),
     (_set("package_version", "latest"), "'package_version'"),
 ])

@@ -15,6 +15,7 @@ from distributed import Client, Future, as_completed
 from tqdm.auto import tqdm
 
 from ..model import GaussianStats, Padim
+from ..model.blocks import CellStats
 from ..runs import MODEL_FILE, DataArgs, check_training_set
 from .cluster import FIT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache, worker_threads
 
@@ -64,13 +65,16 @@ def _fit_params(model: Padim) -> dict:
             "weights": None if model.weights is None else str(model.weights), "pretrained": model.pretrained}
 
 
-def accumulate_shard(params: dict, paths: list[str]) -> PackedStats:
-    """Task: partial statistics of one shard of image files, with the worker's cached backbone."""
+def accumulate_shard(params: dict, paths: list[str]) -> PackedStats | CellStats:
+    """Task: partial statistics of one shard of image files, with the worker's cached backbone.
+    Statistics kept per cell (nearest tap resizing) travel as they are: they are already a fraction
+    of the per-position outer products, and the client's fit needs them per cell."""
     model = worker_cache().get(("fit", *sorted(params.items())), lambda: Padim(**params))
-    return PackedStats.pack(model.accumulate(paths))
+    stats = model.accumulate(paths)
+    return stats if isinstance(stats, CellStats) else PackedStats.pack(stats)
 
 
-def _add(a: PackedStats, b: PackedStats) -> PackedStats:
+def _add(a: PackedStats | CellStats, b: PackedStats | CellStats) -> PackedStats | CellStats:
     return a + b
 
 
@@ -86,7 +90,7 @@ def tree_sum(client: Client, leaves: list[Future], retries: int = RETRIES) -> Fu
 
 def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: Client,
                            shard_size: int = FIT_SHARD_SIZE, retries: int = RETRIES,
-                           progress: bool = False) -> GaussianStats:
+                           progress: bool = False) -> GaussianStats | CellStats:
     """``model.accumulate(images)`` on the cluster: one task per shard, partials summed in a tree."""
     params = _fit_params(model)
     parts = shards([str(p) for p in images], shard_size, model.batch_size, worker_threads(client))
@@ -99,7 +103,8 @@ def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: C
     del leaves  # let the scheduler free each partial once it is summed
     for _ in tqdm(done, total=len(parts), desc="fit shards", unit="shard", disable=not progress):
         pass
-    return root.result().unpack(model.device)
+    total = root.result()
+    return total if isinstance(total, CellStats) else total.unpack(model.device)
 
 
 def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, shard_size: int = FIT_SHARD_SIZE,

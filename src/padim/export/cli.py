@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..model import Padim
-from .onnx import OnnxModel, export_onnx
+from .onnx import OnnxModel, export_onnx, external_data_path, onnx_files
 
 
 def parse_batch(value: str) -> int | None:
@@ -42,7 +42,9 @@ def export_command(model_path: Path, out: Path, batch: str, opset: int, weights:
     export_onnx(model, out, source=model_path, dynamic_batch=fixed is None, batch_size=fixed or 1, opset=opset)
     exported = OnnxModel.load(out)
     score_diff, map_diff = self_check(model, exported, n=fixed or 2)
-    size_mb = out.stat().st_size / 1e6
+    size_mb = sum(p.stat().st_size for p in onnx_files(out)) / 1e6
+    if len(onnx_files(out)) > 1:
+        out = f"{out} + {external_data_path(out).name}"
     return (f"wrote {out} ({size_mb:.1f} MB, opset {opset}, batch {'dynamic' if fixed is None else fixed}, "
             f"model id {exported.meta_['model_id']}); check on random images: max |score diff| {score_diff:.2e}, "
             f"max |map diff| {map_diff:.2e}")

@@ -5,11 +5,19 @@ The exported graph is :class:`padim.model.PadimScorer` traced whole: uint8 RGB i
 backbone taps, channel selection, Mahalanobis distance, bilinear upsampling, Gaussian blur and
 the max all run inside the graph. The threshold, heat-map range and provenance travel in the
 file's ``metadata_props`` (key ``padim``, JSON), so the file alone is a deployable model.
+
+A model that scores cell by cell is traced that way (``BlockWhitening.graph_distances``: its
+per-cell weights, gathered per cell), so the graph holds the weights the model file holds. Large
+float32 weights whose values are all float16 (a float16 model's factor) are stored as float16
+and cast back inside the graph. A graph whose weights would pass protobuf's 2 GB limit is written
+as ``NAME.onnx`` plus its weights in ``NAME.onnx.data`` (ONNX external data), loaded together.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +36,43 @@ from ..model.padim import decode_workers, gather_prediction, threshold_labels
 OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
 META_KEY = "padim"
 ONNX_FORMAT = "visa-padim-onnx/1"
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights above which they go to NAME.onnx.data (limit: 2 GiB)
+HALF_MIN_ELEMENTS = 4096  # smaller weights stay float32: a Cast node each would outweigh the saving
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the weights of a large ONNX file ``path`` are: ``path`` + ``.data``."""
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The files an exported model consists of: the graph, and its weights file if it has one."""
+    data = external_data_path(path)
+    return [path, data] if data.is_file() else [path]
+
+
+def _half_weights(proto) -> None:
+    """Store each large float32 initializer whose values are all exactly float16 as float16, cast
+    back to float32 by a Cast node at the top of the graph: half the bytes, the same numbers."""
+    from onnx import TensorProto, helper, numpy_helper
+    casts = []
+    for init in proto.graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < HALF_MIN_ELEMENTS:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}.float16"))
+        casts.append(helper.make_node("Cast", [f"{name}.float16"], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}.cast"))
+    for node in reversed(casts):
+        proto.graph.node.insert(0, node)
+
+
+def _weight_bytes(proto) -> int:
+    return sum(len(init.raw_data) or 4 * int(np.prod(init.dims)) for init in proto.graph.initializer)
 
 
 def model_id(sha256: str) -> str:
@@ -87,16 +132,22 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         "outputs": "maps: float32 (batch, H, W); scores: float32 (batch,) = max of each map",
     })
     example = torch.zeros(1 if dynamic_batch else batch_size, 3, h, w, dtype=torch.uint8)
-    cpu_scorer = scorer.without_blocks().to("cpu").eval()  # traced position by position
+    cpu_scorer = scorer.to("cpu").eval()  # traced cell by cell if it keeps cells
     axes = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    out = Path(out)
+    data = external_data_path(out)
+    with (atomic_path(out) as tmp, warnings.catch_warnings(),
+          tempfile.TemporaryDirectory(prefix=".padim-export-", dir=out.parent) as scratch):
         # the TorchScript exporter is deprecated in favour of torch.export, but it handles this
         # module as is and gives a plain static graph; its warnings are not actionable here
         warnings.simplefilter("ignore")
-        torch.onnx.export(cpu_scorer, (example,), str(tmp), dynamo=False, opset_version=opset,
+        # into a folder of its own: over 2 GB the exporter writes one weights file per tensor beside it
+        traced = Path(scratch) / "model.onnx"
+        torch.onnx.export(cpu_scorer, (example,), str(traced), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["maps", "scores"], dynamic_axes=axes,
                           do_constant_folding=True)
-        proto = onnx.load(str(tmp))
+        proto = onnx.load(str(traced))
+        _half_weights(proto)
         b = "batch" if dynamic_batch else batch_size
         _set_shape(proto.graph.input[0], [b, 3, h, w])
         _set_shape(proto.graph.output[0], [b, h, w])
@@ -112,8 +163,23 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, flat)
         proto.producer_name, proto.producer_version = "visa-padim", __version__
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
+        external = _weight_bytes(proto) > EXTERNAL_DATA_ABOVE
+        if external:
+            # written in the scratch folder (onnx appends to an existing weights file), under the
+            # final name the graph refers to, then moved beside the graph
+            staged = Path(scratch) / out.name
+            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            del proto
+            onnx.checker.check_model(str(staged))  # by path: checked with its weights file
+            os.replace(staged.with_name(data.name), data)
+            os.replace(staged, tmp)
+        else:
+            onnx.save(proto, str(tmp))
+            del proto
+            onnx.checker.check_model(str(tmp))
+    if not external and data.is_file():
+        os.remove(data)  # a stale weights file of an earlier, larger export
     scorer.to(model.device)
     return out
 

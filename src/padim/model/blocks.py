@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from ..backbones.blocks import ScaleLayout
-from .stats import GaussianStats, add_shift_terms, check_finite, position_chunks
+from .stats import GaussianStats, check_finite, sums_covariance
 
 Blocks = list[list[torch.Tensor]]  # per scale, per tap (deepest first): (cells, B, channels)
 STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
 DISTANCE_TOP_CELLS = 64  # deepest cells per step of the distances
-EXPAND_CHUNK = 512  # finest positions per step when sums or factors are expanded per position
 
 
 def _steps(layout: ScaleLayout, top_cells: int) -> Iterator[list[slice]]:
@@ -54,6 +53,50 @@ def _side_by_side(x: torch.Tensor, layout: ScaleLayout, i: int, j: int) -> torch
     return x.view(-1, t, width, t, *x.shape[1:]).permute(0, 2, 4, 1, 3, 5)
 
 
+def _grouped(x: torch.Tensor, layout: ScaleLayout, i: int, j: int) -> torch.Tensor:
+    """(tap-i cells, C) values, row by row -> (tap-j cells, t t C): the t x t tap-i cells under each
+    tap-j cell side by side, in the order of BlockStats' sums and BlockWhitening's weights."""
+    t, (h, w) = layout.step(i, j), layout.levels[j].grid
+    return x.reshape(h, t, w, t, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+
+
+def _expand_vectors(layouts: list[ScaleLayout], per_cell: list[list[torch.Tensor]], positions: slice,
+                    ) -> torch.Tensor:
+    """Per-cell (cells, C_i) vectors of every tap -> float64 (p, d) at finest ``positions`` (of all scales)."""
+    positions = slice(*positions.indices(sum(lay.positions for lay in layouts))[:2])
+    d = sum(lv.channels for lv in layouts[0].levels)
+    out = torch.empty(positions.stop - positions.start, d, dtype=torch.float64, device=per_cell[0][0].device)
+    for s, layout, rows, local in _scale_ranges(layouts, positions):
+        fine = torch.arange(local.start, local.stop, device=out.device)
+        for i, (level, ri) in enumerate(zip(layout.levels, _offsets(layout), strict=True)):
+            row, col = layout.cell_of(i, fine)
+            out[rows, ri] = per_cell[s][i][row * level.grid[1] + col].double()
+    return out
+
+
+def _expand_outer(layouts: list[ScaleLayout], cross: list[list[list[torch.Tensor]]], positions: slice,
+                  ) -> torch.Tensor:
+    """Per-cell sums of outer products (BlockStats' layout) -> float64 (p, d, d) at finest ``positions``."""
+    positions = slice(*positions.indices(sum(lay.positions for lay in layouts))[:2])
+    d = sum(lv.channels for lv in layouts[0].levels)
+    outer = torch.empty(positions.stop - positions.start, d, d, dtype=torch.float64, device=cross[0][0][0].device)
+    for s, layout, rows, local in _scale_ranges(layouts, positions):
+        channels = _offsets(layout)
+        o = outer[rows]
+        fine = torch.arange(local.start, local.stop, device=outer.device)
+        for i, level in enumerate(layout.levels):
+            row, col = layout.cell_of(i, fine)
+            ri = channels[i]
+            for j in range(i + 1):
+                c = cross[s][i][j]
+                above, sub = layout.under(i, j, row, col)
+                block = c.view(c.shape[0], -1, level.channels, c.shape[2])[above, sub]
+                o[:, ri, channels[j]] = block
+                if j < i:
+                    o[:, channels[j], ri] = block.transpose(1, 2)
+    return outer
+
+
 def _scale_ranges(layouts: list[ScaleLayout], positions: slice) -> Iterator[tuple[int, ScaleLayout, slice, slice]]:
     """(scale, layout, rows of ``positions`` in the result, local positions of that scale) for every
     scale that ``positions`` (of all scales, concatenated) meets."""
@@ -69,7 +112,8 @@ class BlockStats:
     """Streaming Gaussian statistics of block-layout embeddings, cell by cell (like StreamingStats:
     float32 sums of x minus the first batch's mean, turned into float64 sums by :meth:`stats`).
     For MobileNetV2 at d = 152 an update costs ~1/3 of StreamingStats' and the sums take ~1/4 of
-    its memory."""
+    its memory. A fit in one process uses them as they are (:meth:`mean`, :meth:`covariance`, a few
+    positions at a time), so the float64 sums, twice their size, are made only to be merged."""
 
     def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
         self.layouts = layouts
@@ -82,6 +126,34 @@ class BlockStats:
         self.cross = [[[torch.zeros(b.cells, lay.step(i, j) ** 2 * a.channels, b.channels, device=device)
                         for j, b in enumerate(lay.levels[:i + 1])] for i, a in enumerate(lay.levels)]
                       for lay in layouts]
+
+    @property
+    def positions(self) -> int:
+        """Finest positions of all scales."""
+        return sum(lay.positions for lay in self.layouts)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the sums are."""
+        return self.total[0][0].device
+
+    def mean(self) -> torch.Tensor:
+        """(P, d) float64 sample mean: the shift plus the mean of x - shift."""
+        if self.shift is None:
+            raise ValueError("no samples accumulated")
+        self._check_unconverted()
+        return (_expand_vectors(self.layouts, self.shift, slice(None))
+                + _expand_vectors(self.layouts, self.total, slice(None)) / self.count)
+
+    def covariance(self, eps: float, estimator: str = "eps", positions: slice = slice(None)) -> torch.Tensor:
+        """As :meth:`GaussianStats.covariance`, from the shifted sums of ``positions`` expanded (a
+        covariance does not depend on the shift; with it, the float64 sums cancel fewer digits)."""
+        self._check_unconverted()
+        if self.count < 2:
+            raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
+        outer = _expand_outer(self.layouts, self.cross, positions)
+        mean = _expand_vectors(self.layouts, self.total, positions) / self.count
+        return sums_covariance(outer, mean, self.count, eps, estimator)
 
     def update(self, blocks: Blocks) -> None:
         """Add a batch of embeddings from FeatureExtractor.blocks."""
@@ -111,44 +183,112 @@ class BlockStats:
                         lhs = grouped[i][:ci.numel()].view(cells.shape).copy_(cells)
                         cross[i][j][parts[j]].baddbmm_(lhs.view(c[j].shape[0], -1, b), c[j])
 
-    def stats(self) -> GaussianStats:
-        """The float64 sums of x and x x^T of every finest position (all scales, row by row), as
-        StreamingStats.stats gives them. Call once."""
+    @torch.inference_mode()
+    def stats(self, into: CellStats | None = None) -> CellStats:
+        """The float64 sums of x and x x^T, still kept per cell (:class:`CellStats`); added into
+        ``into`` (and that returned) if given. Call once: each float32 sum is freed as it is
+        converted, so the float64 copy never coexists with all of them."""
         if self.shift is None:
             raise ValueError("no samples accumulated")
         self._check_unconverted()
-        d = sum(lv.channels for lv in self.layouts[0].levels)
-        positions = sum(lay.positions for lay in self.layouts)
-        device = self.total[0][0].device
-        outer = torch.empty(positions, d, d, dtype=torch.float64, device=device)
-        total = torch.empty(positions, d, dtype=torch.float64, device=device)
-        for (_, layout, rows, _), shifts, totals, cross in zip(
-                _scale_ranges(self.layouts, slice(0, positions)), self.shift, self.total, self.cross, strict=True):
-            channels = _offsets(layout)
-            for part in position_chunks(layout.positions, EXPAND_CHUNK):
-                at = slice(rows.start + part.start, rows.start + part.stop)
-                o, t, s = outer[at], total[at], torch.empty_like(total[at])
-                fine = torch.arange(part.start, part.stop, device=device)
-                for i, level in enumerate(layout.levels):
-                    row, col = layout.cell_of(i, fine)
-                    cell, ri = row * level.grid[1] + col, channels[i]
-                    s[:, ri] = shifts[i][cell]
-                    t[:, ri] = totals[i][cell]
-                    for j in range(i + 1):
-                        above, sub = layout.under(i, j, row, col)
-                        block = cross[i][j].view(cross[i][j].shape[0], -1, level.channels,
-                                                 cross[i][j].shape[2])[above, sub]
-                        o[:, ri, channels[j]] = block
-                        if j < i:
-                            o[:, channels[j], ri] = block.transpose(1, 2)
-                add_shift_terms(o, s, t, self.count)
-                t.add_(s, alpha=self.count)
+        n = self.count
+        total: list[list[torch.Tensor]] = []
+        cross: list[list[list[torch.Tensor]]] = []
+        for s, (layout, shifts, totals, crosses) in enumerate(
+                zip(self.layouts, self.shift, self.total, self.cross, strict=True)):
+            # with S = sum(x - s): sum x_i x_j^T = sum (x_i - s_i)(x_j - s_j)^T + u_i s_j^T + s_i u_j^T,
+            # u = S + n s / 2 (as add_shift_terms, for each pair of taps)
+            shift = [x.double() for x in shifts]
+            u = [t + (n / 2) * x for t, x in zip(totals, shift, strict=True)]
+            total.append([t.add_(x, alpha=n) for t, x in zip(totals, shift, strict=True)])
+            cross.append([])
+            for i in range(len(layout.levels)):
+                row = []
+                for j in range(i + 1):
+                    out = crosses[i][j].double()
+                    crosses[i][j] = None  # freed before the next one is converted
+                    si, ui = (_grouped(x[i], layout, i, j) for x in (shift, u))
+                    out.baddbmm_(ui.unsqueeze(2), shift[j].unsqueeze(1)).baddbmm_(si.unsqueeze(2), u[j].unsqueeze(1))
+                    if into is not None:
+                        into.cross[s][i][j] += out
+                        del out
+                    else:
+                        row.append(out)
+                cross[-1].append(row)
         self.cross = self.total = None  # freed; also marks the sums converted
-        return GaussianStats(self.count, total, outer)
+        if into is None:
+            return CellStats(self.layouts, n, total, cross)
+        into.count += n
+        for mine, theirs in zip(into.total, total, strict=True):
+            for a, b in zip(mine, theirs, strict=True):
+                a += b
+        return into
 
     def _check_unconverted(self) -> None:
         if self.cross is None:
             raise ValueError("these statistics were converted by stats(), which frees the running sums")
+
+
+class CellStats:
+    """Float64 sums of block-layout embeddings, kept per cell (what :meth:`BlockStats.stats` gives):
+    the count; per scale and tap i, ``total[s][i]`` (tap-i cells, C_i), the sums of x_i; for taps
+    j <= i, ``cross[s][i][j]`` (tap-j cells, t t C_i, C_j), the sums of x_i x_j^T of the t x t
+    tap-i cells under each tap-j cell. Like :class:`GaussianStats` they add up (``a + b``), and they
+    give the per-position sums, covariances and mean a few positions at a time, so the (P, d, d)
+    float64 statistics are never formed (for MobileNetV2 at d = 152 they take ~1/4 of its memory)."""
+
+    def __init__(self, layouts: list[ScaleLayout], count: int, total: list[list[torch.Tensor]],
+                 cross: list[list[list[torch.Tensor]]]):
+        self.layouts = layouts
+        self.count = count
+        self.total = total
+        self.cross = cross
+
+    @property
+    def positions(self) -> int:
+        """Finest positions of all scales."""
+        return sum(lay.positions for lay in self.layouts)
+
+    @property
+    def dim(self) -> int:
+        """Channels d of the embedding."""
+        return sum(lv.channels for lv in self.layouts[0].levels)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the sums are."""
+        return self.total[0][0].device
+
+    def __add__(self, other: CellStats) -> CellStats:
+        if self.layouts != other.layouts:
+            raise ValueError("cannot merge cell statistics of different layouts")
+        return CellStats(self.layouts, self.count + other.count,
+                         [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(self.total, other.total,
+                                                                                    strict=True)],
+                         [[[a + b for a, b in zip(xi, yi, strict=True)] for xi, yi in zip(x, y, strict=True)]
+                          for x, y in zip(self.cross, other.cross, strict=True)])
+
+    def sums(self, positions: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 (p, d) sums of x and (p, d, d) sums of x x^T of ``positions`` (of all scales)."""
+        return _expand_vectors(self.layouts, self.total, positions), _expand_outer(self.layouts, self.cross, positions)
+
+    def mean(self) -> torch.Tensor:
+        """(P, d) sample mean."""
+        if self.count < 1:
+            raise ValueError("no samples accumulated")
+        return _expand_vectors(self.layouts, self.total, slice(None)) / self.count
+
+    def covariance(self, eps: float, estimator: str = "eps", positions: slice = slice(None)) -> torch.Tensor:
+        """As :meth:`GaussianStats.covariance`, from the sums of ``positions`` expanded."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
+        total, outer = self.sums(positions)
+        return sums_covariance(outer, total / self.count, self.count, eps, estimator)
+
+    def expand(self) -> GaussianStats:
+        """The per-position :class:`GaussianStats` (all (P, d, d) sums: for tests and small models)."""
+        total, outer = self.sums(slice(0, self.positions))
+        return GaussianStats(self.count, total, outer)
 
 
 class BlockWhitening(nn.Module):
@@ -172,12 +312,12 @@ class BlockWhitening(nn.Module):
         w = self.get_buffer(f"w{s}_{i}_{j}")
         return w.view(w.shape[0], w.shape[1], -1, self.layouts[s].levels[i].channels)
 
-    def fill(self, positions: slice, factor: torch.Tensor, mean: torch.Tensor) -> None:
-        """Take the rows of the (p, d, d) ``factor`` and (p, d) ``mean`` of ``positions`` (of all
-        scales) at the top-left finest position of each cell; call for every position in turn."""
+    def fill(self, positions: slice, factor: torch.Tensor) -> None:
+        """Take the rows of the (p, d, d) ``factor`` of ``positions`` (of all scales) at the top-left
+        finest position of each cell; call for every position in turn, then :meth:`set_bias`."""
         for s, layout, rows, local in _scale_ranges(self.layouts, positions):
             channels = _offsets(layout)
-            f, mu = factor[rows], mean[rows]
+            f = factor[rows]
             fine = torch.arange(local.start, local.stop, device=f.device)
             for i, level in enumerate(layout.levels):
                 row, col = layout.cell_of(i, fine)
@@ -186,11 +326,37 @@ class BlockWhitening(nn.Module):
                     continue
                 row, col, end = row[first], col[first], channels[i].stop
                 w = f[first][:, channels[i], :end].float()  # (n, C_i, channels of taps <= i)
-                self.get_buffer(f"b{s}_{i}")[row * level.grid[1] + col] = torch.bmm(
-                    w, mu[first][:, :end, None].float())[..., 0]
                 for j in range(i + 1):
                     above, sub = layout.under(i, j, row, col)
                     self._weight(s, i, j)[above, :, sub] = w[:, :, channels[j]].transpose(1, 2)
+
+    def set_bias(self, mean: torch.Tensor) -> None:
+        """Set W mean per cell from the (P, d) ``mean`` (all scales), once the weights are filled."""
+        start = 0
+        for s, layout in enumerate(self.layouts):
+            xs = self._cells(mean[start:start + layout.positions].T.unsqueeze(0).float(), layout)
+            start += layout.positions
+            for i in range(len(layout.levels)):
+                self.get_buffer(f"b{s}_{i}").copy_(self._project(s, xs, i)[:, 0])
+
+    def _cells(self, embeddings: torch.Tensor, layout: ScaleLayout) -> list[torch.Tensor]:
+        """(B, d, P) embeddings of one scale -> per tap, its (cells, B, C_i) values, read at each
+        cell's top-left position."""
+        return [embeddings[:, c][:, :, layout.first(i).to(embeddings.device)].permute(2, 0, 1)
+                for i, c in enumerate(_offsets(layout))]
+
+    def _project(self, s: int, xs: list[torch.Tensor], i: int) -> torch.Tensor:
+        """W_i x (the rows of tap i of W times x, without W mean) per tap-i cell, (cells, B, C_i),
+        for per-tap (cells, B, C_j) values ``xs`` of scale ``s``: one product per tap j <= i, with
+        the t x t tap-i cells under a tap-j cell side by side, put in tap-i cell order."""
+        layout = self.layouts[s]
+        (h, w), c = layout.levels[i].grid, layout.levels[i].channels
+        y = torch.bmm(xs[i], self.get_buffer(f"w{s}_{i}_{i}"))
+        for j in range(i):
+            t, (hj, wj) = layout.step(i, j), layout.levels[j].grid
+            z = torch.bmm(xs[j], self.get_buffer(f"w{s}_{i}_{j}"))  # (tap-j cells, B, t t C_i)
+            y = y + z.reshape(hj, wj, -1, t, t, c).permute(0, 3, 1, 4, 2, 5).reshape(h * w, -1, c)
+        return y
 
     def factor_of(self, positions: slice, d: int) -> torch.Tensor:
         """The (p, d, d) whitening factor of ``positions`` (of all scales), rebuilt from the cells."""
@@ -215,6 +381,25 @@ class BlockWhitening(nn.Module):
                         for i, c in enumerate(_offsets(layout))])
             start += layout.positions
         return out
+
+    def graph_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, d, P) embeddings -> (B, P) distances, as :meth:`distances` computes them, in plain
+        tensor operations that a trace records as a static graph (an ONNX export): per tap, the
+        cells are gathered from the embedding, multiplied by the per-cell weights of every tap
+        above, and each cell's squared norm is spread over the finest positions it covers."""
+        out, start = [], 0
+        for s, layout in enumerate(self.layouts):
+            xs = self._cells(embeddings[:, :, start:start + layout.positions], layout)
+            start += layout.positions
+            squares = None
+            for i, level in enumerate(layout.levels):
+                (h, w), r = level.grid, level.ratio
+                y = self._project(s, xs, i) - self.get_buffer(f"b{s}_{i}").unsqueeze(1)
+                q = y.square().sum(dim=2).reshape(h, 1, w, 1, -1).expand(h, r, w, r, -1)
+                q = q.reshape(layout.positions, -1)
+                squares = q if squares is None else squares + q
+            out.append(squares.sqrt().T)
+        return torch.cat(out, dim=1)
 
     def distances(self, blocks: Blocks) -> torch.Tensor:
         """Blocks of B images -> (B, P) Mahalanobis distances, all scales, each row by row."""

@@ -23,14 +23,19 @@ from safetensors.torch import save as safetensors_bytes
 from .. import __version__
 from ..atomic import write_bytes
 from ..backbones import BackboneError, get_spec
+from ..backbones.blocks import ScaleLayout
 from ..backbones.extractor import TAP_RESIZE, channel_index
 from ..errors import ModelFileError
-from .padim import Padim
+from .blocks import BlockWhitening
+from .padim import FACTOR_DTYPES, Padim
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, position_chunks
 
-FORMAT = "visa-padim/3"  # 2: feature pyramid (scales, grids); 3: channels deepest tap first
-TENSORS = ("mean", "factor_tril", "channels")
+# 2: feature pyramid (scales, grids); 3: channels deepest tap first; 4: the factor per cell where
+# scoring runs cell by cell, float16 by default
+FORMAT = "visa-padim/4"
+TENSORS = ("mean", "factor_tril", "channels")  # "factor_tril" only when stored position by position
+STORAGE = ("cells", "positions")
 MAX_IMAGE_SIDE = 4096
 
 logger = logging.getLogger(__name__)
@@ -39,23 +44,68 @@ logger = logging.getLogger(__name__)
 CHUNK = 1024  # positions per step of packing and unpacking: the full (P, d, d) factor never exists
 
 
-def _pack(scorer: PadimScorer) -> torch.Tensor:
+def _pack(scorer: PadimScorer, dtype: torch.dtype) -> torch.Tensor:
     """The lower triangles of the scorer's whitening factors, row by row: (P, d(d+1)/2)."""
     positions, d = scorer.mean.shape
     rows, cols = torch.tril_indices(d, d)
-    packed = torch.empty(positions, rows.numel())
+    packed = torch.empty(positions, rows.numel(), dtype=dtype)
     for part in position_chunks(positions, CHUNK):
         packed[part] = scorer.factor_of(part).cpu()[:, rows, cols]
     return packed
 
 
 def _unpack(packed: torch.Tensor, d: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(positions, (p, d, d) factors) chunks of a packed factor, for PadimScorer."""
+    """(positions, (p, d, d) float32 factors) chunks of a packed factor, for PadimScorer."""
     rows, cols = torch.tril_indices(d, d)
     for part in position_chunks(packed.shape[0], CHUNK):
-        out = torch.zeros(part.stop - part.start, d, d, dtype=packed.dtype)
-        out[:, rows, cols] = packed[part]
+        out = torch.zeros(part.stop - part.start, d, d)
+        out[:, rows, cols] = packed[part].float()
         yield part, out
+
+
+def _cell_shapes(layouts: list[ScaleLayout]) -> dict[str, tuple[int, ...]]:
+    """The stored cell tensors: for taps j < i of scale s, ``w{s}_{i}_{j}`` as BlockWhitening keeps
+    it, (tap-j cells, C_j, t t C_i); for j = i the upper triangle of W_ii^T per tap-i cell (its zero
+    half dropped), (tap-i cells, C_i (C_i + 1) / 2)."""
+    out = {}
+    for s, layout in enumerate(layouts):
+        for i, a in enumerate(layout.levels):
+            for j, b in enumerate(layout.levels[:i + 1]):
+                out[f"w{s}_{i}_{j}"] = ((a.cells, a.channels * (a.channels + 1) // 2) if j == i
+                                        else (b.cells, b.channels, layout.step(i, j) ** 2 * a.channels))
+    return out
+
+
+def _pack_cells(blocks: BlockWhitening, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The cell tensors of :func:`_cell_shapes` from a scorer's BlockWhitening."""
+    out = {}
+    for name, shape in _cell_shapes(blocks.layouts).items():
+        w = blocks.get_buffer(name).cpu()
+        if len(shape) == 2:  # a diagonal block, (cells, C, C)
+            rows, cols = torch.triu_indices(w.shape[1], w.shape[1])
+            w = w[:, rows, cols]
+        out[name] = w.to(dtype).contiguous()
+    return out
+
+
+def _unpack_cells(path: Path, tensors: dict, layouts: list[ScaleLayout], dtype: torch.dtype,
+                  mean: torch.Tensor) -> BlockWhitening:
+    """The BlockWhitening of stored cell tensors, with W mean per cell computed from ``mean``."""
+    blocks = BlockWhitening(layouts)
+    for name, shape in _cell_shapes(layouts).items():
+        w = _expect(path, tensors, name, shape, dtype)
+        target = blocks.get_buffer(name)
+        if len(shape) == 2:
+            c = target.shape[1]
+            rows, cols = torch.triu_indices(c, c)
+            if not bool((w[:, rows == cols] > 0).all()):  # W = L^-1 of a Cholesky factor: positive diagonal
+                raise ModelFileError(f"{path}: whitening factor has a non-positive diagonal; the file was "
+                                     "altered or damaged; re-run 'padim fit'")
+            target[:, rows, cols] = w.float()
+        else:
+            target.copy_(w)
+    blocks.set_bias(mean)
+    return blocks
 
 
 def save_model(model: Padim, path: Path) -> Path:
@@ -77,6 +127,8 @@ def save_model(model: Padim, path: Path) -> Path:
         "sigma": model.sigma,
         "pool": model.pool,
         "tap_resize": model.tap_resize,
+        "storage": "cells" if scorer.blocks is not None else "positions",
+        "factor_dtype": model.factor_dtype,
         "covariance": model.covariance,
         "top_k": model.top_k,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std), "input": "RGB uint8 / 255"},
@@ -86,12 +138,13 @@ def save_model(model: Padim, path: Path) -> Path:
         "threshold": model.threshold_,
         **model.info_,
     }
+    dtype = getattr(torch, model.factor_dtype)
     tensors = {
         "mean": scorer.mean.cpu().contiguous(),
-        "factor_tril": _pack(scorer),
+        **(_pack_cells(scorer.blocks, dtype) if scorer.blocks is not None else {"factor_tril": _pack(scorer, dtype)}),
         "channels": scorer.extractor.channels.cpu().contiguous(),
     }
-    for name in ("mean", "factor_tril"):
+    for name in set(tensors) - {"channels"}:
         if not bool(torch.isfinite(tensors[name]).all()):
             raise FloatingPointError(f"model tensor {name!r} holds NaN or inf; refusing to write {path}")
     check_metadata(path, meta)  # never write a file that loading would refuse
@@ -100,13 +153,13 @@ def save_model(model: Padim, path: Path) -> Path:
 
 
 def read_model_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, after checking it is one of ours."""
+    """Metadata and tensors of a model file, after checking it is one of ours (the metadata first:
+    an old or foreign file is refused without reading its tensors)."""
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("padim")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: not a readable model file ({exc}); re-run 'padim fit'") from exc
     if raw is None:
@@ -117,7 +170,13 @@ def read_model_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{path}: corrupt metadata ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelFileError(f"{path}: model format {found!r}, this version reads {FORMAT!r}; re-run 'padim fit'")
+        raise ModelFileError(f"{path}: model format {found!r}, this version reads {FORMAT!r} (the whitening "
+                             "factor is now stored per cell); re-run 'padim fit'")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a readable model file ({exc}); re-run 'padim fit'") from exc
     return meta, tensors
 
 
@@ -161,6 +220,8 @@ FIELDS: dict[str, tuple[Callable, str]] = {
     "sigma": (lambda v: _is_float(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
     "pool": (lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "tap_resize": (lambda v: v in TAP_RESIZE, " or ".join(TAP_RESIZE)),
+    "storage": (lambda v: v in STORAGE, " or ".join(STORAGE)),
+    "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
     "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
     "top_k": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "normalization": (lambda v: isinstance(v, dict) and {"mean", "std"} <= set(v), "{mean, std, input}"),
@@ -228,7 +289,7 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
     """Rebuild a :class:`Padim` from a file written by :func:`save_model`."""
     meta, tensors = read_model_file(path)
     check_metadata(path, meta)
-    extra = sorted(set(tensors) - set(TENSORS))
+    extra = sorted(set(tensors) - set(TENSORS) - {k for k in tensors if re.fullmatch(r"w\d+_\d+_\d+", k)})
     if extra:
         raise ModelFileError(f"{path}: unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
     model = Padim(
@@ -236,7 +297,7 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
         sigma=float(meta["sigma"]), seed=meta["seed"], calibration_fraction=float(meta["calibration_fraction"]),
         threshold_quantile=float(meta["threshold_quantile"]), pool=meta["pool"], tap_resize=meta["tap_resize"],
         covariance=meta["covariance"], top_k=meta["top_k"], scales=meta["scales"], device=device, weights=weights,
-        progress=progress,
+        progress=progress, factor_dtype=meta["factor_dtype"],
     )
     if len(meta["grids"]) != len(meta["scales"]):
         raise ModelFileError(f"{path}: {len(meta['grids'])} grids for {len(meta['scales'])} scales; the file was "
@@ -244,16 +305,12 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
     grids = [(g[0], g[1]) for g in meta["grids"]]
     d, positions = model.d, sum(h * w for h, w in grids)
     mean = _expect(path, tensors, "mean", (positions, d), torch.float32)
-    packed = _expect(path, tensors, "factor_tril", (positions, d * (d + 1) // 2), torch.float32)
+    dtype = getattr(torch, meta["factor_dtype"])
     channels = _expect(path, tensors, "channels", (d,), torch.int64)
     total = sum(get_spec(model.backbone).channels)
     if not torch.equal(channels, channel_index(total, d, model.seed)):
         raise ModelFileError(f"{path}: channel index does not match backbone {model.backbone!r}, d={d}, "
                              f"seed={model.seed}")
-    rows, cols = torch.tril_indices(d, d)
-    if not bool((packed[:, rows == cols] > 0).all()):  # W = L^-1 of a Cholesky factor: positive diagonal
-        raise ModelFileError(f"{path}: whitening factor has a non-positive diagonal; the file was altered or "
-                             "damaged; re-run 'padim fit'")
     try:
         probed = model._grids(positions)  # builds the backbone (BackboneError: weights) and runs one probe
     except ValueError as exc:
@@ -263,7 +320,29 @@ def load_model(path: Path, device: str = "cpu", weights: str | Path | None = Non
         raise ModelFileError(f"{path}: grids {meta['grids']} do not match the {probed} of image size "
                              f"{meta['image_size']}; the file was altered; re-run 'padim fit'")
     model.grids_ = grids
-    model.scorer_ = model.new_scorer(mean, _unpack(packed, d)).to(model.device)
+    if meta["storage"] == "cells":
+        layouts = model.feature_extractor().block_layouts(model.image_size)
+        if layouts is None:
+            raise ModelFileError(f"{path}: factor stored per cell, but tap_resize {meta['tap_resize']!r} at "
+                                 f"{meta['image_size']} has no cells; the file was altered; re-run 'padim fit'")
+        extra = sorted(set(tensors) - {"mean", "channels", *_cell_shapes(layouts)})
+        if extra:
+            raise ModelFileError(f"{path}: unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
+        cells = _unpack_cells(path, tensors, layouts, dtype, mean)
+        # off the CPU the scorer works position by position: the factor is rebuilt from the cells
+        factor = cells if model._layouts(model.image_size) is not None else (
+            (part, cells.factor_of(part, d)) for part in position_chunks(positions, CHUNK))
+    else:
+        if len(tensors) != 3:
+            raise ModelFileError(f"{path}: unexpected tensor(s) {', '.join(sorted(set(tensors) - set(TENSORS)))}; "
+                                 "not a file written by 'padim fit'")
+        packed = _expect(path, tensors, "factor_tril", (positions, d * (d + 1) // 2), dtype)
+        rows, cols = torch.tril_indices(d, d)
+        if not bool((packed[:, rows == cols] > 0).all()):  # W = L^-1 of a Cholesky factor: positive diagonal
+            raise ModelFileError(f"{path}: whitening factor has a non-positive diagonal; the file was altered or "
+                                 "damaged; re-run 'padim fit'")
+        factor = _unpack(packed, d)
+    model.scorer_ = model.new_scorer(mean, factor).to(model.device)
     model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
     model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
     model.meta_ = meta

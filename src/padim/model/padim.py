@@ -15,7 +15,7 @@ from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..backbones.blocks import ScaleLayout
 from ..datasets.images import ImageFiles, ImageSource
 from ..params import check_scales
-from .blocks import BlockStats
+from .blocks import BlockStats, CellStats
 from .scorer import PadimScorer
 from .stats import COVARIANCE_ESTIMATORS, GaussianStats, StreamingStats, whitening_factors
 
@@ -31,6 +31,9 @@ class Prediction:
     scores: np.ndarray
     maps: np.ndarray
     labels: np.ndarray | None
+
+
+FACTOR_DTYPES = ("float16", "float32")
 
 
 def threshold_labels(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
@@ -123,6 +126,8 @@ class Padim:
         stride-4 grid. With 'nearest' on CPU, where each deeper grid divides the finest evenly
         (320x480 and its 0.7 level do), fit and predict work once per deep cell instead of once
         per position (:mod:`padim.model.blocks`): the same numbers, faster.
+    factor_dtype: precision of the whitening factor kept and stored, 'float16' (half the model file)
+        or 'float32'; scoring runs in float32 either way (see docs/model-size.md).
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
     top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
@@ -137,6 +142,7 @@ class Padim:
                  d: int | None = None,
                  eps: float = 0.01, sigma: float | None = None, seed: int = 0, calibration_fraction: float = 0.1,
                  threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "bilinear",
+                 factor_dtype: str = "float16",
                  covariance: str = "eps", top_k: int = 1, scales: Sequence[float] = (1.0, 0.7),
                  batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
@@ -158,6 +164,10 @@ class Padim:
         self.threshold_quantile = threshold_quantile
         self.pool = pool
         self.tap_resize = tap_resize
+        if factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype must be one of {FACTOR_DTYPES}, got {factor_dtype!r}")
+        # fp16 holds |W_ij| <= ||W|| <= 1/sqrt(eps) (cov >= eps I) only for eps >= 1e-8
+        self.factor_dtype = "float32" if factor_dtype == "float16" and eps < 1e-8 else factor_dtype
         self.covariance = covariance
         self.top_k = top_k
         self.scales = check_scales(scales)
@@ -211,8 +221,10 @@ class Padim:
         (on CPU, with nearest tap resizing and evenly dividing grids), else None."""
         return self.feature_extractor().block_layouts(size) if self.device.type == "cpu" else None
 
-    def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit") -> GaussianStats:
-        """Partial statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
+    def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit",
+                   ) -> GaussianStats | CellStats:
+        """Partial statistics of ``images``, per cell (CellStats) where fit runs cell by cell, else
+        per position; partial results of disjoint shards add up (``a + b``)."""
         return self.running_stats(images, desc).stats()
 
     @torch.inference_mode()
@@ -253,9 +265,15 @@ class Padim:
         if filled:
             yield _images(out, 0, filled, blocks)
 
-    def _scorer(self, stats: GaussianStats) -> PadimScorer:
+    def _scorer(self, stats: GaussianStats | CellStats) -> PadimScorer:
         factors = whitening_factors(stats, self.eps, self.covariance)  # chunk by chunk into the scorer's blocks
-        return self.new_scorer(stats.mean(), factors)
+        return self.new_scorer(stats.mean(), ((part, self.stored_factor(f)) for part, f in factors))
+
+    def stored_factor(self, factor: torch.Tensor) -> torch.Tensor:
+        """``factor`` rounded to the precision the model file keeps (``factor_dtype``), so that a
+        fitted model scores exactly as it will once saved and loaded."""
+        dtype = getattr(torch, self.factor_dtype)
+        return factor if dtype == factor.dtype else factor.to(dtype).to(factor.dtype)
 
     def new_scorer(self, mean: torch.Tensor, factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]],
                    ) -> PadimScorer:
@@ -286,32 +304,46 @@ class Padim:
     def fit(self, images: Sequence[ImageSource] | torch.Tensor) -> Padim:
         """Fit on normal images (paths, PIL images, HxWx3 uint8 arrays, or a uint8 (N,3,H,W) tensor)."""
         fit_idx, cal_idx = self.calibration_split(len(images))
-        return self.fit_from_stats(self.accumulate(_take(images, fit_idx)), _take(images, cal_idx),
-                                   n_train=len(images))
+        stats = self.running_stats(_take(images, fit_idx))
+        # cell sums are used as they are: their float64 form, twice the size, is only for merging
+        stats = stats if isinstance(stats, BlockStats) else stats.stats()
+        return self.fit_from_stats(stats, _take(images, cal_idx), n_train=len(images))
 
     @torch.inference_mode()
-    def fit_from_stats(self, stats: GaussianStats, calibration: Sequence[ImageSource] | torch.Tensor = (),
-                       n_train: int | None = None) -> Padim:
+    def fit_from_stats(self, stats: GaussianStats | CellStats | BlockStats,
+                       calibration: Sequence[ImageSource] | torch.Tensor = (), n_train: int | None = None) -> Padim:
         """Finish a fit from accumulated statistics (e.g. summed over shards).
 
         The ``calibration`` images are scored by the model from ``stats`` alone (they set the
         threshold), then their statistics are merged in before the final factor is computed.
         ``stats`` is updated in place (the calibration scorer keeps its own copy of what it needs).
         """
-        self.grids_ = self._grids(stats.total.shape[0])
+        self.grids_ = self._grids(stats.positions)
+        cells = isinstance(stats, CellStats | BlockStats)
+        if cells and self._layouts(self.image_size) is None:  # e.g. summed on CPU workers, finished on a GPU
+            stats, cells = (stats.stats() if isinstance(stats, BlockStats) else stats).expand(), False
         cal_scores, cal_maps = np.empty(0), np.empty(0)
         if len(calibration):
             scorer = self._scorer(stats)
             scores, maps = [], []
+            held_out = BlockStats(stats.layouts, self.device) if isinstance(stats, CellStats) else None
             # decoded here: with forked decoders alive, each page of the statistics the merge writes
             # would first be copied (copy-on-write), ~1 s per GB of statistics
-            for batch, out in self._batches(calibration, "calibrate", fork=False):
-                emb = scorer.extractor(batch, out)
-                m, s = scorer.score_embeddings(emb, self.image_size)
-                stats.update(emb)  # merged after scoring: the scorer has not seen these images
+            for batch, out in self._batches(calibration, "calibrate", fork=False, blocks=cells):
+                # merged after scoring: the scorer has not seen these images
+                if cells:
+                    blocks = scorer.extractor.blocks(batch, out)
+                    m, s = scorer.score_distances(scorer.blocks.distances(blocks), self.image_size)
+                    (stats if held_out is None else held_out).update(blocks)
+                else:
+                    emb = scorer.extractor(batch, out)
+                    m, s = scorer.score_embeddings(emb, self.image_size)
+                    stats.update(emb)
                 maps.append(m.cpu().numpy())
                 scores.append(s.cpu().numpy())
             del scorer  # frees its factor before the final one is built
+            if held_out is not None:
+                held_out.stats(into=stats)
             cal_scores, cal_maps = np.concatenate(scores), np.concatenate(maps)
         self.scorer_ = None  # a refit frees the previous factor before the new one is built
         self.scorer_ = self._scorer(stats)

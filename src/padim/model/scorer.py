@@ -82,14 +82,15 @@ class PadimScorer(nn.Module):
     values. ``grids`` are the (h, w) feature grids of the extractor's scales for ``image_size``."""
 
     def __init__(self, extractor: FeatureExtractor, mean: torch.Tensor,
-                 factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]],
+                 factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]] | BlockWhitening,
                  grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
                  layouts: list[ScaleLayout] | None = None):
         """``mean`` (P, d); ``factor``: the (P, d, d) lower-triangular whitening factor W, or its
         (positions, (p, d, d) chunk) pieces in order, so that all of it never has to exist at once.
         ``layouts``: the extractor's block layouts for ``image_size`` (FeatureExtractor.block_layouts),
         to keep W per cell and score cell by cell (CPU); W must then have their block structure,
-        as a fit on the extractor's embeddings gives it."""
+        as a fit on the extractor's embeddings gives it; or ``factor`` is a filled BlockWhitening of
+        these layouts, kept as it is."""
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -106,6 +107,11 @@ class PadimScorer(nn.Module):
         extractor.prepare_trace(self.image_size)
         self.register_buffer("mean", mean.float().contiguous())
         positions, d = self.mean.shape
+        if isinstance(factor, BlockWhitening):  # already filled (a model file's cells)
+            if layouts is None or factor.layouts != layouts:
+                raise ValueError("a BlockWhitening factor needs the scorer's block layouts")
+            self.blocks = factor.to(self.mean.device)
+            return
         pieces = [(slice(0, positions), factor)] if isinstance(factor, torch.Tensor) else factor
         self.blocks = BlockWhitening(layouts, self.mean.device) if layouts is not None else None
         if self.blocks is not None:
@@ -114,9 +120,10 @@ class PadimScorer(nn.Module):
                                  f"the mean {positions}")
             filled = 0
             for part, w in pieces:
-                self.blocks.fill(part, w, self.mean[part])
+                self.blocks.fill(part, w)
                 filled += w.shape[0]
             self._check_filled(filled, positions)
+            self.blocks.set_bias(self.mean)
             return
         # W^T is upper triangular: of its columns [:h] only rows [:h] are nonzero, so it is kept as
         # two contiguous blocks (zeros dropped: ~3/4 of the memory, reads and products). Contiguous,
@@ -169,6 +176,8 @@ class PadimScorer(nn.Module):
         """(B, D, P) embeddings -> (B, P) Mahalanobis distances ((B, D, h, w) -> (B, h, w))."""
         shape = embeddings.shape
         if self.blocks is not None:
+            if torch.jit.is_tracing():
+                return self.blocks.graph_distances(embeddings.flatten(2)).reshape(shape[0], *shape[2:])
             return self.blocks.distances(self.blocks.gather(embeddings.flatten(2))).reshape(shape[0], *shape[2:])
         # contiguous: a no-op for the extractor's position-major output; a strided view is legal
         # for bmm but an order of magnitude slower on CPU
