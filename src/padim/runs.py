@@ -48,15 +48,15 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     """Fit ``model`` on the training images and write ``out_dir/model.safetensors``; returns its path.
 
     Stages: 'fit' (the statistics of the training images), 'calibrate' (the held-out normal images
-    scored for the threshold, then merged in, and the final factor), 'save'. The same as
-    ``model.fit``, in its two steps.
+    scored for the threshold, then merged in, and the final factor), 'save': ``model.fit`` in
+    its two steps.
     """
     stages = stages if stages is not None else Stages()
     paths = [s.path for s in split.train]
     check_training_set(data, len(paths), model)
     fit_idx, cal_idx = model.calibration_split(len(paths))
     with stages("fit"):
-        stats = model.accumulate([paths[i] for i in fit_idx])
+        stats = model.fit_statistics([paths[i] for i in fit_idx])
     with stages("calibrate"):
         model.fit_from_stats(stats, [paths[i] for i in cal_idx], n_train=len(paths))
     with stages("save"):

@@ -304,10 +304,14 @@ class Padim:
     def fit(self, images: Sequence[ImageSource] | torch.Tensor) -> Padim:
         """Fit on normal images (paths, PIL images, HxWx3 uint8 arrays, or a uint8 (N,3,H,W) tensor)."""
         fit_idx, cal_idx = self.calibration_split(len(images))
-        stats = self.running_stats(_take(images, fit_idx))
+        return self.fit_from_stats(self.fit_statistics(_take(images, fit_idx)), _take(images, cal_idx),
+                                   n_train=len(images))
+
+    def fit_statistics(self, images: Sequence[ImageSource] | torch.Tensor) -> GaussianStats | BlockStats:
+        """The statistics of ``images`` in the form :meth:`fit` hands to :meth:`fit_from_stats`."""
+        stats = self.running_stats(images)
         # cell sums are used as they are: their float64 form, twice the size, is only for merging
-        stats = stats if isinstance(stats, BlockStats) else stats.stats()
-        return self.fit_from_stats(stats, _take(images, cal_idx), n_train=len(images))
+        return stats if isinstance(stats, BlockStats) else stats.stats()
 
     @torch.inference_mode()
     def fit_from_stats(self, stats: GaussianStats | CellStats | BlockStats,
