@@ -94,6 +94,18 @@ def test_mean_rows_average_the_categories_that_ran():
     assert overall["pixel_auroc"] is None
 
 
+def test_failure_message_is_the_error_line_or_how_the_process_ended(tmp_path):
+    from padim.benchmark import _failure
+
+    log = tmp_path / "run.log"
+    log.write_text("$ padim run ...\nstage data 0.1 s\nerror: data/cat: file not found\n")
+    assert _failure(log, 3) == "data/cat: file not found"
+    log.write_text("$ padim run ...\nstage fit 3.0 s\n")
+    assert _failure(log, -9) == "killed by SIGKILL (out of memory?)"
+    log.write_text("$ padim run ...\nTraceback (most recent call last):\nRuntimeError: boom\n")
+    assert _failure(log, 1) == "exit code 1: RuntimeError: boom"
+
+
 def test_summary_has_a_row_per_category_means_and_the_failure(bench):
     first, out = bench["first"], bench["out"]
     # the failing category sets the exit code (3: bad data) after the others ran
@@ -121,7 +133,7 @@ def test_summary_has_a_row_per_category_means_and_the_failure(bench):
     assert "plant/broken: " in md and "need at least" in md
     # the run folder is what 'padim run' writes, and records its command
     marker = json.loads((out / "plant" / "widget" / "benchmark.json").read_text())
-    assert marker["command"][:4] == ["run", str(bench["roots"][1]), "--category", "widget"]
+    assert marker["command"][:4] == ["run", str(bench["roots"][1].absolute()), "--category", "widget"]
     assert "--no-figures" in marker["command"] and (out / "plant" / "widget" / "report.html").is_file()
 
 

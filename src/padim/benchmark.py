@@ -117,9 +117,10 @@ def discover(roots: Sequence[Path], categories: Iterable[str] | None = None) -> 
 
 
 def run_command(job: Job, out: Path, args: Sequence[str]) -> list[str]:
-    """The ``padim run`` arguments of ``job`` (without the interpreter): what the marker records."""
-    return ["run", str(job.root), "--category", job.category, "--layout", job.layout, "--out",
-            str(job.run_dir(out)), *args]
+    """The ``padim run`` arguments of ``job`` (without the interpreter): what the marker records.
+    Absolute paths, so that a rerun from another folder finds the same command."""
+    return ["run", str(job.root.absolute()), "--category", job.category, "--layout", job.layout, "--out",
+            str(job.run_dir(out).absolute()), *args]
 
 
 def _read_json(path: Path) -> dict | None:
