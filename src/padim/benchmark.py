@@ -194,7 +194,9 @@ def run_category(job: Job, out: Path, args: Sequence[str]) -> dict:
     (run_dir / MARKER).unlink(missing_ok=True)  # the folder is incomplete until the run has succeeded
     command = run_command(job, out, args)
     src = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    # unbuffered: run.log shows how far a long (or killed) run got
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+           "PYTHONUNBUFFERED": "1"}
     log = run_dir / LOG_FILE
     start = time.perf_counter()
     with log.open("w") as f:
