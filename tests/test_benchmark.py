@@ -214,7 +214,8 @@ def test_index_renders_in_headless_chromium(bench):
         loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
         assert all(not name.startswith("http") for name in loaded)
         # the table fits its section at 1280 px: no side scrolling
-        assert driver.execute_script("const s = document.getElementById('summary'); return s.scrollWidth <= s.clientWidth;")
+        fits = "const s = document.getElementById('summary'); return s.scrollWidth <= s.clientWidth;"
+        assert driver.execute_script(fits)
         driver.set_window_size(1280, driver.execute_script("return document.documentElement.scrollHeight;"))
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "benchmark-index.png"))
