@@ -237,3 +237,16 @@ def test_missing_category_is_one_line_exit_3(tmp_path):
     visa, _ = make_roots(tmp_path)
     result = invoke("benchmark", visa, "--out", tmp_path / "out", "--categories", "nope", *FAST)
     assert result.exit_code == 3 and "nope" in result.output and "Traceback" not in result.output
+
+
+def test_seed_split_gives_the_metrics_of_padim_run(tmp_path):
+    visa, _ = make_roots(tmp_path)
+    result = invoke("benchmark", visa, "--out", tmp_path / "bench", "--split", "seed", *FAST)
+    assert result.exit_code == 0, result.output
+    direct = invoke("run", visa, "--category", "widget", "--split", "seed", "--out", tmp_path / "run", *FAST)
+    assert direct.exit_code == 0, direct.output
+    bench = json.loads((tmp_path / "bench" / "visa" / "widget" / "metrics.json").read_text())
+    run = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert bench["dataset"]["split"] == "seed" and bench["overall"] == run["overall"]
+    rows = list(csv.DictReader((tmp_path / "bench" / "summary.csv").open()))
+    assert rows[0]["image_auroc"] == "" and float(rows[0]["pixel_auroc"]) == round(run["overall"]["pixel_auroc"], 4)
