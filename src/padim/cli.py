@@ -525,5 +525,62 @@ def serve_cmd(model_path, host, port, max_upload_mb, max_pixels, weights, token_
           shutdown_timeout)
 
 
+def _as_args(command: click.Command, values: dict) -> list[str]:
+    """The command-line options that give ``command`` these parameter values (parsing's inverse);
+    None values are left to the command's defaults."""
+    args: list[str] = []
+    for param in command.params:
+        if not isinstance(param, click.Option) or values.get(param.name) is None:
+            continue
+        value = values[param.name]
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+            continue
+        if isinstance(value, tuple):  # HxW image sizes, comma-separated scales
+            value = ("x" if isinstance(param.type, ImageSize) else ",").join(map(repr, value))
+        args += [param.opts[0], repr(value) if isinstance(value, float) else str(value)]
+    return args
+
+
+@main.command("benchmark")
+@click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Output folder: OUT/<data set>/<category>/ run folders, summary.csv/.md/.json, index.html.")
+@click.option("--categories", default=None, metavar="A,B,...",
+              help="Only these categories (comma-separated) [default: every category found].")
+@click.option("--split", type=click.Choice(["1cls", "seed"]), default="1cls", show_default=True,
+              help="VisA split of the VisA categories (see 'padim run --help'); other layouts have one split.")
+@model_options
+@runtime_options
+@eval_options
+@click.option("--dask", "dask_address", metavar="ADDRESS", default=None,
+              help="Run the categories as tasks on a Dask cluster (tcp://host:8786 or local:N); workers must "
+                   "see the data and OUT at the same paths.")
+@handle_errors
+def benchmark_cmd(roots, out, categories, dask_address, device, progress, **params):
+    """Fit and evaluate every category under each ROOT (VisA, MVTec AD or plain folders) and summarize.
+
+    Each category runs as 'padim run' (same options) in its own process into OUT/<data set>/<category>/;
+    a category whose run folder is complete with the same options is reused. A failing category is
+    recorded in the summary and the others still run; the exit code is then the first failure's.
+    """
+    from .benchmark import benchmark
+
+    _check_device(device)
+    # the children's progress bars would only fill the run logs: the benchmark shows one over categories
+    args = _as_args(run_cmd, {**params, "device": device, "progress": False})
+    wanted = None if categories is None else [c.strip() for c in categories.split(",")]
+    rows = benchmark(roots, out, args, wanted, dask_address, progress, click.echo)
+    click.echo(f"wrote {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.json'}, {out / 'index.html'}")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        _fail(failed[0]["exit_code"], f"{len(failed)} of {len(rows)} categories failed "
+                                      f"({', '.join(r['dataset'] + '/' + r['category'] for r in failed)}); "
+                                      f"see {out / 'summary.md'}")
+
+
 if __name__ == "__main__":
     main()
