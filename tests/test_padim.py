@@ -60,7 +60,9 @@ def test_save_load_round_trip_gives_identical_predictions(fitted, tmp_path):
     meta, tensors = read_model_file(path)
     assert meta["backbone"] == "mobilenet_v2" and meta["image_size"] == [64, 64] and meta["package_version"]
     assert meta["scales"] == [1.0, 0.7] and meta["grids"] == [[16, 16], [12, 12]]  # 0.7 x 64 px: 48 px, 12 cells
-    assert tensors["factor_tril"].shape == (16 * 16 + 12 * 12, 32 * 33 // 2)
+    # nearest tap resizing (the default): the factor per cell, in float16; no per-position factor
+    assert meta["storage"] == "cells" and meta["factor_dtype"] == "float16" and "factor_tril" not in tensors
+    assert tensors["w0_0_0"].dtype == torch.float16 and tensors["w0_0_0"].shape[0] == 4 * 4  # deepest cells
 
 
 def test_same_seed_gives_the_same_model_bytes(tmp_path):
@@ -122,7 +124,7 @@ def test_statistics_are_updated_once_per_group_of_batches_and_equal_the_float64_
     rng = np.random.default_rng(7)
     n = 2 * STATS_GROUP + 3
     images = torch.stack([torch.from_numpy(texture(rng)).permute(2, 0, 1) for _ in range(n)])
-    model = Padim(image_size=64, d=16, batch_size=2)
+    model = Padim(image_size=64, d=16, batch_size=2, tap_resize="bilinear")  # position by position
     groups, update = [], StreamingStats.update
     monkeypatch.setattr(StreamingStats, "update", lambda self, emb: groups.append(emb.shape[0]) or update(self, emb))
     stats = model.accumulate(images)

@@ -122,10 +122,11 @@ class Padim:
         scored by the model fit without them, then merged into the final statistics.
     threshold_quantile: the threshold is this quantile of the held-out normal image scores.
     pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM; default 3).
-    tap_resize: 'nearest' (PaDiM) or 'bilinear' (default) resizing of the deeper taps to the
+    tap_resize: 'nearest' (default, PaDiM's) or 'bilinear' resizing of the deeper taps to the
         stride-4 grid. With 'nearest' on CPU, where each deeper grid divides the finest evenly
         (320x480 and its 0.7 level do), fit and predict work once per deep cell instead of once
-        per position (:mod:`padim.model.blocks`): the same numbers, faster.
+        per position, and the model keeps its factor per cell (:mod:`padim.model.blocks`): the
+        same numbers, faster, a quarter of the fit's memory and 2.55x fewer stored values.
     factor_dtype: precision of the whitening factor kept and stored, 'float16' (half the model file)
         or 'float32'; scoring runs in float32 either way (see docs/model-size.md).
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
@@ -141,7 +142,7 @@ class Padim:
     def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = (320, 480),
                  d: int | None = None,
                  eps: float = 0.01, sigma: float | None = None, seed: int = 0, calibration_fraction: float = 0.1,
-                 threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "bilinear",
+                 threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "nearest",
                  factor_dtype: str = "float16",
                  covariance: str = "eps", top_k: int = 1, scales: Sequence[float] = (1.0, 0.7),
                  batch_size: int = 16, num_workers: int | None = None,
