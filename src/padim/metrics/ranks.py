@@ -16,12 +16,12 @@ precision-recall curves, the MVTec AD PRO curve), ties included.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: a group is a key of the others' rank caches
 class Group:
     """Scored items of one group: sorted negatives, positives, and for AUPRO the positives' region
     weights (1 / size of the defect region each positive pixel belongs to) and region count."""
@@ -30,6 +30,16 @@ class Group:
     positives: np.ndarray
     weights: np.ndarray | None = None
     regions: int = 0
+    # per other group: this group's positives' ranks among its negatives (left, right), found once
+    # for all the unions both groups are in
+    _ranks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def ranks_in(self, other: Group) -> tuple[np.ndarray, np.ndarray]:
+        """Per positive of this group: the negatives of ``other`` below it, and at or below it."""
+        if other not in self._ranks:
+            self._ranks[other] = (np.searchsorted(other.negatives, self.positives, side="left"),
+                                  np.searchsorted(other.negatives, self.positives, side="right"))
+        return self._ranks[other]
 
     @classmethod
     def of(cls, scores: np.ndarray, labels: np.ndarray, region_ids: np.ndarray | None = None) -> Group:
@@ -38,11 +48,12 @@ class Group:
         scores, labels = np.ravel(scores), np.ravel(labels).astype(bool)
         negatives = np.sort(scores[~labels])
         positives = scores[labels]
+        order = np.argsort(positives, kind="stable")  # sorted keys make the binary searches faster
         if region_ids is None:
-            return cls(negatives, positives)
-        ids = np.ravel(region_ids)[labels]
+            return cls(negatives, positives[order])
+        ids = np.ravel(region_ids)[labels][order]
         sizes = np.bincount(ids, minlength=1)  # ids 1..R on positives: R + 1 bins, none when no positive
-        return cls(negatives, positives, 1.0 / sizes[ids], int(sizes.size - 1))
+        return cls(negatives, positives[order], 1.0 / sizes[ids], int(sizes.size - 1))
 
 
 def _count_below(groups: Sequence[Group], values: np.ndarray, side: str) -> np.ndarray:
@@ -55,44 +66,53 @@ def _count_below(groups: Sequence[Group], values: np.ndarray, side: str) -> np.n
 
 class Ranking:
     """The metrics of the union of ``groups``: its negatives stay in their groups, its positives are
-    sorted once (ascending) with their region weights."""
+    sorted once (ascending) with their region weights, and each positive's rank among the
+    negatives is found once, by binary search in every group, for all the metrics."""
 
     def __init__(self, groups: Iterable[Group]):
         self.groups = [g for g in groups if g.negatives.size or g.positives.size]
         self.n_neg = sum(g.negatives.size for g in self.groups)
         positives = [g.positives for g in self.groups]
         self.positives = np.concatenate(positives) if positives else np.empty(0)
-        order = np.argsort(self.positives, kind="stable")
+        # the groups' positives are sorted runs: a stable sort merges them
+        self._order = order = np.argsort(self.positives, kind="stable")
         self.positives = self.positives[order]
         self.n_pos = self.positives.size
         self.regions = sum(g.regions for g in self.groups)
         if self.regions and all(g.weights is not None for g in self.groups):
             self.weights = np.concatenate([g.weights for g in self.groups])[order]
+            self._gain = np.r_[0.0, np.cumsum(self.weights)]  # region weights of the positives below an index
         else:
             self.weights = None
-        self._counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._ranks: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def defined(self) -> bool:
         """Both classes present: the rank metrics exist."""
         return self.n_pos > 0 and self.n_neg > 0
 
+    def _negatives_below(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per positive (ascending): the negatives below it, and at or below it."""
+        if self._ranks is None:
+            per_group = [[g.ranks_in(other) for other in self.groups] for g in self.groups]
+            left = np.concatenate([sum(r[0] for r in ranks) for ranks in per_group])[self._order]
+            right = np.concatenate([sum(r[1] for r in ranks) for ranks in per_group])[self._order]
+            self._ranks = (left, right)
+        return self._ranks
+
     def _at_positives(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """At each distinct positive score (descending): the score, positives and negatives at or
         above it."""
-        if self._counts is None:
-            values, first = np.unique(self.positives, return_index=True)
-            tp = self.n_pos - first  # positives >= value
-            fp = self.n_neg - _count_below(self.groups, values, "left")
-            self._counts = values[::-1], tp[::-1], fp[::-1]
-        return self._counts
+        values, first = np.unique(self.positives, return_index=True)
+        tp = self.n_pos - first  # positives >= value
+        fp = self.n_neg - self._negatives_below()[0][first]
+        return values[::-1], tp[::-1], fp[::-1]
 
     def auroc(self) -> float | None:
         """Area under the ROC curve (ties count half); None without both classes."""
         if not self.defined:
             return None
-        below = _count_below(self.groups, self.positives, "left")
-        at_most = _count_below(self.groups, self.positives, "right")
+        below, at_most = self._negatives_below()
         wins = below.sum(dtype=np.float64) + 0.5 * (at_most - below).sum(dtype=np.float64)
         return float(wins / (self.n_pos * self.n_neg))
 
@@ -135,11 +155,10 @@ class Ranking:
         return {"fpr": fpr, "tpr": tpr, "recall": tp / self.n_pos, "precision": tp / flagged,
                 "ap": np.float64(self.average_precision())}
 
-    def _pro(self, values: np.ndarray, side: str) -> np.ndarray:
-        """Per value (ascending): the mean over regions of the share of the region's pixels above
-        it ('right': strictly above, 'left': at or above)."""
-        cum = np.r_[0.0, np.cumsum(self.weights)]
-        return (cum[-1] - cum[np.searchsorted(self.positives, values, side=side)]) / self.regions
+    def _pro(self, value: float, side: str) -> float:
+        """The mean over regions of the share of the region's pixels above ``value`` ('right':
+        strictly above, 'left': at or above)."""
+        return float(self._gain[-1] - self._gain[np.searchsorted(self.positives, value, side=side)]) / self.regions
 
     def aupro(self, fpr_limit: float = 0.3) -> float | None:
         """Area under the PRO curve for false-positive rates up to ``fpr_limit``, divided by the
@@ -147,7 +166,9 @@ class Ranking:
 
         The curve's trapezoids have area only where the false-positive rate grows, i.e. at the
         negatives: each negative with score v adds 1/N of rate while PRO goes from PRO(> v) to
-        PRO(>= v), so the area is a sum over negatives, the last step cut at the limit.
+        PRO(>= v). Summed over the negatives above the limit's score v*, that is a sum over the
+        positives p of their region weight times the negatives in (v*, p) and in (v*, p], counts
+        the AUROC already found; the last step is cut at the limit.
         """
         if self.weights is None or not self.defined:
             return None
@@ -157,17 +178,14 @@ class Ranking:
         cut = -np.inf
         if k <= self.n_neg:
             cut = float(np.partition(np.concatenate([g.negatives[-k:] for g in self.groups]), -k)[-k])
-        area = 0.0
-        before = 0  # negatives above v*: whole steps
-        for g in self.groups:
-            above = g.negatives[np.searchsorted(g.negatives, cut, side="right"):]
-            before += above.size
-            area += np.sum(self._pro(above, "right") + self._pro(above, "left")) / 2
-        step = budget - before  # negatives' worth of the last step inside the limit
+        at_most_cut = int(_count_below(self.groups, np.array([cut]), "right")[0])
+        below, at_most = self._negatives_below()
+        above_cut = np.maximum(below - at_most_cut, 0) + np.maximum(at_most - at_most_cut, 0)
+        area = float(np.dot(self.weights, above_cut)) / (2 * self.regions)
+        step = budget - (self.n_neg - at_most_cut)  # negatives' worth of the last step inside the limit
         if step > 0:
-            v = np.array([cut])
-            at = float(_count_below(self.groups, v, "right")[0] - _count_below(self.groups, v, "left")[0])
-            pro_gt, pro_ge = float(self._pro(v, "right")[0]), float(self._pro(v, "left")[0])
+            at = at_most_cut - float(_count_below(self.groups, np.array([cut]), "left")[0])
+            pro_gt, pro_ge = self._pro(cut, "right"), self._pro(cut, "left")
             area += step * (pro_gt + (pro_gt + step / at * (pro_ge - pro_gt))) / 2
         # the summed region shares can overshoot 1 by a rounding error; the area is a share, so clip it
         return float(np.clip(area / budget, 0.0, 1.0))
