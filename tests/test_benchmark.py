@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_folder_dataset, make_visa_dataset, require, texture, write_png
+from conftest import ARTIFACTS, make_folder_dataset, make_visa_dataset, require, texture, write_png
 from padim.benchmark import discover, mean_rows
 from padim.cli import _as_args, main, run_cmd
 from padim.datasets import DatasetError
 
 FAST = ["--image-size", "64", "--d", "16", "--no-progress", "--workers", "0", "--no-figures"]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-extensions", "--window-size=1280,900"]
 
 
 def invoke(*args):
@@ -182,45 +177,33 @@ def test_index_links_every_report_and_the_failed_log(bench):
 
 
 @pytest.mark.browser
-def test_index_renders_in_headless_chromium(bench):
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.fail("chromium/chromedriver missing: run scripts/ensure-chromium.sh (make test does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_index_renders_in_headless_chromium(bench, driver):
     from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        driver.get((bench["out"] / "index.html").as_uri())
-        table = driver.find_element(By.ID, "summary-table")
-        assert table.is_displayed() and table.size["width"] > 600
-        rows = driver.find_elements(By.CSS_SELECTOR, "#summary-table tr.category, #summary-table tr.mean")
-        cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
-        assert [c[:2] for c in cells] == [["visa", "widget"], ["visa", "mean"], ["plant", "broken"],
-                                          ["plant", "widget"], ["plant", "mean"], ["all", "mean"]]
-        assert cells[3][2:5] == ["10", "6", "1.000"]  # train, test, image AUROC of plant/widget
-        errors = driver.find_elements(By.CSS_SELECTOR, "tr.error")
-        assert len(errors) == 1 and "need at least" in errors[0].text
-        assert driver.find_element(By.CSS_SELECTOR, "tr.failed a.log").text == "failed"
-        reports = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.report")]
-        assert len(reports) == 2 and all(Path(h.removeprefix("file://")).is_file() for h in reports)
-        driver.find_element(By.CSS_SELECTOR, "a.report").click()  # the link opens the category's report
-        assert driver.find_element(By.ID, "headline").is_displayed()
-        driver.back()
-        loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
-        assert all(not name.startswith("http") for name in loaded)
-        # the table fits its section at 1280 px: no side scrolling
-        fits = "const s = document.getElementById('summary'); return s.scrollWidth <= s.clientWidth;"
-        assert driver.execute_script(fits)
-        driver.set_window_size(1280, driver.execute_script("return document.documentElement.scrollHeight;"))
-        ARTIFACTS.mkdir(exist_ok=True)
-        assert driver.save_screenshot(str(ARTIFACTS / "benchmark-index.png"))
-    finally:
-        driver.quit()
+    driver.get((bench["out"] / "index.html").as_uri())
+    table = driver.find_element(By.ID, "summary-table")
+    assert table.is_displayed() and table.size["width"] > 600
+    rows = driver.find_elements(By.CSS_SELECTOR, "#summary-table tr.category, #summary-table tr.mean")
+    cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    assert [c[:2] for c in cells] == [["visa", "widget"], ["visa", "mean"], ["plant", "broken"],
+                                      ["plant", "widget"], ["plant", "mean"], ["all", "mean"]]
+    assert cells[3][2:5] == ["10", "6", "1.000"]  # train, test, image AUROC of plant/widget
+    errors = driver.find_elements(By.CSS_SELECTOR, "tr.error")
+    assert len(errors) == 1 and "need at least" in errors[0].text
+    assert driver.find_element(By.CSS_SELECTOR, "tr.failed a.log").text == "failed"
+    reports = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.report")]
+    assert len(reports) == 2 and all(Path(h.removeprefix("file://")).is_file() for h in reports)
+    driver.find_element(By.CSS_SELECTOR, "a.report").click()  # the link opens the category's report
+    assert driver.find_element(By.ID, "headline").is_displayed()
+    driver.back()
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert all(not name.startswith("http") for name in loaded)
+    # the table fits its section at 1280 px: no side scrolling
+    fits = "const s = document.getElementById('summary'); return s.scrollWidth <= s.clientWidth;"
+    assert driver.execute_script(fits)
+    driver.set_window_size(1280, driver.execute_script("return document.documentElement.scrollHeight;"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "benchmark-index.png"))
 
 
 def test_dask_runs_categories_as_cluster_tasks(tmp_path):

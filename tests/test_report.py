@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_visa_dataset
+from conftest import ARTIFACTS, make_visa_dataset
 from padim.cli import main
 from padim.metrics import Group, Ranking
 from padim.reports.curves import thin
 from padim.reports.gallery import CONTOUR_RGB, select, tile
 
 FAST = ["--image-size", "64", "--d", "16", "--no-progress", "--workers", "0"]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-extensions", "--window-size=1280,900"]
 
 
 def invoke(*args):
@@ -111,48 +106,36 @@ def test_report_on_a_folder_without_a_run_is_one_line_exit_3(tmp_path):
 
 
 @pytest.mark.browser
-def test_report_renders_in_headless_chromium(run_dir):
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.fail("chromium/chromedriver missing: run scripts/ensure-chromium.sh (make test does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_report_renders_in_headless_chromium(run_dir, driver):
     from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        driver.get((run_dir / "report.html").as_uri())
-        metrics = json.loads((run_dir / "metrics.json").read_text())["overall"]
-        cards = {c.get_attribute("data-metric"): c.find_element(By.CLASS_NAME, "value").text
-                 for c in driver.find_elements(By.CSS_SELECTOR, "#headline .metric")}
-        assert cards == {"Image AUROC": f"{metrics['image_auroc']:.3f}", "Pixel AUROC": f"{metrics['pixel_auroc']:.3f}",
-                         "AUPRO": f"{metrics['aupro']:.3f}", "Image F1-max": f"{metrics['image_f1_max']:.3f}"}
-        for section in ("run", "confusion", "defects", "scores", "curves", "galleries"):
-            assert driver.find_element(By.ID, section).is_displayed()
-        for plot in ("histogram", "roc", "pr"):
-            assert driver.find_element(By.ID, plot).size["width"] > 300
-        rows = driver.find_elements(By.CSS_SELECTOR, "#defects tr")
-        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[1:]] == ["blob", "scratch"]
-        for key in ("misses", "false_alarms", "detections"):
-            assert driver.find_elements(By.CSS_SELECTOR, f"#gallery-{key} figure.tile img")
-        images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
-        assert len(images) >= 3 + 3 and all(c and w > 0 and h > 0 for c, w, h in images)
-        # every tile links to an existing full figure in the run folder
-        links = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "figure.tile a")]
-        assert links and all(Path(link.removeprefix("file://")).is_file() for link in links)
-        loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
-        assert all(not name.startswith("http") for name in loaded)
-        height = driver.execute_script("return document.documentElement.scrollHeight;")
-        driver.set_window_size(1280, height)
-        ARTIFACTS.mkdir(exist_ok=True)
-        assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
-        assert (ARTIFACTS / "report.png").stat().st_size > 10_000
-    finally:
-        driver.quit()
+    driver.get((run_dir / "report.html").as_uri())
+    metrics = json.loads((run_dir / "metrics.json").read_text())["overall"]
+    cards = {c.get_attribute("data-metric"): c.find_element(By.CLASS_NAME, "value").text
+             for c in driver.find_elements(By.CSS_SELECTOR, "#headline .metric")}
+    assert cards == {"Image AUROC": f"{metrics['image_auroc']:.3f}", "Pixel AUROC": f"{metrics['pixel_auroc']:.3f}",
+                     "AUPRO": f"{metrics['aupro']:.3f}", "Image F1-max": f"{metrics['image_f1_max']:.3f}"}
+    for section in ("run", "confusion", "defects", "scores", "curves", "galleries"):
+        assert driver.find_element(By.ID, section).is_displayed()
+    for plot in ("histogram", "roc", "pr"):
+        assert driver.find_element(By.ID, plot).size["width"] > 300
+    rows = driver.find_elements(By.CSS_SELECTOR, "#defects tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[1:]] == ["blob", "scratch"]
+    for key in ("misses", "false_alarms", "detections"):
+        assert driver.find_elements(By.CSS_SELECTOR, f"#gallery-{key} figure.tile img")
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+    assert len(images) >= 3 + 3 and all(c and w > 0 and h > 0 for c, w, h in images)
+    # every tile links to an existing full figure in the run folder
+    links = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "figure.tile a")]
+    assert links and all(Path(link.removeprefix("file://")).is_file() for link in links)
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert all(not name.startswith("http") for name in loaded)
+    height = driver.execute_script("return document.documentElement.scrollHeight;")
+    driver.set_window_size(1280, height)
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
 
 def test_per_defect_detection_rate_matches_scores_csv(run_dir):
