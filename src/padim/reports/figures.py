@@ -126,8 +126,3 @@ class FivePanel:
             Image.fromarray(self.render(image, mask, amap, title)).save(tmp, format="PNG", compress_level=1)
         return path
 
-
-def five_panel(path: Path, image: np.ndarray, mask: np.ndarray | None, amap: np.ndarray,
-               threshold: float | None, vrange: tuple[float, float], title: str) -> Path:
-    """One :class:`FivePanel` figure (for many images, keep one FivePanel)."""
-    return FivePanel(amap.shape, threshold, vrange).save(path, image, mask, amap, title)
