@@ -22,7 +22,7 @@ from padim import Padim
 from padim.datasets import load_split, read_image, read_mask
 from padim.datasets.images import to_tensor
 from padim.metrics import aupro, auroc, confusion, f1_max
-from padim.model.scorer import GaussianBlur, image_scores
+from padim.model.scorer import AnomalyMaps, GaussianBlur, image_scores
 
 BASE = dict(backbone="mobilenet_v2", image_size=256, d=100, sigma=4.0, pool=1, tap_resize="nearest",
             covariance="eps", top_k=1, scales=(1.0,))
@@ -120,8 +120,7 @@ def run_rows(split, config: dict, cache: dict, sigmas: list[float], top_ks: list
     extra_ks = [k for k in top_ks if k != params["top_k"]]
     if not extra_sigmas and not extra_ks:
         return rows
-    model.scorer_.sigma = 0.0  # unblurred maps: the smoothing matrices are rebuilt without the blur
-    model.scorer_._smoothing.clear()
+    model.scorer_.maps = AnomalyMaps(model.scorer_.maps.grids, model.image_size_, 0.0, model.params_.top_k)  # unblurred
     raw = model.predict(test).maps
     for sigma in [params["sigma"], *extra_sigmas]:
         with torch.inference_mode():

@@ -37,10 +37,10 @@ def main() -> None:
     args = parser.parse_args()
 
     native = Padim.load(args.model)
-    h, w = native.image_size
+    h, w = native.image_size_
     if args.data is not None:
         paths = [s.path for s in load_split(args.data, args.category).test[:16]]
-        images = torch.stack([ImageFiles(paths, native.image_size)[i] for i in range(len(paths))])
+        images = torch.stack([ImageFiles(paths, native.image_size_)[i] for i in range(len(paths))])
     else:
         images = torch.randint(0, 256, (16, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     onnx_path = args.onnx

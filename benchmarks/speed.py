@@ -44,6 +44,7 @@ from padim import Padim
 from padim.backbones import get_spec
 from padim.datasets import load_split, read_image
 from padim.datasets.images import to_tensor
+from padim.model import CellWhitening
 
 
 def median_time(fn, repeats: int) -> float:
@@ -156,7 +157,7 @@ def main() -> None:
     fits = result["fit"]
     print(f"machine: {result['machine']}; {args.backbone} {'x'.join(map(str, args.image_size))} px d={args.d} "
           f"scales {','.join(map(str, args.scales))} tap resize {args.tap_resize}"
-          f"{' (cell by cell)' if fitted.scorer_.blocks is not None else ''}; "
+          f"{' (cell by cell)' if isinstance(fitted.scorer_.whitening, CellWhitening) else ''}; "
           f"median of {args.repeats}")
     print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s "
           f"(plain NCHW batch call: {result['backbone_plain_ips']:.1f} img/s)")

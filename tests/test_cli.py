@@ -119,8 +119,8 @@ def test_scales_option_sets_the_pyramid(visa, tmp_path, scales):
     from padim import Padim
 
     model = Padim.load(out / "model.safetensors")
-    assert model.scales == tuple(float(s) for s in scales.split(","))
-    assert len(model.grids_) == len(model.scales)
+    assert model.params_.scales == tuple(float(s) for s in scales.split(","))
+    assert len(model.meta_["grids"]) == len(model.params_.scales)
 
 
 @pytest.mark.parametrize("bad", ["0", "1,1", "1,x", "1.5"])

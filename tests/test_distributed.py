@@ -31,7 +31,7 @@ from padim import Padim
 from padim.cli import main
 from padim.datasets import DatasetError, load_split
 from padim.model import GaussianStats
-from padim.model.blocks import CellStats
+from padim.model.cells import CellStats
 from padim.runs import predict_files
 
 # a float32 factor: sharded and single-process sums differ in float64 rounding, which a float16
@@ -73,12 +73,13 @@ def loads(client) -> list[int]:
 
 def assert_same_model(a: Padim, b: Padim) -> None:
     assert a.info_["n_train"] == b.info_["n_train"] and a.info_["n_calibration"] == b.info_["n_calibration"]
-    assert torch.allclose(a.scorer_.mean, b.scorer_.mean, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(a.scorer_.whitening.mean, b.scorer_.whitening.mean, rtol=1e-6, atol=1e-6)
     # shards merge float64 sums, one process factors its float32 sums about one shift: the covariances
     # agree to ~1e-7, which the factor (up to 1/sqrt(eps) = 10) carries up to ~1e-5 relative; and a
     # float16 factor can move an entry by one ulp (<= 2^-10)
     half = a.factor_dtype == "float16"
-    assert torch.allclose(a.scorer_.factor, b.scorer_.factor, rtol=1e-3 if half else 1e-4, atol=1e-4)
+    fa, fb = (m.scorer_.whitening.factor_of(slice(None)) for m in (a, b))
+    assert torch.allclose(fa, fb, rtol=1e-3 if half else 1e-4, atol=1e-4)
     assert a.threshold_ == pytest.approx(b.threshold_, rel=1e-4)
 
 

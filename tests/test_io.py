@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from conftest import texture
 from padim import Padim
 from padim.cli import main
-from padim.model import read_model_file
+from padim.model import CellWhitening, read_model_file
 
 
 @pytest.fixture(scope="module")
@@ -129,20 +129,20 @@ def test_tampered_cell_tensors_are_refused(cell_file, tmp_path, change, fragment
 
 def test_cell_file_is_a_fraction_of_the_position_file_and_loads_the_same_scorer(cell_file, tmp_path):
     model = Padim.load(cell_file)
-    assert model.scorer_.blocks is not None
+    assert isinstance(model.scorer_.whitening, CellWhitening)
     positions = rewrite(cell_file, tmp_path / "p.safetensors", meta_change=lambda m: m.update(storage="positions"),
                         tensor_change=lambda t: _as_positions(t, model))
     as_positions = Padim.load(positions)  # the same factor stored position by position
-    for name, buffer in model.scorer_.blocks.named_buffers():
-        torch.testing.assert_close(as_positions.scorer_.blocks.get_buffer(name), buffer, rtol=0, atol=1e-6)
+    for name, buffer in model.scorer_.whitening.named_buffers():
+        torch.testing.assert_close(as_positions.scorer_.whitening.get_buffer(name), buffer, rtol=0, atol=1e-6)
     assert cell_file.stat().st_size < 0.75 * positions.stat().st_size
 
 
 def _as_positions(tensors: dict, model: Padim) -> None:
     for name in [k for k in tensors if k.startswith("w")]:
         del tensors[name]
-    rows, cols = torch.tril_indices(model.d, model.d)
-    tensors["factor_tril"] = model.scorer_.factor[:, rows, cols].half().contiguous()
+    rows, cols = torch.tril_indices(model.params_.d, model.params_.d)
+    tensors["factor_tril"] = model.scorer_.whitening.factor_of(slice(None))[:, rows, cols].half().contiguous()
 
 
 def _set(key, value):
@@ -223,9 +223,9 @@ def test_same_seed_gives_byte_identical_model_files(tmp_path):
 
 def test_a_non_finite_model_is_never_written(tmp_path):
     model = Padim(image_size=64, d=8).fit([texture(np.random.default_rng(i)) for i in range(4)])
-    mean = model.scorer_.mean.clone()
+    mean = model.scorer_.whitening.mean.clone()
     mean[0, 0] = float("nan")
-    model.scorer_.mean = mean
+    model.scorer_.whitening.mean = mean
     with pytest.raises(FloatingPointError, match="NaN"):
         model.save(tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []

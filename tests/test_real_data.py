@@ -14,7 +14,9 @@ from padim.cli import main
 from padim.datasets import load_split, read_image, read_mask
 from padim.datasets.images import to_tensor
 from padim.metrics import aupro, auroc
-from padim.model import PadimScorer
+from padim.model import CellWhitening
+from padim.model.embedding import PositionEmbedding
+from padim.model.scorer import build_scorer
 from padim.model.stats import GaussianStats, whitening_factors
 
 pytestmark = pytest.mark.real_data
@@ -35,7 +37,7 @@ def test_small_fit_detects_real_fryum_defects(visa_root):
     model = Padim(image_size=128, calibration_fraction=0.1).fit([s.path for s in split.train[:40]])
     pred = model.predict([s.path for s in normal + anomalous])
     labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
-    masks = np.stack([read_mask(s.mask, model.image_size) for s in normal + anomalous])
+    masks = np.stack([read_mask(s.mask, model.image_size_) for s in normal + anomalous])
     assert auroc(labels, pred.scores) > 0.7
     assert auroc(masks, pred.maps) > 0.85
     assert aupro(masks, pred.maps) > 0.4
@@ -59,13 +61,13 @@ def test_cell_by_cell_fit_on_real_fryum_equals_the_position_by_position_one(visa
     test = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.test[45:55]])
     # float32 factor: this compares the arithmetic of the two paths (float16 rounding is pinned in test_blocks)
     model = Padim(image_size=128, tap_resize="nearest", calibration_fraction=0, factor_dtype="float32").fit(train)
-    assert model.scorer_.blocks is not None  # 128 px and its 96 px level: every tap grid nests
+    assert isinstance(model.scorer_.whitening, CellWhitening)  # 128 px and its 96 px level: every tap grid nests
     extractor = model.feature_extractor()
     with torch.inference_mode():
-        stats = GaussianStats.empty(model.scorer_.mean.shape[0], model.d)
+        stats = GaussianStats.empty(model.scorer_.whitening.mean.shape[0], model.params_.d)
         stats.update(extractor(train))
-        full = PadimScorer(extractor, stats.mean(), whitening_factors(stats, model.eps), model.grids_,
-                           model.image_size, model.sigma)
+        full = build_scorer(PositionEmbedding(extractor, model.image_size_), stats.mean(),
+                            whitening_factors(stats, model.params_.eps), model.params_.sigma)
         expected = full(test)[0].numpy()
     got = model.predict(test).maps
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))

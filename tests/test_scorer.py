@@ -1,4 +1,5 @@
-"""padim.model.scorer: batched Mahalanobis distances against a per-position SciPy computation."""
+"""padim.model.scorer and padim.model.whitening: batched Mahalanobis distances against a per-position
+SciPy computation, and the anomaly maps made of them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis
 
-from padim.backbones import FeatureExtractor, channel_index
-from padim.model import PadimScorer, whitening_factor
-from padim.model.scorer import GaussianBlur, blur_kernel_size
+from padim.model import PositionWhitening, whitening_factor
+from padim.model.scorer import AnomalyMaps, GaussianBlur, blur_kernel_size
+from padim.model.whitening import fill_whitening
+
+
+def whitening(mean: torch.Tensor, factor) -> PositionWhitening:
+    """A PositionWhitening of ``mean`` and a (P, d, d) factor or its (positions, chunk) pieces."""
+    out = PositionWhitening(*mean.shape)
+    fill_whitening(out, [(slice(0, mean.shape[0]), factor)] if isinstance(factor, torch.Tensor) else factor, mean)
+    return out
 
 
 @pytest.mark.parametrize("d", [4, 24])  # 24: the factor is kept as a head and a tail block
@@ -18,12 +26,12 @@ def test_distances_equal_scipy_mahalanobis_at_every_position(rng, d):
     a = rng.normal(size=(h * w, d, d))
     cov = a @ a.transpose(0, 2, 1) + np.eye(d)
     mean = rng.normal(size=(h * w, d))
-    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
     factor = whitening_factor(torch.from_numpy(cov))
-    scorer = PadimScorer(extractor, torch.from_numpy(mean), factor, [(h, w)], (4 * h, 4 * w), 0.0)
-    assert torch.equal(scorer.factor, factor.float())  # the blocks give back W, zeros included
+    white = whitening(torch.from_numpy(mean), factor)
+    assert torch.equal(white.factor_of(slice(None)), factor.float())  # the blocks give back W, zeros included
     emb = rng.normal(size=(5, d, h, w))
-    got = scorer.distances(torch.from_numpy(emb).float()).numpy()
+    got = white.distances(torch.from_numpy(emb).float()).numpy()
+    np.testing.assert_allclose(white.graph_distances(torch.from_numpy(emb).float()).numpy(), got, rtol=1e-6)
     for b in range(5):
         for p in range(h * w):
             y, x = divmod(p, w)
@@ -31,20 +39,24 @@ def test_distances_equal_scipy_mahalanobis_at_every_position(rng, d):
             assert abs(got[b, y, x] - expected) < 1e-4 * max(1.0, expected)
 
 
-def test_a_factor_given_in_chunks_builds_the_same_scorer(rng):
+def test_a_factor_given_in_chunks_builds_the_same_whitening(rng):
     d, positions = 24, 7
     a = rng.normal(size=(positions, d, d))
     factor = whitening_factor(torch.from_numpy(a @ a.transpose(0, 2, 1) + np.eye(d)))
     mean = torch.from_numpy(rng.normal(size=(positions, d)))
-    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
-    whole = PadimScorer(extractor, mean, factor, [(1, 7)], (4, 28), 0.0)
+    whole = whitening(mean, factor)
     chunks = [(slice(i, min(i + 3, positions)), factor[i:i + 3]) for i in range(0, positions, 3)]
-    pieces = PadimScorer(extractor, mean, chunks, [(1, 7)], (4, 28), 0.0)
+    pieces = whitening(mean, chunks)
     for name, buffer in whole.named_buffers():
         assert torch.equal(buffer, pieces.get_buffer(name)), name
     assert torch.equal(pieces.factor_of(slice(2, 5)), factor[2:5].float())
     with pytest.raises(ValueError, match="covers 6 positions, the mean 7"):
-        PadimScorer(extractor, mean, chunks[:2], [(1, 7)], (4, 28), 0.0)
+        whitening(mean, chunks[:2])
+    # a model file's tensors give back the same whitening
+    loaded = PositionWhitening(positions, d)
+    loaded.load_state(whole.state(torch.float32), torch.float32)
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(buffer, loaded.get_buffer(name)), name
 
 
 def test_separable_blur_equals_scipy_gaussian_filter(rng):
@@ -59,11 +71,9 @@ def test_separable_blur_equals_scipy_gaussian_filter(rng):
 
 def test_top_k_image_score_is_the_mean_of_the_largest_values():
     d = 2
-    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False)
-    eye = torch.eye(d).expand(4, d, d)
-    scorer = PadimScorer(extractor, torch.zeros(4, d), eye, [(2, 2)], (2, 2), 0.0, top_k=3)
+    white = whitening(torch.zeros(4, d), torch.eye(d).expand(4, d, d))
     emb = torch.tensor([[[[3.0, 0.0], [4.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]]])  # distances 5, 0, 4, 1
-    maps, scores = scorer.score_embeddings(emb.flatten(2), (2, 2))
+    maps, scores = AnomalyMaps([(2, 2)], (2, 2), 0.0, top_k=3)(white.distances(emb.flatten(2)))
     assert maps.shape == (1, 2, 2) and scores.item() == pytest.approx((5 + 4 + 1) / 3)
 
 
@@ -71,28 +81,26 @@ def test_top_k_image_score_is_the_mean_of_the_largest_values():
 def test_matrix_smoothing_equals_upsample_then_blur(rng, sigma):
     import torch.nn.functional as F
 
-    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, 2, 0), pretrained=False)
-    scorer = PadimScorer(extractor, torch.zeros(12 * 20, 2), torch.eye(2).expand(12 * 20, 2, 2), [(12, 20)],
-                         (48, 80), sigma)
+    smoother = AnomalyMaps([(12, 20)], (48, 80), sigma)
     dist = torch.from_numpy(rng.random((3, 12, 20))).float()
     expected = F.interpolate(dist[:, None], size=(48, 80), mode="bilinear", align_corners=False)
     if sigma:
         expected = GaussianBlur(sigma)(expected)
-    torch.testing.assert_close(scorer.smooth(dist, (48, 80)), expected[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(smoother.smooth(dist), expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_pyramid_map_is_the_mean_of_each_levels_smoothed_map(rng):
     d, grids, size = 3, [(6, 8), (4, 5)], (24, 32)
-    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, d, 0), pretrained=False, scales=(1.0, 0.7))
     positions = sum(h * w for h, w in grids)
     mean = torch.from_numpy(rng.normal(size=(positions, d))).float()
-    scorer = PadimScorer(extractor, mean, torch.eye(d).expand(positions, d, d), grids, size, 2.0)
+    white = whitening(mean, torch.eye(d).expand(positions, d, d))
+    anomaly_maps = AnomalyMaps(grids, size, 2.0)
     emb = torch.from_numpy(rng.normal(size=(2, d, positions))).float()
-    maps, scores = scorer.score_embeddings(emb, size)
+    maps, scores = anomaly_maps(white.distances(emb))
     dist = (emb - mean.T).square().sum(1).sqrt()  # identity covariance: Euclidean distance
-    fine = scorer.smooth(dist[:, :48].reshape(2, 6, 8), size)
-    coarse = scorer.smooth(dist[:, 48:].reshape(2, 4, 5), size)
+    fine = anomaly_maps.smooth(dist[:, :48].reshape(2, 6, 8))
+    coarse = anomaly_maps.smooth(dist[:, 48:].reshape(2, 4, 5))
     torch.testing.assert_close(maps, (fine + coarse) / 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))
     with pytest.raises(ValueError, match="positions"):
-        scorer.score_embeddings(emb[:, :, :48], size)
+        anomaly_maps(dist[:, :48])

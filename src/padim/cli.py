@@ -24,7 +24,9 @@ from .backbones import list_backbones
 from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
-from .params import MODEL_FILE, check_scales
+from .params import COVARIANCE_ESTIMATORS, MODEL_FILE, TAP_RESIZE, PadimParams, check_scales
+
+DEFAULTS = PadimParams()  # the model options' defaults are the estimator's
 
 
 def _fail(code: int, message: str) -> None:
@@ -70,7 +72,7 @@ def data_options(func):
 def model_options(func):
     """Options that define a model to fit."""
     decorators = [
-        click.option("--backbone", type=click.Choice(list_backbones()), default="mobilenet_v2", show_default=True,
+        click.option("--backbone", type=click.Choice(list_backbones()), default=DEFAULTS.backbone, show_default=True,
                      help="Feature extractor. mobilenet_v2 and efficientnet_lite0 ship with their weights; "
                           "resnet18 and wide_resnet50_2 need torchvision weights in the local cache or --weights."),
         click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -83,32 +85,35 @@ def model_options(func):
         click.option("--d", "d", type=click.IntRange(1), default=None,
                      help="Feature channels kept (fixed random subset) [default: all of a backbone with at most "
                           "200 (mobilenet_v2: 152), else 100]."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
                      help="Seed of the channel subset and the calibration hold-out."),
-        click.option("--pool", type=click.IntRange(1), default=3, show_default=True, callback=_odd,
+        click.option("--pool", type=click.IntRange(1), default=DEFAULTS.pool, show_default=True, callback=_odd,
                      help="Average each feature tap over a pool x pool neighbourhood (odd; 1 = plain PaDiM)."),
-        click.option("--tap-resize", type=click.Choice(["nearest", "bilinear"]), default="nearest",
+        click.option("--tap-resize", type=click.Choice(TAP_RESIZE), default=DEFAULTS.tap_resize,
                      show_default=True,
                      help="How deeper feature taps are resized to the stride-4 grid (nearest = plain PaDiM; on CPU "
                           "fit and predict work once per deep cell and the model file stores its factor per cell: "
                           "faster and ~4x smaller, see docs/model-size.md)."),
-        click.option("--covariance", type=click.Choice(["eps", "oas"]), default="eps", show_default=True,
+        click.option("--covariance", type=click.Choice(COVARIANCE_ESTIMATORS), default=DEFAULTS.covariance,
+                     show_default=True,
                      help="Covariance estimator: sample covariance + eps*I (PaDiM) or OAS shrinkage + eps*I."),
-        click.option("--eps", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
+        click.option("--eps", type=click.FloatRange(0, min_open=True), default=DEFAULTS.eps, show_default=True,
                      help="Added to each covariance diagonal."),
         click.option("--sigma", type=click.FloatRange(0), default=None,
                      help="Gaussian blur of the anomaly map, in input pixels (0 = none) [default: 4 per 256 px "
                           "of the shorter side]."),
-        click.option("--scales", type=Scales(), default="1,0.7", show_default=True,
+        click.option("--scales", type=Scales(), default=",".join(f"{s:g}" for s in DEFAULTS.scales),
+                     show_default=True,
                      help="Input scales of the feature pyramid, comma-separated in (0, 1]: one Gaussian per "
                           "position of each, maps averaged (1 = plain PaDiM)."),
-        click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
+        click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True,
                      help="Image score = mean of the K largest map values (1 = max)."),
-        click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-                     show_default=True,
+        click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
+                     default=DEFAULTS.calibration_fraction, show_default=True,
                      help="Share of training images held out to set the threshold (normal images only)."),
-        click.option("--threshold-quantile", type=click.FloatRange(0, 1, min_open=True), default=0.99,
-                     show_default=True, help="Threshold = this quantile of held-out normal image scores."),
+        click.option("--threshold-quantile", type=click.FloatRange(0, 1, min_open=True),
+                     default=DEFAULTS.threshold_quantile, show_default=True,
+                     help="Threshold = this quantile of held-out normal image scores."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)

@@ -1,8 +1,18 @@
-"""What the command line needs before any heavy import: checks of model parameters, run folder names."""
+"""The model's parameters in one place: their defaults, their checks, and their form in a model
+file. Light on purpose (no torch): the command line reads the defaults before any heavy import."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+
+# the model file in a run folder (padim fit / run write it, the other commands read it)
+MODEL_FILE = "model.safetensors"
+MAX_IMAGE_SIDE = 4096
+TAP_RESIZE = ("nearest", "bilinear")
+FACTOR_DTYPES = ("float16", "float32")
+COVARIANCE_ESTIMATORS = ("eps", "oas")
 
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
@@ -13,5 +23,126 @@ def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return out
 
 
-# the model file in a run folder (padim fit / run write it, the other commands read it)
-MODEL_FILE = "model.safetensors"
+def as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) from N (N x N) or a pair."""
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = image_size
+    return (int(h), int(w))
+
+
+def default_d(backbone: str) -> int:
+    """Every channel of a small backbone (<= 200), else PaDiM's 100."""
+    from .backbones.registry import get_spec
+
+    total = sum(get_spec(backbone).channels)
+    return total if total <= 200 else 100
+
+
+def default_sigma(image_size: tuple[int, int]) -> float:
+    """PaDiM's blur of 4 px at 256 px, scaled with the shorter input side."""
+    return 4.0 * min(image_size) / 256
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return (isinstance(v, float) or _int(v)) and math.isfinite(v)
+
+
+def _side(v) -> bool:
+    return _int(v) and 8 <= v <= MAX_IMAGE_SIDE
+
+
+# what a resolved value of each parameter must be: (check, description for messages)
+CHECKS: dict[str, tuple[Callable, str]] = {
+    "backbone": (lambda v: isinstance(v, str), "a backbone name"),
+    "image_size": (lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_side(x) for x in v),
+                   f"[h, w] in 8..{MAX_IMAGE_SIDE}"),
+    "d": (lambda v: _int(v) and v >= 1, "a positive integer"),
+    "eps": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "sigma": (lambda v: _number(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
+    "seed": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    "calibration_fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "threshold_quantile": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "pool": (lambda v: _int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "tap_resize": (lambda v: v in TAP_RESIZE, " or ".join(TAP_RESIZE)),
+    "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
+    "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
+    "top_k": (lambda v: _int(v) and v >= 1, "a positive integer"),
+    "scales": (lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(_number(x) and 0 < x <= 1 for x in v)
+               and len(set(v)) == len(v), "distinct numbers in (0, 1]"),
+}
+
+
+@dataclass(frozen=True)
+class PadimParams:
+    """What defines a PaDiM model (see :class:`padim.Padim` for each one's meaning). ``d`` and
+    ``sigma`` may be None (a default derived from the backbone and the input size) until
+    :meth:`resolved`."""
+
+    backbone: str = "mobilenet_v2"
+    image_size: tuple[int, int] = (320, 480)
+    d: int | None = None
+    eps: float = 0.01
+    sigma: float | None = None
+    seed: int = 0
+    calibration_fraction: float = 0.1
+    threshold_quantile: float = 0.99
+    pool: int = 3
+    tap_resize: str = "nearest"
+    factor_dtype: str = "float16"
+    covariance: str = "eps"
+    top_k: int = 1
+    scales: tuple[float, ...] = (1.0, 0.7)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The parameters' names, in order."""
+        return tuple(f.name for f in fields(cls))
+
+    def resolved(self) -> PadimParams:
+        """These parameters checked, with the derived defaults filled in: ``d`` (see
+        :func:`default_d`), ``sigma`` (:func:`default_sigma`), and a float32 factor where float16
+        cannot hold it. ValueError (BackboneError for an unknown backbone) names a bad one."""
+        from .backbones.registry import get_spec
+
+        get_spec(self.backbone)
+        size = as_size(self.image_size)
+        # fp16 holds |W_ij| <= ||W|| <= 1/sqrt(eps) (cov >= eps I) only for eps >= 1e-8
+        dtype = "float32" if self.factor_dtype == "float16" and self.eps < 1e-8 else self.factor_dtype
+        out = replace(self, image_size=size, scales=check_scales(self.scales), factor_dtype=dtype,
+                      d=default_d(self.backbone) if self.d is None else self.d,
+                      sigma=default_sigma(size) if self.sigma is None else float(self.sigma))
+        for name, value in asdict(out).items():
+            check, expected = CHECKS[name]
+            if not check(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        total = sum(get_spec(self.backbone).channels)
+        if out.d > total:
+            raise ValueError(f"d must be in 1..{total} for backbone {self.backbone!r}, got {out.d}")
+        return out
+
+    def to_state(self) -> dict:
+        """The parameters as JSON values (lists for tuples), as a model file stores them."""
+        state = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in state.items()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> PadimParams:
+        """The resolved parameters of a :meth:`to_state` dict (other keys ignored); ValueError
+        names a missing or bad one."""
+        missing = [n for n in cls.names() if n not in state]
+        if missing:
+            raise ValueError(f"parameter(s) {', '.join(missing)} missing")
+        values = {n: state[n] for n in cls.names()}
+        for name in ("image_size", "scales"):
+            if isinstance(values[name], list):
+                values[name] = tuple(values[name])
+        for name, value in values.items():  # before resolving, which would fill a missing d or sigma
+            check, expected = CHECKS[name]
+            if not check(value):
+                raise ValueError(f"{name} is {value!r}, expected {expected}")
+        return cls(**values).resolved()

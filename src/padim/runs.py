@@ -70,10 +70,11 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
         model.calibration_split(n)
     except ValueError as exc:
         raise DatasetError(f"{data.where}: {exc}; add normal training images") from exc
-    if n <= model.d:
+    p = model.model_params()
+    if n <= p.d:
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "
                        "only eps=%g on its diagonal keeps it invertible; expect weak results, use at least %d "
-                       "images or a smaller --d", n, model.d, model.eps, model.d + 1)
+                       "images or a smaller --d", n, p.d, p.eps, p.d + 1)
 
 
 def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_path: Path | None = None,
@@ -88,9 +89,9 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
     ev = evaluate(model, split, resolution, stages)
     header = {
         "dataset": {"root": str(data.root), "category": data.category, "layout": split.layout, "split": split.name},
-        "model": {"path": str(model_path) if model_path else None, "backbone": model.backbone,
-                  "image_size": list(model.image_size), "scales": list(model.scales), "d": model.d,
-                  "threshold": model.threshold_, "n_train": model.info_.get("n_train")},
+        "model": {"path": str(model_path) if model_path else None, "backbone": model.meta_["backbone"],
+                  "image_size": list(model.image_size_), "scales": list(model.meta_["scales"]),
+                  "d": model.meta_["d"], "threshold": model.threshold_, "n_train": model.info_.get("n_train")},
         "notes": list(split.notes),
     }
     from .reports.run_folder import write_run_folder  # matplotlib and jinja2: only for evaluations
@@ -137,7 +138,7 @@ def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_d
             label = "" if labels is None else ("anomaly" if labels[i] else "normal")
             rows.append((str(path), f"{score:.6g}", label))
             if heatmap_dir is not None:
-                image = np.asarray(read_image(path, model.image_size))
+                image = np.asarray(read_image(path, model.image_size_))
                 save_overlay(Path(heatmap_dir) / f"{name}.png", image, amap, vrange)
         offset += len(scores)
     return rows

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..params import check_scales
-from .blocks import ScaleLayout, scale_layout
+from ..params import TAP_RESIZE, check_scales
+from .layout import ScaleLayout, scale_layout
 from .registry import get_spec
 
 
@@ -25,7 +25,6 @@ def channel_index(total: int, d: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:d].sort().values
 
 
-TAP_RESIZE = ("nearest", "bilinear")
 MICRO_BATCH = 1
 
 
@@ -77,7 +76,6 @@ class FeatureExtractor(nn.Module):
                  scales: Sequence[float] = (1.0,)):
         super().__init__()
         self.scales = check_scales(scales)
-        self._resize: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._grids: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._layouts: dict[tuple[int, int], list[ScaleLayout] | None] = {}
         if pool < 1 or pool % 2 == 0:
@@ -109,8 +107,7 @@ class FeatureExtractor(nn.Module):
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
         sizes = self.level_sizes(size)
         step = self.micro_batch
-        if (step is None or images.device.type != "cpu" or torch.jit.is_tracing()
-                or (out is None and images.shape[0] <= step)):
+        if step is None or images.device.type != "cpu" or (out is None and images.shape[0] <= step):
             x = self.normalize(images)
             levels = [self.features(self._downscale(x, hw)).flatten(2) for hw in sizes]
             emb = levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
@@ -120,7 +117,7 @@ class FeatureExtractor(nn.Module):
             out.copy_(emb.permute(2, 0, 1))
             return out.permute(1, 2, 0)
         # image by image, normalization, network and tap processing stay in the caches (normalizing
-        # a whole batch at once costs ~20x more per image); each result goes straight into a
+        # a whole batch at once costs far more per image); each result goes straight into a
         # position-major (P, B, d) buffer, the layout scoring and statistics consume
         scratch = self._scratch(images, step)
         for start, chunk in zip(range(0, images.shape[0], step), images.split(step), strict=True):
@@ -149,7 +146,7 @@ class FeatureExtractor(nn.Module):
 
     def buffer(self, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
         """An empty (P, batch_size, d) ``out`` buffer for ``size`` inputs. A loop that reuses one
-        saves a fresh allocation of tens of MB per batch, whose page faults cost ~0.7 ms per image."""
+        saves a fresh allocation of tens of MB per batch, whose page faults cost more than the copy."""
         positions = sum(h * w for h, w in self.grids(size))
         return torch.empty(positions, batch_size, self.channels.numel(), device=self.mean.device)
 
@@ -173,30 +170,18 @@ class FeatureExtractor(nn.Module):
         return torch.empty((step, *images.shape[1:]), device=images.device)
 
     def _downscale(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Antialiased bilinear resize of (B, C, H, W) to ``size``. ONNX's Resize filters differently
-        from torch, so a traced export writes the same linear map as two matrix products."""
+        """Antialiased bilinear resize of (B, C, H, W) to ``size`` (see also :meth:`resize_matrices`)."""
         if (int(x.shape[-2]), int(x.shape[-1])) == tuple(size):
             return x
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            rows, cols = self.resize_matrices((int(x.shape[-2]), int(x.shape[-1])), size, x.device)
-            return torch.matmul(torch.matmul(rows, x.contiguous()), cols)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def resize_matrices(self, size_in: tuple[int, int], size_out: tuple[int, int], device: torch.device | str = "cpu",
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, cols^T) of :meth:`_downscale` for these sizes, kept; built before a trace, they are
-        constants of the traced graph instead of traced computations."""
-        key = (*size_in, *size_out, str(device))
-        if key not in self._resize:
-            self._resize[key] = (resize_matrix(size_in[0], size_out[0]).to(device),
-                                 resize_matrix(size_in[1], size_out[1]).T.contiguous().to(device))
-        return self._resize[key]
-
-    def prepare_trace(self, size: tuple[int, int], device: torch.device | str = "cpu") -> None:
-        """Build the resize matrices of every scale for ``size`` inputs (see resize_matrices)."""
-        for level in self.level_sizes(size):
-            if level != tuple(size):
-                self.resize_matrices(tuple(size), level, device)
+        """(rows, cols^T) such that rows @ x @ cols^T is :meth:`_downscale` from ``size_in`` to
+        ``size_out``: the same linear map as two matrix products (what an export writes, since ONNX's
+        Resize filters differently from torch)."""
+        return (resize_matrix(size_in[0], size_out[0]).to(device),
+                resize_matrix(size_in[1], size_out[1]).T.contiguous().to(device))
 
     def grids(self, size: tuple[int, int]) -> list[tuple[int, int]]:
         """The (h, w) feature grid of each scale for ``size`` inputs: its finest tap's."""
@@ -243,7 +228,7 @@ class FeatureExtractor(nn.Module):
 
     # ----------------------------------------------------------------- block layout (nearest)
     def block_layouts(self, size: tuple[int, int]) -> list[ScaleLayout] | None:
-        """For ``size`` inputs, the block layout of each scale (see :mod:`padim.backbones.blocks`),
+        """For ``size`` inputs, the block layout of each scale (see :mod:`padim.backbones.layout`),
         or None when the embeddings have no such structure: ``tap_resize`` is not 'nearest', a tap
         keeps no channel, or a deeper tap's grid does not divide the finest evenly.
 

@@ -15,7 +15,7 @@ from distributed import Client, Future, as_completed
 from tqdm.auto import tqdm
 
 from ..model import GaussianStats, Padim
-from ..model.blocks import CellStats
+from ..model.cells import CellStats
 from ..runs import MODEL_FILE, DataArgs, check_training_set
 from .cluster import FIT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache, worker_threads
 
@@ -57,12 +57,12 @@ class PackedStats:
 
 
 def _fit_params(model: Padim) -> dict:
-    """What a worker needs to build the same feature extractor (decoding runs in the worker itself:
-    Dask worker processes may not start DataLoader processes)."""
-    return {"backbone": model.backbone, "image_size": model.image_size, "d": model.d, "seed": model.seed,
-            "pool": model.pool, "tap_resize": model.tap_resize, "scales": model.scales,
-            "batch_size": model.batch_size, "num_workers": 0, "device": str(model.device),
-            "weights": None if model.weights is None else str(model.weights), "pretrained": model.pretrained}
+    """The model's settings for a worker, which builds the same feature extractor (decoding runs in
+    the worker itself: Dask worker processes may not start DataLoader processes)."""
+    params = model.get_params()
+    params.update(num_workers=0, progress=False, device=str(params["device"]),
+                  weights=None if params["weights"] is None else str(params["weights"]))
+    return params
 
 
 def accumulate_shard(params: dict, paths: list[str]) -> PackedStats | CellStats:

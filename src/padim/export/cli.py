@@ -28,7 +28,7 @@ def parse_batch(value: str) -> int | None:
 def self_check(model: Padim, onnx_model: OnnxModel, n: int = 2) -> tuple[float, float]:
     """Max abs difference of (scores, maps) between the native model and the ONNX file on ``n``
     random images: a smoke test that the written graph runs and computes the same thing."""
-    h, w = model.image_size
+    h, w = model.image_size_
     images = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     native = model.predict(images)
     exported = onnx_model.predict(images)

@@ -1,12 +1,12 @@
 """ONNX export of a fitted model and an onnxruntime runner with the native model's predict surface.
 
-The exported graph is :class:`padim.model.PadimScorer` traced whole: uint8 RGB images
+The exported graph is :class:`padim.model.PadimScorer` traced whole (as :class:`ScoringGraph`): uint8 RGB images
 (B, 3, H, W) in; ``maps`` (B, H, W) float32 and ``scores`` (B,) float32 out. Normalization,
 backbone taps, channel selection, Mahalanobis distance, bilinear upsampling, Gaussian blur and
 the max all run inside the graph. The threshold, heat-map range and provenance travel in the
 file's ``metadata_props`` (key ``padim``, JSON), so the file alone is a deployable model.
 
-A model that scores cell by cell is traced that way (``BlockWhitening.graph_distances``: its
+A model that scores cell by cell is traced that way (``CellWhitening.graph_distances``: its
 per-cell weights, gathered per cell), so the graph holds the weights the model file holds. Large
 float32 weights whose values are all float16 (a float16 model's factor) are stored as float16
 and cast back inside the graph. A graph whose weights would pass protobuf's 2 GB limit is written
@@ -32,6 +32,7 @@ from ..checksums import sha256_of
 from ..datasets.images import ImageFiles, ImageSource
 from ..model import ModelFileError, Padim, Prediction
 from ..model.padim import decode_workers, gather_prediction, threshold_labels
+from .graph import ScoringGraph
 
 OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
 META_KEY = "padim"
@@ -112,13 +113,9 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
     images. source: the .safetensors file the model came from (its sha256 goes in the metadata).
     """
     onnx, _ = _import_onnx()
-    scorer = model._check_fitted()
-    h, w = model.image_size
-    meta = dict(getattr(model, "meta_", {}) or {})
-    if not meta:  # a model fitted in this process, never saved: describe it the same way
-        from ..model.io import FORMAT
-        meta = {"format": FORMAT, "backbone": model.backbone, "image_size": [h, w], "d": model.d,
-                "seed": model.seed, "sigma": model.sigma, "threshold": model.threshold_, **model.info_}
+    scorer = model.check_fitted()
+    h, w = model.image_size_
+    meta = dict(model.meta_)
     sha = sha256_of(source) if source is not None else None
     meta.update({
         "onnx_format": ONNX_FORMAT,
@@ -132,7 +129,7 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         "outputs": "maps: float32 (batch, H, W); scores: float32 (batch,) = max of each map",
     })
     example = torch.zeros(1 if dynamic_batch else batch_size, 3, h, w, dtype=torch.uint8)
-    cpu_scorer = scorer.to("cpu").eval()  # traced cell by cell if it keeps cells
+    graph = ScoringGraph(scorer.to("cpu")).eval()  # traced cell by cell if it keeps cells
     axes = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
     out = Path(out)
     data = external_data_path(out)
@@ -143,7 +140,7 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         warnings.simplefilter("ignore")
         # into a folder of its own: over 2 GB the exporter writes one weights file per tensor beside it
         traced = Path(scratch) / "model.onnx"
-        torch.onnx.export(cpu_scorer, (example,), str(traced), dynamo=False, opset_version=opset,
+        torch.onnx.export(graph, (example,), str(traced), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["maps", "scores"], dynamic_axes=axes,
                           do_constant_folding=True)
         proto = onnx.load(str(traced))
@@ -157,7 +154,7 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
             "model_id": meta["model_id"] or "",
             "threshold": "" if model.threshold_ is None else repr(float(model.threshold_)),
             "image_size": f"{h}x{w}",
-            "backbone": model.backbone,
+            "backbone": meta["backbone"],
             "package_version": __version__,
         }
         del proto.metadata_props[:]
@@ -186,7 +183,7 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
 
 class OnnxModel:
     """An exported model run by onnxruntime on the CPU, with :class:`padim.Padim`'s predict surface
-    (``iter_predict``, ``predict``, ``labels``, ``image_size``, ``threshold_``, ``info_``, ``meta_``)."""
+    (``iter_predict``, ``predict``, ``labels``, ``image_size_``, ``threshold_``, ``info_``, ``meta_``)."""
 
     def __init__(self, path: Path, session, meta: dict, batch_size: int = 16, num_workers: int | None = None,
                  progress: bool = False):
@@ -194,7 +191,7 @@ class OnnxModel:
         self.session = session
         self.meta_ = meta
         self.backbone = meta.get("backbone")
-        self.image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+        self.image_size_ = (int(meta["image_size"][0]), int(meta["image_size"][1]))
         self.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
         self.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
         fixed = session.get_inputs()[0].shape[0]
@@ -259,13 +256,13 @@ class OnnxModel:
         else:
             workers = decode_workers(self.num_workers, len(images), self.batch_size)
             batches = (b.numpy() for b in torch.utils.data.DataLoader(
-                ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers))
+                ImageFiles(images, self.image_size_), batch_size=self.batch_size, num_workers=workers))
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
             yield self._run(batch)
 
     def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
         """Anomaly scores, maps and labels (at the stored threshold) for all images."""
-        return gather_prediction(self.iter_predict(images), self.image_size, self.labels)
+        return gather_prediction(self.iter_predict(images), self.image_size_, self.labels)
 
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""

@@ -1,11 +1,14 @@
-"""The PaDiM model: streaming Gaussian statistics, the scoring module, the estimator, model files."""
+"""The PaDiM model: streaming Gaussian statistics, their whitening, the scoring module, the
+estimator, model files."""
 
-from .io import ModelFileError, load_model, read_model_file, save_model
+from ..errors import ModelFileError
+from .io import read_model_file, write_model_file
 from .padim import Padim, Prediction
 from .scorer import PadimScorer
 from .stats import GaussianStats, StreamingStats, whitening_factor
+from .whitening import CellWhitening, PositionWhitening
 
 __all__ = [
-    "GaussianStats", "ModelFileError", "Padim", "PadimScorer", "Prediction", "load_model",
-    "read_model_file", "save_model", "StreamingStats", "whitening_factor",
+    "CellWhitening", "GaussianStats", "ModelFileError", "Padim", "PadimScorer", "PositionWhitening", "Prediction",
+    "read_model_file", "StreamingStats", "whitening_factor", "write_model_file",
 ]

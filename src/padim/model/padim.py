@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +12,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import FeatureExtractor, channel_index, get_spec
-from ..backbones.blocks import ScaleLayout
 from ..datasets.images import ImageFiles, ImageSource
-from ..params import check_scales
-from .blocks import BlockStats, CellStats
-from .scorer import PadimScorer
-from .stats import COVARIANCE_ESTIMATORS, GaussianStats, StreamingStats, whitening_factors
+from ..errors import ModelFileError
+from ..params import PadimParams
+from .cells import BlockStats, CellStats
+from .embedding import CellEmbedding, PositionEmbedding, embedding_for
+from .io import read_model_file, write_model_file
+from .scorer import PadimScorer, build_scorer
+from .stats import GaussianStats, StreamingStats, whitening_factors
+
+DEFAULTS = PadimParams()
+RUNTIME = ("batch_size", "num_workers", "device", "weights", "progress", "pretrained")
 
 
 @dataclass
@@ -33,9 +38,6 @@ class Prediction:
     labels: np.ndarray | None
 
 
-FACTOR_DTYPES = ("float16", "float32")
-
-
 def threshold_labels(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
     """1 where a score exceeds ``threshold``, else 0 (None without a threshold)."""
     if threshold is None:
@@ -44,15 +46,15 @@ def threshold_labels(scores: np.ndarray, threshold: float | None) -> np.ndarray 
 
 
 # batches per statistics update, written into one buffer: each update reads and writes all the
-# (P, d, d) float32 sums, so at one batch of 16 it was bound by memory traffic (1.4 -> 1.0 ms per
-# image at 64); the (P, 64, d) buffer stays smaller than the sums for d above 64
+# float32 sums, so it is bound by memory traffic at one small batch; a buffer of a few batches
+# stays smaller than the sums
 STATS_GROUP = 4
 
 
 def decode_workers(requested: int | None, n_images: int, batch_size: int) -> int:
     """Decoding processes: as requested, else up to 2 when there is more than one batch to decode
-    and cores that torch's threads leave free. On 2 cores, decoders that compete with torch's 2
-    threads made fit and predict from files 13-25% slower than decoding in the main process."""
+    and cores that torch's threads leave free (decoders that compete with torch's threads for the
+    same cores slow fit and predict down; see docs/performance.md)."""
     if requested is not None:
         return requested
     spare = (os.cpu_count() or 1) - torch.get_num_threads()
@@ -76,31 +78,11 @@ def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequ
     return [images[i] for i in idx]
 
 
-def _images(out: torch.Tensor | list, start: int, stop: int, blocks: bool, permuted: bool = True,
-            ) -> torch.Tensor | list:
-    """Images [start, stop) of an embedding buffer: a (P, B, d) one as (B, d, P) embeddings (as it
-    is if not ``permuted``), or every tensor of a block buffer."""
-    if blocks:
-        return [[t[:, start:stop] for t in scale] for scale in out]
-    return out[:, start:stop].permute(1, 2, 0) if permuted else out[:, start:stop]
-
-
-def default_d(backbone: str) -> int:
-    """Every channel of a small backbone (<= 200), else PaDiM's 100."""
-    total = sum(get_spec(backbone).channels)
-    return total if total <= 200 else 100
-
-
-def default_sigma(image_size: tuple[int, int]) -> float:
-    """PaDiM's blur of 4 px at 256 px, scaled with the shorter input side."""
-    return 4.0 * min(image_size) / 256
-
-
-def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    h, w = image_size
-    return (int(h), int(w))
+def stored_factor(factor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``factor`` rounded to the precision a model file keeps (``dtype``), so that a fitted model
+    scores exactly as it will once saved and loaded."""
+    target = getattr(torch, dtype)
+    return factor if target == factor.dtype else factor.to(target).to(factor.dtype)
 
 
 class Padim:
@@ -125,8 +107,8 @@ class Padim:
     tap_resize: 'nearest' (default, PaDiM's) or 'bilinear' resizing of the deeper taps to the
         stride-4 grid. With 'nearest' on CPU, where each deeper grid divides the finest evenly
         (320x480 and its 0.7 level do), fit and predict work once per deep cell instead of once
-        per position, and the model keeps its factor per cell (:mod:`padim.model.blocks`): the
-        same numbers, faster, a quarter of the fit's memory and 2.55x fewer stored values.
+        per position, and the model keeps its factor per cell (:mod:`padim.model.cells`): the
+        same numbers, faster, in less memory, with fewer stored values.
     factor_dtype: precision of the whitening factor kept and stored, 'float16' (half the model file)
         or 'float32'; scoring runs in float32 either way (see docs/model-size.md).
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
@@ -134,168 +116,129 @@ class Padim:
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
         scales averaged (default (1.0, 0.7): the coarser level sees more context per patch, which
         helps large defects; (1.0,) = plain PaDiM).
+
+    Runtime settings (keyword only; they do not change the model):
     batch_size, num_workers: batches for the backbone and decoding processes (None = auto).
     device: 'cpu' or 'cuda'. weights: a backbone weights file, if not the default source.
     progress: show progress bars. pretrained=False: random backbone weights (tests only).
+
+    As a scikit-learn estimator, the constructor only stores its arguments; they are checked, and
+    ``d`` and ``sigma`` resolved, by :meth:`fit` into ``params_``. Fitted attributes: ``params_``
+    (:class:`padim.params.PadimParams`), ``scorer_``, ``threshold_``, ``info_`` (training counts,
+    heat-map range) and ``meta_`` (the model file's metadata).
     """
 
-    def __init__(self, backbone: str = "mobilenet_v2", image_size: int | Sequence[int] = (320, 480),
-                 d: int | None = None,
-                 eps: float = 0.01, sigma: float | None = None, seed: int = 0, calibration_fraction: float = 0.1,
-                 threshold_quantile: float = 0.99, pool: int = 3, tap_resize: str = "nearest",
-                 factor_dtype: str = "float16",
-                 covariance: str = "eps", top_k: int = 1, scales: Sequence[float] = (1.0, 0.7),
-                 batch_size: int = 16, num_workers: int | None = None,
+
+    def __init__(self, backbone: str = DEFAULTS.backbone, image_size: int | Sequence[int] = DEFAULTS.image_size,
+                 d: int | None = DEFAULTS.d, eps: float = DEFAULTS.eps, sigma: float | None = DEFAULTS.sigma,
+                 seed: int = DEFAULTS.seed, calibration_fraction: float = DEFAULTS.calibration_fraction,
+                 threshold_quantile: float = DEFAULTS.threshold_quantile, pool: int = DEFAULTS.pool,
+                 tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
+                 covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k,
+                 scales: Sequence[float] = DEFAULTS.scales, *, batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
-        get_spec(backbone)  # fail early on an unknown name
-        if not 0.0 <= calibration_fraction < 1.0:
-            raise ValueError("calibration_fraction must be in [0, 1)")
-        if not 0.0 < threshold_quantile <= 1.0:
-            raise ValueError("threshold_quantile must be in (0, 1]")
-        if covariance not in COVARIANCE_ESTIMATORS:
-            raise ValueError(f"covariance must be one of {COVARIANCE_ESTIMATORS}, got {covariance!r}")
         self.backbone = backbone
-        self.image_size = _as_size(image_size)
-        self.d = default_d(backbone) if d is None else int(d)
+        self.image_size = image_size
+        self.d = d
         self.eps = eps
-        self.sigma = default_sigma(self.image_size) if sigma is None else float(sigma)
+        self.sigma = sigma
         self.seed = seed
         self.calibration_fraction = calibration_fraction
         self.threshold_quantile = threshold_quantile
         self.pool = pool
         self.tap_resize = tap_resize
-        if factor_dtype not in FACTOR_DTYPES:
-            raise ValueError(f"factor_dtype must be one of {FACTOR_DTYPES}, got {factor_dtype!r}")
-        # fp16 holds |W_ij| <= ||W|| <= 1/sqrt(eps) (cov >= eps I) only for eps >= 1e-8
-        self.factor_dtype = "float32" if factor_dtype == "float16" and eps < 1e-8 else factor_dtype
+        self.factor_dtype = factor_dtype
         self.covariance = covariance
         self.top_k = top_k
-        self.scales = check_scales(scales)
+        self.scales = scales
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.device = torch.device(device)
-        self.weights = Path(weights) if weights is not None else None
+        self.device = device
+        self.weights = weights
         self.progress = progress
         self.pretrained = pretrained
-        self.extractor_: FeatureExtractor | None = None
-        self.grids_: list[tuple[int, int]] | None = None
-        self.scorer_: PadimScorer | None = None
-        self.threshold_: float | None = None
-        self.info_: dict = {}
+
+    # ----------------------------------------------------------------- parameters
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments (scikit-learn's contract): the model's, then the runtime ones."""
+        return {name: getattr(self, name) for name in (*PadimParams.names(), *RUNTIME)}
+
+    def set_params(self, **params) -> Padim:
+        """Change constructor arguments; a fitted model keeps its fit until the next :meth:`fit`."""
+        for name, value in params.items():
+            if name not in self.get_params():
+                raise ValueError(f"unknown parameter {name!r} of Padim")
+            setattr(self, name, value)
+        return self
+
+    def model_params(self) -> PadimParams:
+        """The model's parameters as they stand, checked and resolved (see PadimParams.resolved)."""
+        return PadimParams(**{name: getattr(self, name) for name in PadimParams.names()}).resolved()
 
     # ----------------------------------------------------------------- feature extraction
-    def feature_extractor(self) -> FeatureExtractor:
-        """The backbone with its channel subset, built on first use and kept (loaded once)."""
-        if self.extractor_ is None:
-            total = sum(get_spec(self.backbone).channels)
-            channels = channel_index(total, self.d, self.seed)
-            self.extractor_ = FeatureExtractor(self.backbone, channels, self.weights, self.pretrained,
-                                               self.pool, self.tap_resize, scales=self.scales).to(self.device)
-        return self.extractor_
+    def feature_extractor(self, params: PadimParams | None = None) -> FeatureExtractor:
+        """The backbone with its channel subset for ``params`` (default: :meth:`model_params`),
+        built on first use and kept while the settings it depends on stay the same."""
+        p = params or self.model_params()
+        key = (p.backbone, p.d, p.seed, p.pool, p.tap_resize, p.scales, str(self.device), self.weights,
+               self.pretrained)
+        cached = getattr(self, "_extractor", None)
+        if cached is None or cached[0] != key:
+            channels = channel_index(sum(get_spec(p.backbone).channels), p.d, p.seed)
+            weights = Path(self.weights) if self.weights is not None else None
+            extractor = FeatureExtractor(p.backbone, channels, weights, self.pretrained, p.pool, p.tap_resize,
+                                         scales=p.scales).to(torch.device(self.device))
+            self._extractor = cached = (key, extractor)
+        return cached[1]
 
-    def _batches(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, fork: bool = True,
-                 buffer_images: int | None = None, blocks: bool = False,
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | list | None]]:
+    def embedding(self, size: tuple[int, int] | None = None, params: PadimParams | None = None) -> PositionEmbedding:
+        """The embedding form of ``size`` inputs (default: the model's), cell by cell where it can be."""
+        p = params or self.model_params()
+        return embedding_for(self.feature_extractor(p), size or p.image_size)
+
+    def _batches(self, images: Sequence[ImageSource] | torch.Tensor, embedding: PositionEmbedding, desc: str,
+                 fork: bool = True, buffer_images: int | None = None) -> Iterator[tuple[torch.Tensor, object]]:
         """uint8 (B, 3, H, W) batches on the model's device, decoded in worker processes (in this one
-        if not ``fork``), each with the one embedding buffer (FeatureExtractor.buffer, or its
-        block_buffer if ``blocks``, of ``buffer_images`` images, default one batch; None off the
-        CPU) they are all written into."""
+        if not ``fork``), each with the one embedding buffer (of ``buffer_images`` images, default
+        one batch; None off the CPU or for a lone image) they are all written into."""
         if isinstance(images, torch.Tensor):
             batches = images.split(self.batch_size)
         else:
             workers = decode_workers(self.num_workers, len(images), self.batch_size) if fork else 0
             batches = torch.utils.data.DataLoader(
-                ImageFiles(images, self.image_size), batch_size=self.batch_size, num_workers=workers,
+                ImageFiles(images, embedding.size), batch_size=self.batch_size, num_workers=workers,
             )
         out = None
-        extractor = self.feature_extractor()
-        make = extractor.block_buffer if blocks else extractor.buffer
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
             # no buffer for a lone image: predicting one image runs the network once
-            if out is None and self.device.type == "cpu" and max(len(batch), buffer_images or 0) > 1:
-                out = make(buffer_images or self.batch_size, tuple(batch.shape[-2:]))
-            yield batch.to(self.device), out
+            if out is None and embedding.device.type == "cpu" and max(len(batch), buffer_images or 0) > 1:
+                out = embedding.buffer(buffer_images or self.batch_size)
+            yield batch.to(embedding.device), out
 
-    def _layouts(self, size: tuple[int, int]) -> list[ScaleLayout] | None:
-        """The extractor's block layouts for ``size`` inputs when fit and scoring run cell by cell
-        (on CPU, with nearest tap resizing and evenly dividing grids), else None."""
-        return self.feature_extractor().block_layouts(size) if self.device.type == "cpu" else None
-
-    def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit",
-                   ) -> GaussianStats | CellStats:
-        """Partial statistics of ``images``, per cell (CellStats) where fit runs cell by cell, else
-        per position; partial results of disjoint shards add up (``a + b``)."""
-        return self.running_stats(images, desc).stats()
-
-    @torch.inference_mode()
-    def running_stats(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit",
-                      ) -> StreamingStats | BlockStats:
-        """The streaming part of :meth:`accumulate`: the running sums of ``images``, before their
-        conversion to float64 statistics (``.stats()``, once)."""
-        size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else self.image_size
-        layouts = self._layouts(size)
-        stats = None
-        # the embedding buffer is freed on return, before the float64 sums are made
-        for emb in self._embedding_groups(images, desc, STATS_GROUP * self.batch_size, layouts is not None):
-            if stats is None:
-                stats = (BlockStats(layouts, self.device) if layouts is not None
-                         else StreamingStats(emb.shape[2], emb.shape[1], self.device))
-            stats.update(emb)
-        if stats is None:
-            raise ValueError("no training images")
-        return stats
-
-    def _embedding_groups(self, images: Sequence[ImageSource] | torch.Tensor, desc: str, group: int,
-                          blocks: bool = False) -> Iterator[torch.Tensor | list]:
-        """Embeddings of up to ``group`` images at a time (one batch at a time off the CPU): (B, d, P),
-        or FeatureExtractor.blocks if ``blocks``. Batch after batch is written into one buffer,
-        handed on when the next would not fit."""
-        extractor = self.feature_extractor()
-        embed = extractor.blocks if blocks else extractor
-        filled = 0
-        for batch, out in self._batches(images, desc, buffer_images=group, blocks=blocks):
+    def _embedding_groups(self, images: Sequence[ImageSource] | torch.Tensor, embedding: PositionEmbedding,
+                          desc: str, group: int) -> Iterator[object]:
+        """Embeddings of up to ``group`` images at a time (one batch at a time off the CPU): batch
+        after batch is written into one buffer, handed on when the next would not fit."""
+        filled, out = 0, None
+        for batch, out in self._batches(images, embedding, desc, buffer_images=group):
             if out is None:
-                yield embed(batch)
+                yield embedding(batch)
                 continue
             if filled + len(batch) > group:
-                yield _images(out, 0, filled, blocks)
+                yield embedding.filled(out, filled)
                 filled = 0
-            embed(batch, _images(out, filled, group, blocks, permuted=False))
+            embedding(batch, embedding.window(out, filled, group))
             filled += len(batch)
         if filled:
-            yield _images(out, 0, filled, blocks)
+            yield embedding.filled(out, filled)
 
-    def _scorer(self, stats: GaussianStats | CellStats) -> PadimScorer:
-        factors = whitening_factors(stats, self.eps, self.covariance)  # chunk by chunk into the scorer's blocks
-        return self.new_scorer(stats.mean(), ((part, self.stored_factor(f)) for part, f in factors))
-
-    def stored_factor(self, factor: torch.Tensor) -> torch.Tensor:
-        """``factor`` rounded to the precision the model file keeps (``factor_dtype``), so that a
-        fitted model scores exactly as it will once saved and loaded."""
-        dtype = getattr(torch, self.factor_dtype)
-        return factor if dtype == factor.dtype else factor.to(dtype).to(factor.dtype)
-
-    def new_scorer(self, mean: torch.Tensor, factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]],
-                   ) -> PadimScorer:
-        """The scorer of this model's settings for a (P, d) mean and whitening factor (see PadimScorer)."""
-        return PadimScorer(self.feature_extractor(), mean, factor, self.grids_, self.image_size, self.sigma,
-                           self.top_k, layouts=self._layouts(self.image_size))
-
-    def _grids(self, positions: int) -> list[tuple[int, int]]:
-        """The stride-4 feature grid of each scale for the model's input size."""
-        grids = self.feature_extractor().grids(self.image_size)
-        if sum(h * w for h, w in grids) != positions:
-            h, w = self.image_size
-            raise ValueError(f"statistics have {positions} positions, the {h}x{w} input at scales "
-                             f"{list(self.scales)} gives grids {grids}")
-        return grids
-
-    # ----------------------------------------------------------------- public API
+    # ----------------------------------------------------------------- fit
     def calibration_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices (fit, calibration) of ``n`` training images; the hold-out is fixed by ``seed``."""
-        n_cal = int(round(self.calibration_fraction * n)) if self.calibration_fraction > 0 else 0
-        if self.calibration_fraction > 0 and n >= 3:
+        fraction = self.model_params().calibration_fraction
+        n_cal = int(round(fraction * n)) if fraction > 0 else 0
+        if fraction > 0 and n >= 3:
             n_cal = max(n_cal, 1)
         if n - n_cal < 2:
             raise ValueError(f"need at least {n_cal + 2} training images, got {n}")
@@ -307,6 +250,26 @@ class Padim:
         fit_idx, cal_idx = self.calibration_split(len(images))
         return self.fit_from_stats(self.fit_statistics(_take(images, fit_idx)), _take(images, cal_idx),
                                    n_train=len(images))
+
+    @torch.inference_mode()
+    def running_stats(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit",
+                      ) -> StreamingStats | BlockStats:
+        """The running sums of ``images``, per cell where the embeddings have cells, else per
+        position, before their conversion to float64 statistics (``.stats()``, once)."""
+        size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None
+        embedding = self.embedding(size)
+        stats = embedding.running_stats()
+        # the embedding buffer is freed on return, before the float64 sums are made
+        for emb in self._embedding_groups(images, embedding, desc, STATS_GROUP * self.batch_size):
+            stats.update(emb)
+        if stats.count == 0:
+            raise ValueError("no training images")
+        return stats
+
+    def accumulate(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "fit",
+                   ) -> GaussianStats | CellStats:
+        """Float64 statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
+        return self.running_stats(images, desc).stats()
 
     def fit_statistics(self, images: Sequence[ImageSource] | torch.Tensor) -> GaussianStats | BlockStats:
         """The statistics of ``images`` in the form :meth:`fit` hands to :meth:`fit_from_stats`."""
@@ -323,40 +286,48 @@ class Padim:
         threshold), then their statistics are merged in before the final factor is computed.
         ``stats`` is updated in place (the calibration scorer keeps its own copy of what it needs).
         """
-        self.grids_ = self._grids(stats.positions)
-        cells = isinstance(stats, CellStats | BlockStats)
-        if cells and self._layouts(self.image_size) is None:  # e.g. summed on CPU workers, finished on a GPU
-            stats, cells = (stats.stats() if isinstance(stats, BlockStats) else stats).expand(), False
+        p = self.model_params()
+        embedding = self.embedding(params=p)
+        if stats.positions != embedding.positions:
+            h, w = p.image_size
+            raise ValueError(f"statistics have {stats.positions} positions, the {h}x{w} input at scales "
+                             f"{list(p.scales)} gives grids {embedding.grids}")
+        if isinstance(stats, CellStats | BlockStats) and not isinstance(embedding, CellEmbedding):
+            # e.g. summed on CPU workers, finished on a GPU
+            stats = (stats.stats() if isinstance(stats, BlockStats) else stats).expand()
         cal_scores, cal_maps = np.empty(0), np.empty(0)
         if len(calibration):
-            scorer = self._scorer(stats)
+            scorer = self._scorer(stats, embedding, p)
+            # cell sums already in float64 (summed on workers) take the held-out images' running sums
+            held_out = embedding.running_stats() if isinstance(stats, CellStats) else stats
             scores, maps = [], []
-            held_out = BlockStats(stats.layouts, self.device) if isinstance(stats, CellStats) else None
             # decoded here: with forked decoders alive, each page of the statistics the merge writes
-            # would first be copied (copy-on-write), ~1 s per GB of statistics
-            for batch, out in self._batches(calibration, "calibrate", fork=False, blocks=cells):
-                # merged after scoring: the scorer has not seen these images
-                if cells:
-                    blocks = scorer.extractor.blocks(batch, out)
-                    m, s = scorer.score_distances(scorer.blocks.distances(blocks), self.image_size)
-                    (stats if held_out is None else held_out).update(blocks)
-                else:
-                    emb = scorer.extractor(batch, out)
-                    m, s = scorer.score_embeddings(emb, self.image_size)
-                    stats.update(emb)
+            # would first be copied (copy-on-write)
+            for batch, out in self._batches(calibration, embedding, "calibrate", fork=False):
+                emb = embedding(batch, out)
+                m, s = scorer.score(emb)  # merged after scoring: the scorer has not seen these images
+                held_out.update(emb)
                 maps.append(m.cpu().numpy())
                 scores.append(s.cpu().numpy())
             del scorer  # frees its factor before the final one is built
-            if held_out is not None:
+            if held_out is not stats:
                 held_out.stats(into=stats)
             cal_scores, cal_maps = np.concatenate(scores), np.concatenate(maps)
         self.scorer_ = None  # a refit frees the previous factor before the new one is built
-        self.scorer_ = self._scorer(stats)
-        self._calibrate(cal_scores, cal_maps, stats.count if n_train is None else n_train)
+        self.scorer_ = self._scorer(stats, embedding, p)
+        self.params_ = p
+        self._calibrate(cal_scores, cal_maps, stats.count if n_train is None else n_train, p.threshold_quantile)
+        self.meta_ = self.metadata()
         return self
 
-    def _calibrate(self, scores: np.ndarray, maps: np.ndarray, n_train: int) -> None:
-        self.threshold_ = float(np.quantile(scores, self.threshold_quantile)) if scores.size else None
+    def _scorer(self, stats: GaussianStats | CellStats | BlockStats, embedding: PositionEmbedding,
+                p: PadimParams) -> PadimScorer:
+        factors = whitening_factors(stats, p.eps, p.covariance)  # chunk by chunk into the whitening
+        return build_scorer(embedding, stats.mean(), ((part, stored_factor(f, p.factor_dtype)) for part, f in factors),
+                            p.sigma, p.top_k)
+
+    def _calibrate(self, scores: np.ndarray, maps: np.ndarray, n_train: int, quantile: float) -> None:
+        self.threshold_ = float(np.quantile(scores, quantile)) if scores.size else None
         low = float(np.median(maps)) if maps.size else None
         high = None
         if self.threshold_ is not None and low is not None:
@@ -371,36 +342,79 @@ class Padim:
             "map_range": [low, high] if high is not None else None,
         }
 
-    def _check_fitted(self) -> PadimScorer:
-        if self.scorer_ is None:
+    # ----------------------------------------------------------------- predict
+    def check_fitted(self) -> PadimScorer:
+        """The fitted scorer; RuntimeError when the model is not fitted yet."""
+        scorer = getattr(self, "scorer_", None)
+        if scorer is None:
             raise RuntimeError("this Padim is not fitted yet; call fit() or Padim.load()")
-        return self.scorer_
+        return scorer
+
+    @property
+    def image_size_(self) -> tuple[int, int]:
+        """(height, width) the fitted model takes (and its maps have)."""
+        return self.check_fitted().image_size
 
     @torch.inference_mode()
     def iter_predict(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "predict",
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (scores (B,), maps (B, H, W)) batch by batch, so large sets stream."""
-        scorer = self._check_fitted()
-        for batch, out in self._batches(images, desc, blocks=scorer.blocks is not None):
+        scorer = self.check_fitted()
+        for batch, out in self._batches(images, scorer.embedding, desc):
             maps, scores = scorer(batch, out)
             yield scores.cpu().numpy(), maps.cpu().numpy()
 
     def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
         """Anomaly scores, maps and labels (at the stored threshold) for all images."""
-        return gather_prediction(self.iter_predict(images), self.image_size, self.labels)
+        return gather_prediction(self.iter_predict(images), self.image_size_, self.labels)
 
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
         return threshold_labels(scores, self.threshold_)
 
+    # ----------------------------------------------------------------- model files
+    def metadata(self) -> dict:
+        """What a model file says of this fitted model besides its tensors: its parameters, the
+        backbone's taps and normalization, the grids, the threshold and the training counts."""
+        scorer, p = self.check_fitted(), self.params_
+        spec = get_spec(p.backbone)
+        h, w = p.image_size
+        return {
+            **p.to_state(),
+            "backbone_source": spec.source,
+            "taps": list(spec.taps),
+            "grids": [list(g) for g in scorer.maps.grids],
+            "storage": scorer.storage,
+            "normalization": {"mean": list(spec.mean), "std": list(spec.std), "input": "RGB uint8 / 255"},
+            "resize": "bilinear, square" if h == w else "bilinear",
+            "threshold": self.threshold_,
+            **self.info_,
+        }
+
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to a .safetensors file (atomically); returns the path."""
-        from .io import save_model
-        return save_model(self, Path(path))
+        tensors = self.check_fitted().state(getattr(torch, self.params_.factor_dtype))
+        return write_model_file(Path(path), self.metadata(), tensors)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", weights: str | Path | None = None,
              progress: bool = False) -> Padim:
         """Read a model written by :meth:`save`; never executes code from the file."""
-        from .io import load_model
-        return load_model(Path(path), device=device, weights=weights, progress=progress)
+        path = Path(path)
+        meta, tensors = read_model_file(path)
+        try:
+            p = PadimParams.from_state(meta)
+            model = cls(**asdict(p), device=device, weights=weights, progress=progress)
+            embedding = model.embedding(params=p)  # builds the backbone (BackboneError: weights), probes its grids
+            if [list(g) for g in embedding.grids] != meta["grids"]:
+                raise ValueError(f"grids {meta['grids']} do not match the {embedding.grids} of image size "
+                                 f"{list(p.image_size)}")
+            model.scorer_ = PadimScorer.from_state(embedding, tensors, meta["storage"],
+                                                   getattr(torch, p.factor_dtype), p.sigma, p.top_k)
+        except ValueError as exc:
+            raise ModelFileError(f"{path}: {exc}; the file was altered or damaged; re-run 'padim fit'") from exc
+        model.params_ = p
+        model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
+        model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
+        model.meta_ = meta
+        return model

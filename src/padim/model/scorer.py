@@ -1,5 +1,6 @@
-"""The scoring pipeline as one torch module: uint8 images in, anomaly maps and image scores out.
-Everything a deployed model runs lives here, so it can be traced or exported in one piece."""
+"""The scoring pipeline as one torch module: uint8 images in, anomaly maps and image scores out
+(embedding, Mahalanobis distances, smoothed maps). An export traces the same parts
+(:mod:`padim.export.graph`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import FeatureExtractor
-from ..backbones.blocks import ScaleLayout
-from .blocks import Blocks, BlockWhitening
-from .stats import position_chunks
-
-DISTANCE_CHUNK = 64  # positions per batched product when scoring on CPU
+from .embedding import PositionEmbedding
+from .whitening import CellWhitening, PositionWhitening, expect_tensor, fill_whitening
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -45,13 +42,6 @@ def smoothing_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
     return out[:, 0, 0, :].T.contiguous().float()
 
 
-def head_size(d: int) -> int:
-    """Split of a (d, d) triangular factor into a (h, h) head and a (d, d - h) tail block: about
-    7/12 of d (d / 2 minimizes the work, a wider head runs at a better rate on CPU), a multiple of
-    8 (unaligned blocks run ~10% slower); no split below 16 channels."""
-    return d if d < 16 else 8 * round(d * 7 / 96)
-
-
 def image_scores(maps: torch.Tensor, top_k: int = 1) -> torch.Tensor:
     """(B, H, W) anomaly maps -> (B,) image scores: the maximum, or the mean of the ``top_k`` largest."""
     flat = maps.flatten(1)
@@ -75,167 +65,125 @@ class GaussianBlur(nn.Module):
         return F.conv2d(maps, k.view(1, 1, -1, 1))
 
 
-class PadimScorer(nn.Module):
-    """Mahalanobis distance of each patch embedding to its position's Gaussian; each scale's map
-    upsampled bilinearly to the input size and blurred with a Gaussian of ``sigma`` pixels; the
-    maps of all scales averaged. Image score = max of the map, or the mean of its ``top_k`` largest
-    values. ``grids`` are the (h, w) feature grids of the extractor's scales for ``image_size``."""
+class AnomalyMaps(nn.Module):
+    """(B, P) distances on the ``grids`` of the scales -> (maps (B, H, W), scores (B,)): each scale's
+    distances upsampled bilinearly to ``image_size`` and blurred with a Gaussian of ``sigma`` pixels,
+    the maps of all scales averaged; image score = max of the map, or the mean of its ``top_k``
+    largest values."""
 
-    def __init__(self, extractor: FeatureExtractor, mean: torch.Tensor,
-                 factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]] | BlockWhitening,
-                 grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
-                 layouts: list[ScaleLayout] | None = None):
-        """``mean`` (P, d); ``factor``: the (P, d, d) lower-triangular whitening factor W, or its
-        (positions, (p, d, d) chunk) pieces in order, so that all of it never has to exist at once.
-        ``layouts``: the extractor's block layouts for ``image_size`` (FeatureExtractor.block_layouts),
-        to keep W per cell and score cell by cell (CPU); W must then have their block structure,
-        as a fit on the extractor's embeddings gives it; or ``factor`` is a filled BlockWhitening of
-        these layouts, kept as it is."""
+    def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.extractor = extractor
         self.grids = [(int(h), int(w)) for h, w in grids]
-        if len(self.grids) != len(extractor.scales):
-            raise ValueError(f"{len(self.grids)} grids for {len(extractor.scales)} scales")
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.positions = sum(h * w for h, w in self.grids)
         self.sigma = float(sigma)
         self.top_k = int(top_k)
         self._smoothing: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        for grid in self.grids:  # built now so a traced export sees constants
-            self._smoothing_for(grid, self.image_size, torch.device("cpu"))
-        extractor.prepare_trace(self.image_size)
-        self.register_buffer("mean", mean.float().contiguous())
-        positions, d = self.mean.shape
-        if isinstance(factor, BlockWhitening):  # already filled (a model file's cells)
-            if layouts is None or factor.layouts != layouts:
-                raise ValueError("a BlockWhitening factor needs the scorer's block layouts")
-            self.blocks = factor.to(self.mean.device)
-            return
-        pieces = [(slice(0, positions), factor)] if isinstance(factor, torch.Tensor) else factor
-        self.blocks = BlockWhitening(layouts, self.mean.device) if layouts is not None else None
-        if self.blocks is not None:
-            if sum(lay.positions for lay in layouts) != positions:
-                raise ValueError(f"the block layouts have {sum(lay.positions for lay in layouts)} positions, "
-                                 f"the mean {positions}")
-            filled = 0
-            for part, w in pieces:
-                self.blocks.fill(part, w)
-                filled += w.shape[0]
-            self._check_filled(filled, positions)
-            self.blocks.set_bias(self.mean)
-            return
-        # W^T is upper triangular: of its columns [:h] only rows [:h] are nonzero, so it is kept as
-        # two contiguous blocks (zeros dropped: ~3/4 of the memory, reads and products). Contiguous,
-        # because a batched matmul runs markedly faster than on a transposed view.
-        h = self.head = head_size(d)
-        head = self.mean.new_empty(positions, h, h)
-        tail = self.mean.new_empty(positions, d, d - h)
-        filled = 0
-        for part, w in pieces:
-            weight_t = w.transpose(1, 2)
-            head[part] = weight_t[:, :h, :h]
-            tail[part] = weight_t[:, :, h:]
-            filled += weight_t.shape[0]
-        self._check_filled(filled, positions)
-        self.register_buffer("weight_head", head)
-        self.register_buffer("weight_tail", tail)
-        # z = W x - W mean: precompute W mean once so scoring is one product per block
-        self.register_buffer("bias_head", torch.bmm(self.mean[:, None, :h], head).squeeze(1))
-        self.register_buffer("bias_tail", torch.bmm(self.mean.unsqueeze(1), tail).squeeze(1))
 
-    @staticmethod
-    def _check_filled(filled: int, positions: int) -> None:
-        if filled != positions:
-            raise ValueError(f"the factor covers {filled} positions, the mean {positions}")
-
-    def without_blocks(self) -> PadimScorer:
-        """The same scorer kept position by position (what an export traces)."""
-        if self.blocks is None:
-            return self
-        pieces = ((part, self.factor_of(part)) for part in position_chunks(self.mean.shape[0], 1024))
-        return PadimScorer(self.extractor, self.mean, pieces, self.grids, self.image_size, self.sigma, self.top_k)
-
-    @property
-    def factor(self) -> torch.Tensor:
-        """The lower-triangular whitening factor W, rebuilt from the stored blocks of W^T."""
-        return self.factor_of(slice(None))
-
-    def factor_of(self, positions: slice) -> torch.Tensor:
-        """W of ``positions`` only, rebuilt from the stored blocks of W^T (or cells)."""
-        if self.blocks is not None:
-            return self.blocks.factor_of(slice(*positions.indices(self.mean.shape[0])[:2]), self.mean.shape[1])
-        head, tail = self.weight_head[positions], self.weight_tail[positions]
-        p, d, h = tail.shape[0], tail.shape[1], self.head
-        weight_t = tail.new_zeros(p, d, d)
-        weight_t[:, :h, :h] = head
-        weight_t[:, :, h:] = tail
-        return weight_t.transpose(1, 2)
-
-    def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D, P) embeddings -> (B, P) Mahalanobis distances ((B, D, h, w) -> (B, h, w))."""
-        shape = embeddings.shape
-        if self.blocks is not None:
-            if torch.jit.is_tracing():
-                return self.blocks.graph_distances(embeddings.flatten(2)).reshape(shape[0], *shape[2:])
-            return self.blocks.distances(self.blocks.gather(embeddings.flatten(2))).reshape(shape[0], *shape[2:])
-        # contiguous: a no-op for the extractor's position-major output; a strided view is legal
-        # for bmm but an order of magnitude slower on CPU
-        x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
-        if torch.jit.is_tracing() or x.device.type != "cpu":
-            dist = self._norms(x, slice(None))  # one product: one node in an exported graph
-        else:
-            # a few positions at a time: each product is normed while it is still in cache
-            dist = torch.cat([self._norms(x, part) for part in position_chunks(x.shape[0], DISTANCE_CHUNK)])
-        return dist.T.reshape(shape[0], *shape[2:])
-
-    def _norms(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """|W x - W mean| of the (P, B, D) embeddings ``x`` at the positions ``part``: (p, B)."""
-        x = x[part]
-        head = torch.baddbmm(-self.bias_head[part].unsqueeze(1), x[:, :, :self.head], self.weight_head[part])
-        tail = torch.baddbmm(-self.bias_tail[part].unsqueeze(1), x, self.weight_tail[part])
-        return (head.square().sum(dim=2) + tail.square().sum(dim=2)).sqrt()
-
-    def smooth(self, distances: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Upsample (B, h, w) distances bilinearly to ``size`` and blur them (see smoothing_matrix)."""
-        rows, cols = self._smoothing_for(tuple(distances.shape[-2:]), size, distances.device)
-        return torch.matmul(torch.matmul(rows, distances), cols)
-
-    def _smoothing_for(self, grid: tuple[int, int], size: tuple[int, int], device: torch.device,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (int(grid[0]), int(grid[1]), int(size[0]), int(size[1]), str(device))
-        if key not in self._smoothing:
-            self._smoothing[key] = (smoothing_matrix(key[0], key[2], self.sigma).to(device),
-                                    smoothing_matrix(key[1], key[3], self.sigma).T.contiguous().to(device))
-        return self._smoothing[key]
-
-    def score_embeddings(self, embeddings: torch.Tensor, size: tuple[int, int],
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, P) embeddings -> (maps (B, *size), scores (B,)); the maps of the scales averaged."""
-        positions = sum(h * w for h, w in self.grids)
-        if embeddings.shape[-1] != positions:
-            raise ValueError(f"{embeddings.shape[-1]} feature positions, the fitted grids {self.grids} have "
-                             f"{positions}; images must have the model's input size")
-        return self.score_distances(self.distances(embeddings), size)
-
-    def score_distances(self, dist: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, P) distances -> (maps (B, *size), scores (B,)); the maps of the scales averaged."""
+    def forward(self, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if dist.shape[-1] != self.positions:
+            raise ValueError(f"{dist.shape[-1]} feature positions, the fitted grids {self.grids} have "
+                             f"{self.positions}; images must have the model's input size")
         maps = None
         start = 0
         for h, w in self.grids:
-            level = self.smooth(dist[:, start:start + h * w].reshape(-1, h, w), size)
+            level = self.smooth(dist[:, start:start + h * w].reshape(-1, h, w))
             maps = level if maps is None else maps.add_(level)  # in place: each is a fresh (B, H, W) map
             start += h * w
         if len(self.grids) > 1:
             maps.div_(len(self.grids))
         return maps, image_scores(maps, self.top_k)
 
-    def forward(self, images: torch.Tensor, out: torch.Tensor | Blocks | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,)); ``out``: the extractor's embedding
-        buffer (FeatureExtractor.buffer, or block_buffer when the scorer keeps cells), for loops
-        that score batch after batch."""
-        size = tuple(images.shape[-2:])
-        if self.blocks is not None and not torch.jit.is_tracing():
-            return self.score_distances(self.blocks.distances(self.extractor.blocks(images, out)), size)
-        return self.score_embeddings(self.extractor(images, out), size)
+    def smooth(self, distances: torch.Tensor) -> torch.Tensor:
+        """Upsample (B, h, w) distances bilinearly to the image size and blur them (see smoothing_matrix)."""
+        rows, cols = self.smoothing(tuple(distances.shape[-2:]), distances.device)
+        return torch.matmul(torch.matmul(rows, distances), cols)
+
+    def smoothing(self, grid: tuple[int, int], device: torch.device | str = "cpu",
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols^T) of :meth:`smooth` for a ``grid``, built once and kept."""
+        key = (int(grid[0]), int(grid[1]), str(device))
+        if key not in self._smoothing:
+            (h, w), sigma = self.image_size, self.sigma
+            self._smoothing[key] = (smoothing_matrix(key[0], h, sigma).to(device),
+                                    smoothing_matrix(key[1], w, sigma).T.contiguous().to(device))
+        return self._smoothing[key]
+
+
+class PadimScorer(nn.Module):
+    """What a fitted model runs on images: uint8 (B, 3, H, W) -> its embeddings, their Mahalanobis
+    distances to each position's Gaussian (the whitening), anomaly maps and image scores."""
+
+    def __init__(self, embedding: PositionEmbedding, whitening: PositionWhitening | CellWhitening,
+                 sigma: float, top_k: int = 1):
+        super().__init__()
+        if tuple(whitening.mean.shape) != (embedding.positions, embedding.dim):
+            raise ValueError(f"a whitening of {tuple(whitening.mean.shape)} (positions, channels) for embeddings "
+                             f"of {(embedding.positions, embedding.dim)}")
+        self.embedding = embedding
+        self.extractor = embedding.extractor
+        self.whitening = whitening
+        self.maps = AnomalyMaps(embedding.grids, embedding.size, sigma, top_k)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images it takes."""
+        return self.embedding.size
+
+    def forward(self, images: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,)); ``out``: a buffer of the embedding
+        (``embedding.buffer``), for loops that score batch after batch."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size != self.image_size:
+            raise ValueError(f"images of {size[0]}x{size[1]} pixels; the model takes "
+                             f"{self.image_size[0]}x{self.image_size[1]}")
+        return self.score(self.embedding(images, out))
+
+    def score(self, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the embedding's form -> (maps (B, H, W), scores (B,))."""
+        return self.maps(self.whitening.distances(embeddings))
+
+    @property
+    def storage(self) -> str:
+        """How the whitening is kept and stored: 'cells' or 'positions'."""
+        return "cells" if isinstance(self.whitening, CellWhitening) else "positions"
+
+    def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Model-file tensors: the whitening's (its factor in ``dtype``) and the channel index."""
+        return {**self.whitening.state(dtype), "channels": self.extractor.channels.cpu().contiguous()}
+
+    @classmethod
+    def from_state(cls, embedding: PositionEmbedding, tensors: dict[str, torch.Tensor], storage: str,
+                   dtype: torch.dtype, sigma: float, top_k: int = 1) -> PadimScorer:
+        """The scorer of :meth:`state`'s tensors, stored as ``storage``, for ``embedding`` (whose
+        extractor must keep the same channels); ValueError names a missing, extra or bad tensor."""
+        channels = expect_tensor(tensors, "channels", (embedding.dim,), torch.int64)
+        if not torch.equal(channels, embedding.extractor.channels.cpu()):
+            raise ValueError("channel index does not match the backbone's channel subset (d, seed)")
+        if storage == "cells":
+            layouts = embedding.extractor.block_layouts(embedding.size)
+            if layouts is None:
+                raise ValueError(f"factor stored per cell, but tap_resize {embedding.extractor.tap_resize!r} at "
+                                 f"{list(embedding.size)} has no cells")
+            stored = CellWhitening(layouts, embedding.device)
+        else:
+            stored = PositionWhitening(embedding.positions, embedding.dim, embedding.device)
+        extra = sorted(set(tensors) - stored.tensor_names() - {"channels"})
+        if extra:
+            raise ValueError(f"unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
+        stored.load_state(tensors, dtype)
+        return cls(embedding, embedding.adopt(stored), sigma, top_k)
+
+
+def build_scorer(embedding: PositionEmbedding, mean: torch.Tensor,
+                 factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]], sigma: float, top_k: int = 1,
+                 ) -> PadimScorer:
+    """The scorer of a (P, d) ``mean`` and whitening factor W (P, d, d), or W's (positions, (p, d, d)
+    chunk) pieces in order, so that all of it never has to exist at once; kept in the form of
+    ``embedding`` (cell by cell, W must then have the block structure a fit on its embeddings gives)."""
+    whitening = embedding.whitening()
+    pieces = [(slice(0, mean.shape[0]), factor)] if isinstance(factor, torch.Tensor) else factor
+    fill_whitening(whitening, pieces, mean)
+    return PadimScorer(embedding, whitening, sigma, top_k)

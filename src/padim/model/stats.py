@@ -105,7 +105,7 @@ def sums_covariance(outer: torch.Tensor, mean: torch.Tensor, count: int, eps: fl
 
 
 class StreamingStats:
-    """Accumulates :class:`GaussianStats` batch after batch, ~1.5x as fast as ``GaussianStats.update``.
+    """Accumulates :class:`GaussianStats` batch after batch, faster than ``GaussianStats.update``.
 
     The outer products are summed in float32 over embeddings minus a per-position shift (the first
     batch's mean), then turned into float64 sums once, by :meth:`stats`. Shifted, the products are
@@ -135,7 +135,7 @@ class StreamingStats:
             self.shift = x.mean(dim=1).float()
         self.count += x.shape[1]
         # one scratch block for all steps: a fresh temporary per step, and the float64 copy of it
-        # that the sums made, cost ~1 ms per image in a fit, mostly in page faults
+        # that the sums made, cost more in page faults than the arithmetic
         scratch = torch.empty(self.parts[0].stop, x.shape[1], x.shape[2], device=x.device)
         for part, outer in zip(self.parts, self.outer, strict=True):
             c = torch.sub(x[part], self.shift[part].unsqueeze(1), out=scratch[:part.stop - part.start])
@@ -214,7 +214,7 @@ def whitening_factors(stats, eps: float, estimator: str = "eps", chunk: int | No
     whose sums are expanded chunk by chunk), ``chunk`` positions at a time, as
     (positions, (p, D, D) factors): the temporaries stay small next to the statistics, and the
     caller keeps each chunk in whatever form it needs. Default chunk: 64 positions on CPU, whose
-    covariances, factors and inverses stay in cache (1.7x faster than 1024 at D = 152), else 1024."""
+    covariances, factors and inverses stay in cache, else 1024 (see docs/performance.md)."""
     positions = stats.positions
     chunk = chunk or (64 if stats.device.type == "cpu" else 1024)
     for part in position_chunks(positions, chunk):

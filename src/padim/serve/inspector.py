@@ -95,7 +95,7 @@ class Inspector:
         self.path = path
         self.limits = limits
         self.format = "onnx" if isinstance(model, OnnxModel) else "safetensors"
-        meta = getattr(model, "meta_", {}) or {}
+        meta = model.meta_
         if self.format == "onnx" and meta.get("model_id"):
             self.model_id = meta["model_id"]  # the id of the fitted model it was exported from
             self.source_sha256 = meta.get("source_sha256")
@@ -113,7 +113,7 @@ class Inspector:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.model.image_size
+        return self.model.image_size_
 
     @property
     def threshold(self) -> float | None:

@@ -1,5 +1,6 @@
-"""padim.backbones.blocks and padim.model.blocks: cell-by-cell statistics and distances under nearest
-tap resizing give the numbers of the position-by-position computation."""
+"""padim.backbones.layout, padim.model.cells and the cell form of padim.model.whitening and
+padim.model.embedding: cell-by-cell statistics and distances under nearest tap resizing give the
+numbers of the position-by-position computation."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+import padim.model.padim as padim_module
 from padim import Padim
 from padim.backbones import FeatureExtractor, channel_index
-from padim.backbones.blocks import scale_layout
-from padim.model import PadimScorer, read_model_file
-from padim.model.blocks import BlockStats, CellStats
+from padim.backbones.layout import scale_layout
+from padim.model import CellWhitening, read_model_file
+from padim.model.cells import BlockStats, CellStats
+from padim.model.embedding import CellEmbedding, PositionEmbedding
+from padim.model.scorer import build_scorer
 from padim.model.stats import GaussianStats, whitening_factors
 
 SIZE = (64, 96)  # grids 16x24, 8x12, 4x6; at scale 0.5: 8x12, 4x6, 2x3
@@ -19,6 +23,22 @@ SIZE = (64, 96)  # grids 16x24, 8x12, 4x6; at scale 0.5: 8x12, 4x6, 2x3
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, *SIZE), dtype=np.uint8))
+
+
+def factor(scorer) -> torch.Tensor:
+    return scorer.whitening.factor_of(slice(None))
+
+
+def same_network(*models: Padim) -> None:
+    """Build each model's random backbone from the same seed: the same network."""
+    for model in models:
+        torch.manual_seed(0)
+        model.feature_extractor()
+
+
+def positions_only(monkeypatch) -> None:
+    """Fit and score position by position, as off the CPU."""
+    monkeypatch.setattr(padim_module, "embedding_for", lambda extractor, size: PositionEmbedding(extractor, size))
 
 
 @pytest.fixture(scope="module")
@@ -97,41 +117,44 @@ def test_cell_by_cell_distances_equal_the_full_scorer(extractor):
     layouts = extractor.block_layouts(SIZE)
     stats = GaussianStats.empty(sum(lay.positions for lay in layouts), 40)
     stats.update(extractor(images(30)))
-    grids = extractor.grids(SIZE)
-    full = PadimScorer(extractor, stats.mean(), whitening_factors(stats, 0.01), grids, SIZE, 2.0)
-    cells = PadimScorer(extractor, stats.mean(), whitening_factors(stats, 0.01, chunk=100), grids, SIZE, 2.0,
-                        layouts=layouts)
-    assert cells.blocks is not None and not hasattr(cells, "weight_head")
-    torch.testing.assert_close(cells.factor, full.factor, rtol=0, atol=1e-5)  # rebuilt from the cells
+    full = build_scorer(PositionEmbedding(extractor, SIZE), stats.mean(), whitening_factors(stats, 0.01), 2.0)
+    cell_form = CellEmbedding(extractor, SIZE, layouts)
+    cells = build_scorer(cell_form, stats.mean(), whitening_factors(stats, 0.01, chunk=100), 2.0)
+    assert isinstance(cells.whitening, CellWhitening) and not hasattr(cells.whitening, "weight_head")
+    torch.testing.assert_close(factor(cells), factor(full), rtol=0, atol=1e-5)  # rebuilt from the cells
     test = images(4, 9)
     maps, scores = cells(test)
     expected_maps, expected_scores = full(test)
     torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-4, atol=1e-4)
-    # full embeddings are read at each cell; without_blocks gives the position-by-position scorer
-    torch.testing.assert_close(cells.score_embeddings(extractor(test), SIZE)[0], maps)
-    torch.testing.assert_close(cells.without_blocks()(test)[0], maps, rtol=1e-4, atol=1e-4)
+    # the traced form reads full embeddings at each cell; adopted position by position, the same maps
+    emb = extractor(test)
+    torch.testing.assert_close(cells.maps(cells.whitening.graph_distances(emb))[0], maps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cells.maps(cells.whitening.distances(cells.whitening.gather(emb)))[0], maps)
+    as_positions = PositionEmbedding(extractor, SIZE).adopt(cells.whitening)
+    torch.testing.assert_close(full.maps(as_positions.distances(emb))[0], maps, rtol=1e-4, atol=1e-4)
+    assert cell_form.adopt(cells.whitening) is cells.whitening
 
 
 def test_padim_with_nearest_resizing_fits_and_scores_cell_by_cell(tmp_path):
     train, test = images(24, 4), images(3, 5)
     model = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False).fit(train)
-    assert model.scorer_.blocks is not None
+    assert isinstance(model.scorer_.whitening, CellWhitening)
     fit_idx, cal_idx = model.calibration_split(len(train))
-    stats = GaussianStats.empty(model.scorer_.mean.shape[0], 40)
+    stats = GaussianStats.empty(model.scorer_.whitening.mean.shape[0], 40)
     with torch.inference_mode():
         extractor = model.feature_extractor()
         stats.update(extractor(train[fit_idx]))
         stats.update(extractor(train[cal_idx]))
-    full = PadimScorer(extractor, stats.mean(), whitening_factors(stats, model.eps), model.grids_, SIZE,
-                       model.sigma)
+    full = build_scorer(PositionEmbedding(extractor, SIZE), stats.mean(),
+                        whitening_factors(stats, model.params_.eps), model.params_.sigma)
     pred = model.predict(test)
     with torch.inference_mode():
         np.testing.assert_allclose(pred.maps, full(test)[0].numpy(), rtol=1e-4, atol=1e-4)
     loaded = Padim.load(model.save(tmp_path / "m.safetensors"))  # (with the pretrained weights)
-    assert loaded.scorer_.blocks is not None
-    for name, buffer in model.scorer_.blocks.named_buffers():
-        assert torch.equal(loaded.scorer_.blocks.get_buffer(name), buffer), name
+    assert isinstance(loaded.scorer_.whitening, CellWhitening)
+    for name, buffer in model.scorer_.whitening.named_buffers():
+        assert torch.equal(loaded.scorer_.whitening.get_buffer(name), buffer), name
 
 
 def test_pyramid_levels_are_rounded_to_the_deepest_stride_so_their_grids_nest():
@@ -169,20 +192,20 @@ def test_cell_statistics_add_up_and_give_the_dense_covariances_chunk_by_chunk(ex
     torch.testing.assert_close(into.expand().outer, merged.expand().outer, rtol=1e-9, atol=1e-9)
 
 
-def test_cell_fit_equals_the_dense_fit_and_its_file_holds_the_cells(tmp_path):
+def test_cell_fit_equals_the_dense_fit_and_its_file_holds_the_cells(tmp_path, monkeypatch):
     train, test = images(24, 4), images(3, 5)
-    model = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False,
-                  factor_dtype="float32").fit(train)
+    kw = {"image_size": SIZE, "scales": (1.0, 0.5), "tap_resize": "nearest", "d": 40, "pretrained": False,
+          "factor_dtype": "float32"}
+    model, dense = Padim(**kw), Padim(**kw)
+    same_network(model, dense)
+    model.fit(train)
     fit_idx, cal_idx = model.calibration_split(len(train))
-    dense = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False,
-                  factor_dtype="float32")
-    dense.extractor_ = model.feature_extractor()  # the same random network
     with torch.inference_mode():
-        stats = GaussianStats.empty(model.scorer_.mean.shape[0], 40)
+        stats = GaussianStats.empty(model.scorer_.whitening.mean.shape[0], 40)
         stats.update(dense.feature_extractor()(train[fit_idx]))
-    dense._layouts = lambda size: None  # position by position, as off the CPU
+    positions_only(monkeypatch)
     dense.fit_from_stats(stats, train[cal_idx], n_train=len(train))
-    assert dense.scorer_.blocks is None
+    assert not isinstance(dense.scorer_.whitening, CellWhitening)
     assert dense.threshold_ == pytest.approx(model.threshold_, rel=1e-5)
     np.testing.assert_allclose(model.predict(test).maps, dense.predict(test).maps, rtol=1e-4, atol=1e-5)
     # the file keeps each factor row once per cell: W_ii as a triangle, no per-position factor
@@ -190,13 +213,13 @@ def test_cell_fit_equals_the_dense_fit_and_its_file_holds_the_cells(tmp_path):
     meta, tensors = read_model_file(path)
     assert meta["storage"] == "cells" and "factor_tril" not in tensors
     cell_values = sum(t.numel() for k, t in tensors.items() if k.startswith("w"))
-    d, positions = 40, model.scorer_.mean.shape[0]
+    d, positions = 40, model.scorer_.whitening.mean.shape[0]
     assert cell_values < 0.6 * positions * d * (d + 1) // 2
     dense_path = dense.save(tmp_path / "dense.safetensors")
     assert read_model_file(dense_path)[0]["storage"] == "positions"
     loaded = Padim.load(dense_path)  # (with the pretrained weights: compare the factor, not the maps)
-    assert torch.equal(loaded.scorer_.mean, dense.scorer_.mean)
-    torch.testing.assert_close(loaded.scorer_.factor, dense.scorer_.factor, rtol=0, atol=1e-4)
+    assert torch.equal(loaded.scorer_.whitening.mean, dense.scorer_.whitening.mean)
+    torch.testing.assert_close(factor(loaded.scorer_), factor(dense.scorer_), rtol=0, atol=1e-4)
 
 
 def test_float16_factor_scores_within_a_bounded_error_and_round_trips_exactly(tmp_path):
@@ -204,10 +227,10 @@ def test_float16_factor_scores_within_a_bounded_error_and_round_trips_exactly(tm
     kw = {"image_size": SIZE, "scales": (1.0, 0.5), "tap_resize": "nearest", "d": 40, "pretrained": False}
     full = Padim(**kw, factor_dtype="float32")
     half = Padim(**kw)
-    half.extractor_ = full.feature_extractor()  # the same random network
+    same_network(full, half)
     full.fit(train)
     half.fit(train)
-    assert half.factor_dtype == "float16"
+    assert half.params_.factor_dtype == "float16"
     a, b = full.predict(test), half.predict(test)
     assert np.abs(b.maps - a.maps).max() < 2e-3 * a.maps.max()
     assert np.abs(b.scores - a.scores).max() < 2e-3 * a.scores.max()
@@ -215,6 +238,6 @@ def test_float16_factor_scores_within_a_bounded_error_and_round_trips_exactly(tm
     assert path.stat().st_size < 0.6 * full.save(tmp_path / "full.safetensors").stat().st_size
     assert all(t.dtype == torch.float16 for k, t in read_model_file(path)[1].items() if k.startswith("w"))
     loaded = Padim.load(path)  # (with the pretrained weights: compare the factor, not the maps)
-    for name, buffer in half.scorer_.blocks.named_buffers():
-        assert torch.equal(loaded.scorer_.blocks.get_buffer(name), buffer), name
-    assert Padim(eps=1e-9).factor_dtype == "float32"  # |W| up to 1/sqrt(eps) would overflow float16
+    for name, buffer in half.scorer_.whitening.named_buffers():
+        assert torch.equal(loaded.scorer_.whitening.get_buffer(name), buffer), name
+    assert Padim(eps=1e-9).model_params().factor_dtype == "float32"  # |W| up to 1/sqrt(eps) would overflow float16

@@ -1,5 +1,5 @@
 """Statistics and Mahalanobis distances cell by cell, for embeddings with a block layout
-(:mod:`padim.backbones.blocks`, nearest tap resizing): the same numbers as position by position,
+(:mod:`padim.backbones.layout`, nearest tap resizing): the same numbers as position by position,
 with each deep tap's share computed once per cell of that tap instead of once per finest position.
 
 Channels run deepest tap first. At a finest position, write the embedding as the taps' parts x_0
@@ -18,17 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from ..backbones.blocks import ScaleLayout
+from ..backbones.layout import ScaleLayout
 from .stats import GaussianStats, check_finite, sums_covariance
 
 Blocks = list[list[torch.Tensor]]  # per scale, per tap (deepest first): (cells, B, channels)
 STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
-DISTANCE_TOP_CELLS = 64  # deepest cells per step of the distances
 
 
-def _steps(layout: ScaleLayout, top_cells: int) -> Iterator[list[slice]]:
+def row_steps(layout: ScaleLayout, top_cells: int) -> Iterator[list[slice]]:
     """For runs of about ``top_cells`` deepest cells (whole rows), the cells of every tap beneath."""
     height, width = layout.levels[0].grid
     rows = max(1, round(top_cells / width))
@@ -37,7 +35,7 @@ def _steps(layout: ScaleLayout, top_cells: int) -> Iterator[list[slice]]:
         yield [layout.rows(i, top) for i in range(len(layout.levels))]
 
 
-def _offsets(layout: ScaleLayout) -> list[slice]:
+def tap_channels(layout: ScaleLayout) -> list[slice]:
     """Each tap's channels in the embedding."""
     out, start = [], 0
     for level in layout.levels:
@@ -46,7 +44,7 @@ def _offsets(layout: ScaleLayout) -> list[slice]:
     return out
 
 
-def _side_by_side(x: torch.Tensor, layout: ScaleLayout, i: int, j: int) -> torch.Tensor:
+def side_by_side(x: torch.Tensor, layout: ScaleLayout, i: int, j: int) -> torch.Tensor:
     """(n_i, B, C_i) values of tap-i cells -> a (rows_j, w_j, B, t, t, C_i) view, grouped under the
     tap-j cells holding them (``x`` whole rows of tap j's w_j cells)."""
     t, width = layout.step(i, j), layout.levels[j].grid[1]
@@ -66,9 +64,9 @@ def _expand_vectors(layouts: list[ScaleLayout], per_cell: list[list[torch.Tensor
     positions = slice(*positions.indices(sum(lay.positions for lay in layouts))[:2])
     d = sum(lv.channels for lv in layouts[0].levels)
     out = torch.empty(positions.stop - positions.start, d, dtype=torch.float64, device=per_cell[0][0].device)
-    for s, layout, rows, local in _scale_ranges(layouts, positions):
+    for s, layout, rows, local in scale_ranges(layouts, positions):
         fine = torch.arange(local.start, local.stop, device=out.device)
-        for i, (level, ri) in enumerate(zip(layout.levels, _offsets(layout), strict=True)):
+        for i, (level, ri) in enumerate(zip(layout.levels, tap_channels(layout), strict=True)):
             row, col = layout.cell_of(i, fine)
             out[rows, ri] = per_cell[s][i][row * level.grid[1] + col].double()
     return out
@@ -80,8 +78,8 @@ def _expand_outer(layouts: list[ScaleLayout], cross: list[list[list[torch.Tensor
     positions = slice(*positions.indices(sum(lay.positions for lay in layouts))[:2])
     d = sum(lv.channels for lv in layouts[0].levels)
     outer = torch.empty(positions.stop - positions.start, d, d, dtype=torch.float64, device=cross[0][0][0].device)
-    for s, layout, rows, local in _scale_ranges(layouts, positions):
-        channels = _offsets(layout)
+    for s, layout, rows, local in scale_ranges(layouts, positions):
+        channels = tap_channels(layout)
         o = outer[rows]
         fine = torch.arange(local.start, local.stop, device=outer.device)
         for i, level in enumerate(layout.levels):
@@ -97,7 +95,7 @@ def _expand_outer(layouts: list[ScaleLayout], cross: list[list[list[torch.Tensor
     return outer
 
 
-def _scale_ranges(layouts: list[ScaleLayout], positions: slice) -> Iterator[tuple[int, ScaleLayout, slice, slice]]:
+def scale_ranges(layouts: list[ScaleLayout], positions: slice) -> Iterator[tuple[int, ScaleLayout, slice, slice]]:
     """(scale, layout, rows of ``positions`` in the result, local positions of that scale) for every
     scale that ``positions`` (of all scales, concatenated) meets."""
     start = 0
@@ -111,9 +109,10 @@ def _scale_ranges(layouts: list[ScaleLayout], positions: slice) -> Iterator[tupl
 class BlockStats:
     """Streaming Gaussian statistics of block-layout embeddings, cell by cell (like StreamingStats:
     float32 sums of x minus the first batch's mean, turned into float64 sums by :meth:`stats`).
-    For MobileNetV2 at d = 152 an update costs ~1/3 of StreamingStats' and the sums take ~1/4 of
-    its memory. A fit in one process uses them as they are (:meth:`mean`, :meth:`covariance`, a few
-    positions at a time), so the float64 sums, twice their size, are made only to be merged."""
+    For MobileNetV2 at d = 152 an update does about a third of StreamingStats' work and the sums
+    take about a quarter of its memory. A fit in one process uses them as they are (:meth:`mean`,
+    :meth:`covariance`, a few positions at a time), so the float64 sums, twice their size, are made
+    only to be merged."""
 
     def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
         self.layouts = layouts
@@ -169,7 +168,7 @@ class BlockStats:
         for layout, xs, shifts, totals, cross in zip(self.layouts, blocks, self.shift, self.total, self.cross,
                                                      strict=True):
             # scratch blocks for all steps: fresh temporaries this large cost page faults
-            steps = list(_steps(layout, STATS_TOP_CELLS))
+            steps = list(row_steps(layout, STATS_TOP_CELLS))
             scratch = [x.new_empty(steps[0][i].stop, b, x.shape[2]) for i, x in enumerate(xs)]
             grouped = [x.new_empty(steps[0][-1].stop * b * x.shape[2]) for x in xs]
             for parts in steps:
@@ -179,7 +178,7 @@ class BlockStats:
                     totals[i][parts[i]] += ci.sum(dim=1)
                     cross[i][i][parts[i]].baddbmm_(ci.transpose(1, 2), ci)
                     for j in range(i):  # one product per tap-j cell, its tap-i cells side by side
-                        cells = _side_by_side(ci, layout, i, j).permute(0, 1, 3, 4, 5, 2)
+                        cells = side_by_side(ci, layout, i, j).permute(0, 1, 3, 4, 5, 2)
                         lhs = grouped[i][:ci.numel()].view(cells.shape).copy_(cells)
                         cross[i][j][parts[j]].baddbmm_(lhs.view(c[j].shape[0], -1, b), c[j])
 
@@ -290,144 +289,3 @@ class CellStats:
         total, outer = self.sums(slice(0, self.positions))
         return GaussianStats(self.count, total, outer)
 
-
-class BlockWhitening(nn.Module):
-    """The whitening factor W and W mean of block-layout embeddings, kept per cell: for each scale
-    and taps j <= i, ``w{s}_{i}_{j}`` holds, per tap-j cell, W_ij^T of the t x t tap-i cells under
-    it side by side, (C_j, t t C_i), so that one product per tap-j cell gives all of them;
-    ``b{s}_{i}`` holds W_i mean per tap-i cell."""
-
-    def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
-        super().__init__()
-        self.layouts = layouts
-        for s, layout in enumerate(layouts):
-            for i, a in enumerate(layout.levels):
-                self.register_buffer(f"b{s}_{i}", torch.zeros(a.cells, a.channels, device=device))
-                for j, b in enumerate(layout.levels[:i + 1]):
-                    self.register_buffer(f"w{s}_{i}_{j}", torch.zeros(
-                        b.cells, b.channels, layout.step(i, j) ** 2 * a.channels, device=device))
-
-    def _weight(self, s: int, i: int, j: int) -> torch.Tensor:
-        """``w{s}_{i}_{j}`` as (tap-j cells, C_j, t t, C_i)."""
-        w = self.get_buffer(f"w{s}_{i}_{j}")
-        return w.view(w.shape[0], w.shape[1], -1, self.layouts[s].levels[i].channels)
-
-    def fill(self, positions: slice, factor: torch.Tensor) -> None:
-        """Take the rows of the (p, d, d) ``factor`` of ``positions`` (of all scales) at the top-left
-        finest position of each cell; call for every position in turn, then :meth:`set_bias`."""
-        for s, layout, rows, local in _scale_ranges(self.layouts, positions):
-            channels = _offsets(layout)
-            f = factor[rows]
-            fine = torch.arange(local.start, local.stop, device=f.device)
-            for i, level in enumerate(layout.levels):
-                row, col = layout.cell_of(i, fine)
-                first = (fine // layout.levels[-1].grid[1] % level.ratio == 0) & (fine % level.ratio == 0)
-                if not bool(first.any()):
-                    continue
-                row, col, end = row[first], col[first], channels[i].stop
-                w = f[first][:, channels[i], :end].float()  # (n, C_i, channels of taps <= i)
-                for j in range(i + 1):
-                    above, sub = layout.under(i, j, row, col)
-                    self._weight(s, i, j)[above, :, sub] = w[:, :, channels[j]].transpose(1, 2)
-
-    def set_bias(self, mean: torch.Tensor) -> None:
-        """Set W mean per cell from the (P, d) ``mean`` (all scales), once the weights are filled."""
-        start = 0
-        for s, layout in enumerate(self.layouts):
-            xs = self._cells(mean[start:start + layout.positions].T.unsqueeze(0).float(), layout)
-            start += layout.positions
-            for i in range(len(layout.levels)):
-                self.get_buffer(f"b{s}_{i}").copy_(self._project(s, xs, i)[:, 0])
-
-    def _cells(self, embeddings: torch.Tensor, layout: ScaleLayout) -> list[torch.Tensor]:
-        """(B, d, P) embeddings of one scale -> per tap, its (cells, B, C_i) values, read at each
-        cell's top-left position."""
-        return [embeddings[:, c][:, :, layout.first(i).to(embeddings.device)].permute(2, 0, 1)
-                for i, c in enumerate(_offsets(layout))]
-
-    def _project(self, s: int, xs: list[torch.Tensor], i: int) -> torch.Tensor:
-        """W_i x (the rows of tap i of W times x, without W mean) per tap-i cell, (cells, B, C_i),
-        for per-tap (cells, B, C_j) values ``xs`` of scale ``s``: one product per tap j <= i, with
-        the t x t tap-i cells under a tap-j cell side by side, put in tap-i cell order."""
-        layout = self.layouts[s]
-        (h, w), c = layout.levels[i].grid, layout.levels[i].channels
-        y = torch.bmm(xs[i], self.get_buffer(f"w{s}_{i}_{i}"))
-        for j in range(i):
-            t, (hj, wj) = layout.step(i, j), layout.levels[j].grid
-            z = torch.bmm(xs[j], self.get_buffer(f"w{s}_{i}_{j}"))  # (tap-j cells, B, t t C_i)
-            y = y + z.reshape(hj, wj, -1, t, t, c).permute(0, 3, 1, 4, 2, 5).reshape(h * w, -1, c)
-        return y
-
-    def factor_of(self, positions: slice, d: int) -> torch.Tensor:
-        """The (p, d, d) whitening factor of ``positions`` (of all scales), rebuilt from the cells."""
-        out = torch.zeros(positions.stop - positions.start, d, d, device=self.get_buffer("b0_0").device)
-        for s, layout, rows, local in _scale_ranges(self.layouts, positions):
-            channels = _offsets(layout)
-            fine = torch.arange(local.start, local.stop, device=out.device)
-            for i in range(len(layout.levels)):
-                row, col = layout.cell_of(i, fine)
-                for j in range(i + 1):
-                    above, sub = layout.under(i, j, row, col)
-                    out[rows, channels[i], channels[j]] = self._weight(s, i, j)[above, :, sub].transpose(1, 2)
-        return out
-
-    def gather(self, embeddings: torch.Tensor) -> Blocks:
-        """(B, d, P) embeddings (all scales) -> their blocks, read at each cell's top-left position
-        (the embedding must have the block structure, as FeatureExtractor gives it)."""
-        out, start = [], 0
-        for layout in self.layouts:
-            emb = embeddings[:, :, start:start + layout.positions]
-            out.append([emb[:, c][:, :, layout.first(i).to(emb.device)].permute(2, 0, 1).contiguous()
-                        for i, c in enumerate(_offsets(layout))])
-            start += layout.positions
-        return out
-
-    def graph_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, d, P) embeddings -> (B, P) distances, as :meth:`distances` computes them, in plain
-        tensor operations that a trace records as a static graph (an ONNX export): per tap, the
-        cells are gathered from the embedding, multiplied by the per-cell weights of every tap
-        above, and each cell's squared norm is spread over the finest positions it covers."""
-        out, start = [], 0
-        for s, layout in enumerate(self.layouts):
-            xs = self._cells(embeddings[:, :, start:start + layout.positions], layout)
-            start += layout.positions
-            squares = None
-            for i, level in enumerate(layout.levels):
-                (h, w), r = level.grid, level.ratio
-                y = self._project(s, xs, i) - self.get_buffer(f"b{s}_{i}").unsqueeze(1)
-                q = y.square().sum(dim=2).reshape(h, 1, w, 1, -1).expand(h, r, w, r, -1)
-                q = q.reshape(layout.positions, -1)
-                squares = q if squares is None else squares + q
-            out.append(squares.sqrt().T)
-        return torch.cat(out, dim=1)
-
-    def distances(self, blocks: Blocks) -> torch.Tensor:
-        """Blocks of B images -> (B, P) Mahalanobis distances, all scales, each row by row."""
-        out = []
-        for s, (layout, xs) in enumerate(zip(self.layouts, blocks, strict=True)):
-            b, last = xs[0].shape[1], len(layout.levels) - 1
-            squares = xs[0].new_empty(layout.positions, b)
-            steps = list(_steps(layout, DISTANCE_TOP_CELLS))
-            # scratch blocks for all steps: fresh temporaries this large cost page faults
-            ys = [x.new_empty(steps[0][i].stop, b, x.shape[2]) for i, x in enumerate(xs)]
-            zs = xs[0].new_empty(steps[0][-1].stop * b * max(x.shape[2] for x in xs))
-            for parts in steps:
-                for i, x in enumerate(xs):
-                    y = torch.baddbmm(-self.get_buffer(f"b{s}_{i}")[parts[i]].unsqueeze(1), x[parts[i]],
-                                      self.get_buffer(f"w{s}_{i}_{i}")[parts[i]], out=ys[i][:x[parts[i]].shape[0]])
-                    for j in range(i):
-                        w = self.get_buffer(f"w{s}_{i}_{j}")[parts[j]]
-                        z = torch.bmm(xs[j][parts[j]], w, out=zs[:w.shape[0] * b * w.shape[2]].view(-1, b, w.shape[2]))
-                        grouped = _side_by_side(y, layout, i, j)
-                        grouped.add_(z.view(grouped.shape))
-                    # each tap-i cell's squared norm, added to the r x r finest positions it spans
-                    q = y.square_().sum(dim=2)
-                    r, width = layout.levels[i].ratio, layout.levels[i].grid[1]
-                    under = squares[parts[last]].view(-1, r, width, r, b)
-                    q = q.view(-1, 1, width, 1, b)
-                    if i == 0:
-                        under.copy_(q.expand_as(under))
-                    else:
-                        under.add_(q)
-            out.append(squares.sqrt_().T)
-        return torch.cat(out, dim=1)

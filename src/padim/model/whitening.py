@@ -1,0 +1,342 @@
+"""A fitted model's Gaussians in scoring form: per position the mean and the whitening factor
+W = L^-1 of the covariance (cov = L L^T), so that the Mahalanobis distance is |W x - W mean|.
+
+Two forms with one interface: :class:`PositionWhitening` keeps W position by position (any
+embedding), :class:`CellWhitening` cell by cell (embeddings with a block layout, see
+:mod:`padim.model.cells`). Either is filled chunk by chunk from a fit (``fill`` for every position,
+then ``finish`` with the mean), gives the distances of its embedding form (``distances``, and
+``graph_distances`` of plain (B, d, P) embeddings in tensor operations an export can trace), and
+converts to and from the tensors of a model file (``state``, ``load_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..backbones.layout import ScaleLayout
+from .cells import Blocks, row_steps, scale_ranges, side_by_side, tap_channels
+from .stats import position_chunks
+
+DISTANCE_CHUNK = 64  # positions per batched product when scoring on CPU
+DISTANCE_TOP_CELLS = 64  # deepest cells per step of the cell-by-cell distances
+STATE_CHUNK = 1024  # positions per step of packing and unpacking: the full (P, d, d) factor never exists
+
+
+def expect_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``tensors[name]`` if it has this shape and dtype and is finite, else ValueError naming it."""
+    t = tensors.get(name)
+    if t is None:
+        raise ValueError(f"tensor {name!r} missing")
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ValueError(f"tensor {name!r} holds NaN or inf")
+    return t
+
+
+def _check_diagonal(diagonal: torch.Tensor) -> None:
+    if not bool((diagonal > 0).all()):  # W = L^-1 of a Cholesky factor: positive diagonal
+        raise ValueError("whitening factor has a non-positive diagonal; the file was altered or damaged")
+
+
+def head_size(d: int) -> int:
+    """Split of a (d, d) triangular factor into a (h, h) head and a (d, d - h) tail block: about
+    7/12 of d (d / 2 minimizes the work, a wider head runs at a better rate on CPU), a multiple of
+    8 (unaligned blocks run slower); no split below 16 channels."""
+    return d if d < 16 else 8 * round(d * 7 / 96)
+
+
+class PositionWhitening(nn.Module):
+    """W and W mean position by position, for (B, d, P) embeddings. W^T is upper triangular: of its
+    columns [:h] only rows [:h] are nonzero, so it is kept as two contiguous blocks (the zeros
+    dropped: about 3/4 of the memory, reads and products). Contiguous, because a batched matmul runs
+    markedly faster than on a transposed view."""
+
+    def __init__(self, positions: int, dim: int, device: torch.device | str = "cpu"):
+        super().__init__()
+        h = self.head = head_size(dim)
+        self.register_buffer("mean", torch.zeros(positions, dim, device=device))
+        self.register_buffer("weight_head", torch.empty(positions, h, h, device=device))
+        self.register_buffer("weight_tail", torch.empty(positions, dim, dim - h, device=device))
+        self.register_buffer("bias_head", torch.zeros(positions, h, device=device))
+        self.register_buffer("bias_tail", torch.zeros(positions, dim - h, device=device))
+
+    def fill(self, positions: slice, factor: torch.Tensor) -> None:
+        """Keep the (p, d, d) lower-triangular ``factor`` of ``positions``; call for every position
+        in turn, then :meth:`finish`."""
+        weight_t = factor.transpose(1, 2)
+        self.weight_head[positions] = weight_t[:, :self.head, :self.head]
+        self.weight_tail[positions] = weight_t[:, :, self.head:]
+
+    def finish(self, mean: torch.Tensor) -> None:
+        """Keep the (P, d) ``mean`` and W mean, once every position is filled: scoring is then one
+        product per block (z = W x - W mean)."""
+        self.mean = mean.float().contiguous().to(self.mean.device)
+        self.bias_head = torch.bmm(self.mean[:, None, :self.head], self.weight_head).squeeze(1)
+        self.bias_tail = torch.bmm(self.mean.unsqueeze(1), self.weight_tail).squeeze(1)
+
+    def factor_of(self, positions: slice) -> torch.Tensor:
+        """W of ``positions``, rebuilt from the stored blocks of W^T."""
+        head, tail = self.weight_head[positions], self.weight_tail[positions]
+        p, d, h = tail.shape[0], tail.shape[1], self.head
+        weight_t = tail.new_zeros(p, d, d)
+        weight_t[:, :h, :h] = head
+        weight_t[:, :, h:] = tail
+        return weight_t.transpose(1, 2)
+
+    def distances(self, embeddings: torch.Tensor, chunk: int | None = DISTANCE_CHUNK) -> torch.Tensor:
+        """(B, d, P) embeddings -> (B, P) Mahalanobis distances ((B, d, h, w) -> (B, h, w)). On CPU
+        ``chunk`` positions at a time, so each product is normed while it is still in cache; one
+        product (``chunk`` None, or off the CPU) is one node in a traced graph."""
+        shape = embeddings.shape
+        # contiguous: a no-op for the extractor's position-major output; a strided view is legal
+        # for bmm but an order of magnitude slower on CPU
+        x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
+        if chunk is None or x.device.type != "cpu":
+            dist = self._norms(x, slice(None))
+        else:
+            dist = torch.cat([self._norms(x, part) for part in position_chunks(x.shape[0], chunk)])
+        return dist.T.reshape(shape[0], *shape[2:])
+
+    def graph_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """:meth:`distances` as one product (what an export traces)."""
+        return self.distances(embeddings, chunk=None)
+
+    def _norms(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """|W x - W mean| of the (P, B, d) embeddings ``x`` at the positions ``part``: (p, B)."""
+        x = x[part]
+        head = torch.baddbmm(-self.bias_head[part].unsqueeze(1), x[:, :, :self.head], self.weight_head[part])
+        tail = torch.baddbmm(-self.bias_tail[part].unsqueeze(1), x, self.weight_tail[part])
+        return (head.square().sum(dim=2) + tail.square().sum(dim=2)).sqrt()
+
+    def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Model-file tensors: ``mean`` and ``factor_tril``, the lower triangle of each W row by row
+        in ``dtype``, (P, d(d+1)/2)."""
+        positions, d = self.mean.shape
+        rows, cols = torch.tril_indices(d, d)
+        packed = torch.empty(positions, rows.numel(), dtype=dtype)
+        for part in position_chunks(positions, STATE_CHUNK):
+            packed[part] = self.factor_of(part).cpu()[:, rows, cols]
+        return {"mean": self.mean.cpu().contiguous(), "factor_tril": packed}
+
+    def tensor_names(self) -> set[str]:
+        """The names :meth:`state` writes."""
+        return {"mean", "factor_tril"}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Fill from :meth:`state`'s tensors (ValueError names a missing or bad one)."""
+        positions, d = self.mean.shape
+        mean = expect_tensor(tensors, "mean", (positions, d), torch.float32)
+        packed = expect_tensor(tensors, "factor_tril", (positions, d * (d + 1) // 2), dtype)
+        rows, cols = torch.tril_indices(d, d)
+        _check_diagonal(packed[:, rows == cols])
+        for part in position_chunks(positions, STATE_CHUNK):
+            factor = torch.zeros(part.stop - part.start, d, d, device=self.mean.device)
+            factor[:, rows, cols] = packed[part].float().to(self.mean.device)
+            self.fill(part, factor)
+        self.finish(mean)
+
+
+def fill_whitening(whitening: PositionWhitening | CellWhitening,
+                   factors: Iterable[tuple[slice, torch.Tensor]], mean: torch.Tensor) -> None:
+    """Fill ``whitening`` from (positions, (p, d, d) factor) chunks covering every position in
+    order, then finish it with the (P, d) ``mean``."""
+    filled = 0
+    for part, factor in factors:
+        whitening.fill(part, factor)
+        filled += factor.shape[0]
+    if filled != mean.shape[0]:
+        raise ValueError(f"the factor covers {filled} positions, the mean {mean.shape[0]}")
+    whitening.finish(mean)
+
+
+class CellWhitening(nn.Module):
+    """The whitening factor W and W mean of block-layout embeddings, kept per cell: for each scale
+    and taps j <= i, ``w{s}_{i}_{j}`` holds, per tap-j cell, W_ij^T of the t x t tap-i cells under
+    it side by side, (C_j, t t C_i), so that one product per tap-j cell gives all of them;
+    ``b{s}_{i}`` holds W_i mean per tap-i cell."""
+
+    def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
+        super().__init__()
+        self.layouts = layouts
+        self.register_buffer("mean", torch.zeros(sum(lay.positions for lay in layouts),
+                                                 sum(lv.channels for lv in layouts[0].levels), device=device))
+        for s, layout in enumerate(layouts):
+            for i, a in enumerate(layout.levels):
+                self.register_buffer(f"b{s}_{i}", torch.zeros(a.cells, a.channels, device=device))
+                for j, b in enumerate(layout.levels[:i + 1]):
+                    self.register_buffer(f"w{s}_{i}_{j}", torch.zeros(
+                        b.cells, b.channels, layout.step(i, j) ** 2 * a.channels, device=device))
+
+    def _weight(self, s: int, i: int, j: int) -> torch.Tensor:
+        """``w{s}_{i}_{j}`` as (tap-j cells, C_j, t t, C_i)."""
+        w = self.get_buffer(f"w{s}_{i}_{j}")
+        return w.view(w.shape[0], w.shape[1], -1, self.layouts[s].levels[i].channels)
+
+    def fill(self, positions: slice, factor: torch.Tensor) -> None:
+        """Take the rows of the (p, d, d) ``factor`` of ``positions`` (of all scales) at the top-left
+        finest position of each cell; call for every position in turn, then :meth:`finish`."""
+        for s, layout, rows, local in scale_ranges(self.layouts, positions):
+            channels = tap_channels(layout)
+            f = factor[rows]
+            fine = torch.arange(local.start, local.stop, device=f.device)
+            for i, level in enumerate(layout.levels):
+                row, col = layout.cell_of(i, fine)
+                first = (fine // layout.levels[-1].grid[1] % level.ratio == 0) & (fine % level.ratio == 0)
+                if not bool(first.any()):
+                    continue
+                row, col, end = row[first], col[first], channels[i].stop
+                w = f[first][:, channels[i], :end].float()  # (n, C_i, channels of taps <= i)
+                for j in range(i + 1):
+                    above, sub = layout.under(i, j, row, col)
+                    self._weight(s, i, j)[above, :, sub] = w[:, :, channels[j]].transpose(1, 2)
+
+    def finish(self, mean: torch.Tensor) -> None:
+        """Keep the (P, d) ``mean`` (all scales) and set W mean per cell, once the weights are filled."""
+        self.mean = mean.float().contiguous().to(self.mean.device)
+        start = 0
+        for s, layout in enumerate(self.layouts):
+            xs = self._cells(self.mean[start:start + layout.positions].T.unsqueeze(0), layout)
+            start += layout.positions
+            for i in range(len(layout.levels)):
+                self.get_buffer(f"b{s}_{i}").copy_(self._project(s, xs, i)[:, 0])
+
+    def _cells(self, embeddings: torch.Tensor, layout: ScaleLayout) -> list[torch.Tensor]:
+        """(B, d, P) embeddings of one scale -> per tap, its (cells, B, C_i) values, read at each
+        cell's top-left position."""
+        return [embeddings[:, c][:, :, layout.first(i).to(embeddings.device)].permute(2, 0, 1)
+                for i, c in enumerate(tap_channels(layout))]
+
+    def _project(self, s: int, xs: list[torch.Tensor], i: int) -> torch.Tensor:
+        """W_i x (the rows of tap i of W times x, without W mean) per tap-i cell, (cells, B, C_i),
+        for per-tap (cells, B, C_j) values ``xs`` of scale ``s``: one product per tap j <= i, with
+        the t x t tap-i cells under a tap-j cell side by side, put in tap-i cell order."""
+        layout = self.layouts[s]
+        (h, w), c = layout.levels[i].grid, layout.levels[i].channels
+        y = torch.bmm(xs[i], self.get_buffer(f"w{s}_{i}_{i}"))
+        for j in range(i):
+            t, (hj, wj) = layout.step(i, j), layout.levels[j].grid
+            z = torch.bmm(xs[j], self.get_buffer(f"w{s}_{i}_{j}"))  # (tap-j cells, B, t t C_i)
+            y = y + z.reshape(hj, wj, -1, t, t, c).permute(0, 3, 1, 4, 2, 5).reshape(h * w, -1, c)
+        return y
+
+    def factor_of(self, positions: slice) -> torch.Tensor:
+        """The (p, d, d) whitening factor of ``positions`` (of all scales), rebuilt from the cells."""
+        positions = slice(*positions.indices(self.mean.shape[0])[:2])
+        d = self.mean.shape[1]
+        out = torch.zeros(positions.stop - positions.start, d, d, device=self.mean.device)
+        for s, layout, rows, local in scale_ranges(self.layouts, positions):
+            channels = tap_channels(layout)
+            fine = torch.arange(local.start, local.stop, device=out.device)
+            for i in range(len(layout.levels)):
+                row, col = layout.cell_of(i, fine)
+                for j in range(i + 1):
+                    above, sub = layout.under(i, j, row, col)
+                    out[rows, channels[i], channels[j]] = self._weight(s, i, j)[above, :, sub].transpose(1, 2)
+        return out
+
+    def gather(self, embeddings: torch.Tensor) -> Blocks:
+        """(B, d, P) embeddings (all scales) -> their blocks, read at each cell's top-left position
+        (the embedding must have the block structure, as FeatureExtractor gives it)."""
+        out, start = [], 0
+        for layout in self.layouts:
+            emb = embeddings[:, :, start:start + layout.positions]
+            out.append([emb[:, c][:, :, layout.first(i).to(emb.device)].permute(2, 0, 1).contiguous()
+                        for i, c in enumerate(tap_channels(layout))])
+            start += layout.positions
+        return out
+
+    def graph_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, d, P) embeddings -> (B, P) distances, as :meth:`distances` computes them, in plain
+        tensor operations that a trace records as a static graph (an ONNX export): per tap, the
+        cells are gathered from the embedding, multiplied by the per-cell weights of every tap
+        above, and each cell's squared norm is spread over the finest positions it covers."""
+        out, start = [], 0
+        for s, layout in enumerate(self.layouts):
+            xs = self._cells(embeddings[:, :, start:start + layout.positions], layout)
+            start += layout.positions
+            squares = None
+            for i, level in enumerate(layout.levels):
+                (h, w), r = level.grid, level.ratio
+                y = self._project(s, xs, i) - self.get_buffer(f"b{s}_{i}").unsqueeze(1)
+                q = y.square().sum(dim=2).reshape(h, 1, w, 1, -1).expand(h, r, w, r, -1)
+                q = q.reshape(layout.positions, -1)
+                squares = q if squares is None else squares + q
+            out.append(squares.sqrt().T)
+        return torch.cat(out, dim=1)
+
+    def distances(self, blocks: Blocks) -> torch.Tensor:
+        """Blocks of B images -> (B, P) Mahalanobis distances, all scales, each row by row."""
+        out = []
+        for s, (layout, xs) in enumerate(zip(self.layouts, blocks, strict=True)):
+            b, last = xs[0].shape[1], len(layout.levels) - 1
+            squares = xs[0].new_empty(layout.positions, b)
+            steps = list(row_steps(layout, DISTANCE_TOP_CELLS))
+            # scratch blocks for all steps: fresh temporaries this large cost page faults
+            ys = [x.new_empty(steps[0][i].stop, b, x.shape[2]) for i, x in enumerate(xs)]
+            zs = xs[0].new_empty(steps[0][-1].stop * b * max(x.shape[2] for x in xs))
+            for parts in steps:
+                for i, x in enumerate(xs):
+                    y = torch.baddbmm(-self.get_buffer(f"b{s}_{i}")[parts[i]].unsqueeze(1), x[parts[i]],
+                                      self.get_buffer(f"w{s}_{i}_{i}")[parts[i]], out=ys[i][:x[parts[i]].shape[0]])
+                    for j in range(i):
+                        w = self.get_buffer(f"w{s}_{i}_{j}")[parts[j]]
+                        z = torch.bmm(xs[j][parts[j]], w, out=zs[:w.shape[0] * b * w.shape[2]].view(-1, b, w.shape[2]))
+                        grouped = side_by_side(y, layout, i, j)
+                        grouped.add_(z.view(grouped.shape))
+                    # each tap-i cell's squared norm, added to the r x r finest positions it spans
+                    q = y.square_().sum(dim=2)
+                    r, width = layout.levels[i].ratio, layout.levels[i].grid[1]
+                    under = squares[parts[last]].view(-1, r, width, r, b)
+                    q = q.view(-1, 1, width, 1, b)
+                    if i == 0:
+                        under.copy_(q.expand_as(under))
+                    else:
+                        under.add_(q)
+            out.append(squares.sqrt_().T)
+        return torch.cat(out, dim=1)
+
+    def _stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The stored cell tensors: for taps j < i of scale s, ``w{s}_{i}_{j}`` as kept, (tap-j
+        cells, C_j, t t C_i); for j = i the upper triangle of W_ii^T per tap-i cell (its zero half
+        dropped), (tap-i cells, C_i (C_i + 1) / 2)."""
+        out = {}
+        for s, layout in enumerate(self.layouts):
+            for i, a in enumerate(layout.levels):
+                for j, b in enumerate(layout.levels[:i + 1]):
+                    out[f"w{s}_{i}_{j}"] = ((a.cells, a.channels * (a.channels + 1) // 2) if j == i
+                                            else (b.cells, b.channels, layout.step(i, j) ** 2 * a.channels))
+        return out
+
+    def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Model-file tensors: ``mean`` and the cell weights in ``dtype`` (W mean is recomputed on load)."""
+        out = {"mean": self.mean.cpu().contiguous()}
+        for name, shape in self._stored_shapes().items():
+            w = self.get_buffer(name).cpu()
+            if len(shape) == 2:  # a diagonal block, (cells, C, C)
+                rows, cols = torch.triu_indices(w.shape[1], w.shape[1])
+                w = w[:, rows, cols]
+            out[name] = w.to(dtype).contiguous()
+        return out
+
+    def tensor_names(self) -> set[str]:
+        """The names :meth:`state` writes."""
+        return {"mean", *self._stored_shapes()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Fill from :meth:`state`'s tensors (ValueError names a missing or bad one)."""
+        mean = expect_tensor(tensors, "mean", tuple(self.mean.shape), torch.float32)
+        for name, shape in self._stored_shapes().items():
+            w = expect_tensor(tensors, name, shape, dtype)
+            target = self.get_buffer(name)
+            if len(shape) == 2:
+                c = target.shape[1]
+                rows, cols = torch.triu_indices(c, c)
+                _check_diagonal(w[:, rows == cols])
+                target[:, rows, cols] = w.float().to(target.device)
+            else:
+                target.copy_(w)
+        self.finish(mean)
