@@ -35,8 +35,7 @@ def score_shard(model_path: str, model_sha: str, load: dict, files: list[tuple[s
     """Task: score one shard with the worker's cached model, write its heat maps, then its part."""
     def build() -> Padim:
         model = Padim.load(model_path, device=load["device"], weights=load["weights"])
-        model.batch_size, model.num_workers = load["batch_size"], 0
-        return model
+        return model.set_params(batch_size=load["batch_size"], num_workers=0)
 
     model = worker_cache().get(("predict", model_path, model_sha, *sorted(load.items())), build)
     rows = score_files(model, files, heatmap_dir)
