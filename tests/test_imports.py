@@ -38,3 +38,13 @@ def test_help_and_usage_errors_stay_light():
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
         assert "HEAVY [] " in out, (args, out[-300:])
     assert "HEAVY [] 2" in out  # the bad --scales is a usage error, found before any heavy import
+
+
+def test_the_default_backbone_is_built_without_torchvision():
+    # torchvision.models imports torch._dynamo (through torchvision.ops), the largest import of a
+    # cold one-image prediction; the default backbone is defined in plain torch.nn
+    probe = ("import sys\nfrom padim.backbones import FeatureExtractor, channel_index\n"
+             "FeatureExtractor('mobilenet_v2', channel_index(152, 40, 0))\n"
+             "print('LOADED', sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "LOADED []" in out, out[-300:]
