@@ -23,3 +23,15 @@ def test_heat_colors_clip_to_the_range_ends_and_overlay_blends_half():
     assert tuple(colors[0, 0]) == (0, 0, 128) and tuple(colors[1, 1]) == (128, 0, 0)  # jet's dark blue, dark red
     image = np.full((2, 2, 3), 100, np.uint8)
     assert tuple(overlay(image, amap, (0.0, 10.0))[0, 0]) == (50, 50, 114)
+
+
+def test_saved_overlay_is_a_lossless_png_of_the_overlay(tmp_path):
+    from PIL import Image
+
+    from padim.reports.overlay import save_overlay
+
+    rng = np.random.default_rng(0)
+    image, amap = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8), rng.random((24, 40)) * 10
+    path = save_overlay(tmp_path / "o.png", image, amap, (2.0, 8.0))
+    with Image.open(path) as saved:
+        assert saved.format == "PNG" and np.array_equal(np.asarray(saved), overlay(image, amap, (2.0, 8.0)))

@@ -62,5 +62,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float], al
 def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float]) -> Path:
     """Write the heat-map overlay of one image as PNG."""
     with atomic_path(path) as tmp:
-        Image.fromarray(overlay(image, amap, vrange)).save(tmp, format="PNG")
+        # zlib's fastest level, as for the evaluation figures: PIL's default (6) encoded several
+        # times slower, for files only about a seventh smaller
+        Image.fromarray(overlay(image, amap, vrange)).save(tmp, format="PNG", compress_level=1)
     return path
