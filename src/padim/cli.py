@@ -294,8 +294,8 @@ def main() -> None:
 def _no_final_collection() -> None:
     """At exit, keep the interpreter's last garbage collections away from the objects alive then.
 
-    After torch is imported, the collections of interpreter shutdown traverse its million or so
-    objects, which took longer than scoring an image. Frozen at exit (gc.freeze, from an atexit
+    After torch is imported, the collections of interpreter shutdown traverse the couple of hundred
+    thousand objects it made, which took longer than scoring an image. Frozen at exit (gc.freeze, from an atexit
     handler, so nothing is frozen while a command runs), they are left for the OS to free. Files
     are closed and atexit handlers still run; only cycles' finalizers are skipped at exit.
     """
