@@ -56,9 +56,9 @@ class PositionEmbedding:
     def adopt(self, whitening: PositionWhitening | CellWhitening) -> PositionWhitening | CellWhitening:
         """``whitening`` in the form that scores these embeddings: as it is, or its factor copied
         chunk by chunk into an empty one (e.g. a model stored per cell, scored on a GPU)."""
-        target = self.whitening()
-        if type(target) is type(whitening):
+        if isinstance(whitening, CellWhitening) == isinstance(self, CellEmbedding):
             return whitening
+        target = self.whitening()
         fill_whitening(target, ((part, whitening.factor_of(part)) for part in position_chunks(self.positions, 1024)),
                        whitening.mean)
         return target

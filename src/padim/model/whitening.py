@@ -32,7 +32,8 @@ def expect_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple, dty
         raise ValueError(f"tensor {name!r} missing")
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    # NaN and inf propagate through abs and max: one reduction, fast on float16 too, unlike isfinite
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.abs().amax())):
         raise ValueError(f"tensor {name!r} holds NaN or inf")
     return t
 
@@ -168,7 +169,10 @@ class CellWhitening(nn.Module):
             for i, a in enumerate(layout.levels):
                 self.register_buffer(f"b{s}_{i}", torch.zeros(a.cells, a.channels, device=device))
                 for j, b in enumerate(layout.levels[:i + 1]):
-                    self.register_buffer(f"w{s}_{i}_{j}", torch.zeros(
+                    # each block is written whole by fill() or load_state(), but for the zero upper
+                    # triangles of the diagonal ones, which a model file does not store
+                    new = torch.zeros if j == i else torch.empty
+                    self.register_buffer(f"w{s}_{i}_{j}", new(
                         b.cells, b.channels, layout.step(i, j) ** 2 * a.channels, device=device))
 
     def _weight(self, s: int, i: int, j: int) -> torch.Tensor:
