@@ -6,7 +6,11 @@ prints (and with --out writes as JSON) the median wall seconds of:
 - ``padim --help`` and ``padim fit --help``;
 - a usage error (``padim fit`` without arguments: exit 2);
 - ``padim predict --model M IMAGE`` cold: load the model, score one image, write its heat map;
-- ``padim serve --model M`` until ``/health`` answers (with --serve).
+- ``padim serve --model M`` until ``/health`` answers (with --serve);
+- ``python -c "import torch"``, the floor of every command that runs the model.
+
+The cases run round-robin, one process of each per round, so that the machine's drift in speed
+touches them all alike.
 """
 
 from __future__ import annotations
@@ -84,11 +88,15 @@ def main() -> None:
                                                          str(args.image), "--out", str(out), "--no-progress"])
     if args.serve and args.model:
         cases["serve until /health"] = lambda: serve_until_healthy(args.model)
+    cases["import torch alone"] = lambda: run([sys.executable, "-c", "import torch"])
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.runs):
+        for name, case in cases.items():
+            times[name].append(case())
     results = {}
-    for name, case in cases.items():
-        times = [case() for _ in range(args.runs)]
-        results[name] = {"median_s": round(statistics.median(times), 3), "runs": [round(t, 3) for t in times]}
-        print(f"{name:28s} median {statistics.median(times):6.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times)})")
+    for name, t in times.items():
+        results[name] = {"median_s": round(statistics.median(t), 3), "runs": [round(x, 3) for x in t]}
+        print(f"{name:28s} median {statistics.median(t):6.2f} s   (runs: {', '.join(f'{x:.2f}' for x in t)})")
     if args.out:
         args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                         "model": str(args.model) if args.model else None,
