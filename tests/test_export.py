@@ -17,6 +17,7 @@ from padim.cli import main
 from padim.export import OnnxModel, export_onnx, open_model
 from padim.export.onnx import HALF_MIN_ELEMENTS
 from padim.export.parity import parity
+from padim.export.runtime import onnx_files
 from padim.model import CellWhitening, read_model_file
 
 TOLERANCE = 1e-3  # max abs difference relative to the native image score range
@@ -173,7 +174,7 @@ def test_large_graphs_are_written_with_external_data_and_load_from_both_files(ce
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 10_000)  # as if the weights passed 2 GB
     out = export_onnx(native, tmp_path / "big.onnx", source=path)
     data = tmp_path / "big.onnx.data"
-    assert onnx_export.onnx_files(out) == [out, data] and data.stat().st_size > out.stat().st_size
+    assert onnx_files(out) == [out, data] and data.stat().st_size > out.stat().st_size
     exported = open_model(out)
     report = parity(native.predict(images), exported.predict(images))
     assert report["rel_map_diff"] < 1e-5 and report["label_mismatches"] == 0, report

@@ -71,3 +71,24 @@ def test_predicting_one_image_imports_only_what_scoring_needs(tmp_path):
                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
     assert "LOADED [] 0" in out.stdout, (out.stdout[-300:], out.stderr[-2000:])
     assert (tmp_path / "out" / "heatmaps" / "one.png").is_file()
+
+
+def test_predicting_with_an_exported_model_runs_without_torch(tmp_path):
+    # the ONNX runner decodes with PIL and runs onnxruntime: a fresh process imports neither torch
+    # nor onnx (only onnxruntime), the fastest cold start for scripts and cron jobs
+    pytest.importorskip("onnxruntime")
+    from conftest import texture, write_png
+    from padim import Padim
+    from padim.export import export_onnx
+
+    rng = np.random.default_rng(0)
+    model = Padim(image_size=64, d=16, num_workers=0, progress=False).fit(np.stack([texture(rng) for _ in range(6)]))
+    path = export_onnx(model, tmp_path / "model.onnx")
+    image = write_png(tmp_path / "one.png", texture(rng, defect=True))
+    probe = ("import sys\nfrom padim.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'torchvision'}), code)")
+    out = subprocess.run([sys.executable, "-c", probe, "predict", "--model", str(path), str(image), "--out",
+                          str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
+    assert "LOADED [] 0" in out.stdout, (out.stdout[-300:], out.stderr[-2000:])
+    assert (tmp_path / "out" / "heatmaps" / "one.png").is_file()

@@ -8,16 +8,20 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import csv_text, write_text
 from .datasets import DatasetError, Split, load_split, read_image
 from .datasets.folders import IMAGE_SUFFIXES, is_image_name
-from .model import Padim
 from .params import MODEL_FILE
 from .reports.overlay import map_range, save_overlay
 from .stages import Stages
+
+if TYPE_CHECKING:  # the jobs get a model; scoring with an ONNX one needs no torch
+    from .export import OnnxModel
+    from .model import Padim
 
 __all__ = ["MODEL_FILE", "DataArgs", "Stages", "check_training_set", "collect_images", "csv_text",
            "evaluate_job", "fit_job", "predict_files", "score_files"]
@@ -123,7 +127,8 @@ def collect_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
 PREDICT_HEADER = ("path", "score", "predicted_label")
 
 
-def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_dir: Path | None) -> list[tuple]:
+def score_files(model: Padim | OnnxModel, files: Sequence[tuple[Path | str, str]], heatmap_dir: Path | None,
+                ) -> list[tuple]:
     """Score (path, output name) pairs; write a heat-map overlay PNG per image into ``heatmap_dir``
     (None: none). Returns one (path, score, predicted label) row per image."""
     vrange = None
@@ -144,7 +149,7 @@ def score_files(model: Padim, files: Sequence[tuple[Path | str, str]], heatmap_d
     return rows
 
 
-def predict_files(model: Padim, paths: Sequence[Path], out_dir: Path, heatmaps: bool = True) -> list[tuple]:
+def predict_files(model: Padim | OnnxModel, paths: Sequence[Path], out_dir: Path, heatmaps: bool = True) -> list[tuple]:
     """Score images; write scores.csv and a heat-map overlay PNG per image. Returns the CSV rows."""
     rows = score_files(model, collect_images(paths), out_dir / "heatmaps" if heatmaps else None)
     write_text(out_dir / "scores.csv", csv_text(PREDICT_HEADER, rows))

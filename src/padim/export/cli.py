@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ..model import Padim
-from .onnx import OnnxModel, export_onnx, external_data_path, onnx_files
+from .onnx import export_onnx
+from .runtime import OnnxModel, external_data_path, onnx_files
 
 
 def parse_batch(value: str) -> int | None:

@@ -19,37 +19,22 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_path
 from ..checksums import sha256_of
-from ..datasets.images import ImageFiles, ImageSource
-from ..model import ModelFileError, Padim, Prediction
-from ..model.padim import decode_workers, gather_prediction, threshold_labels
+from ..model import Padim
 from .graph import ScoringGraph
+from .runtime import META_KEY, ONNX_FORMAT, external_data_path, import_optional, model_id
 
 OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
-META_KEY = "padim"
-ONNX_FORMAT = "visa-padim-onnx/1"
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights above which they go to NAME.onnx.data (limit: 2 GiB)
 HALF_MIN_ELEMENTS = 4096  # smaller weights stay float32: a Cast node each would outweigh the saving
-
-
-def external_data_path(path: Path) -> Path:
-    """Where the weights of a large ONNX file ``path`` are: ``path`` + ``.data``."""
-    return path.with_name(path.name + ".data")
-
-
-def onnx_files(path: Path) -> list[Path]:
-    """The files an exported model consists of: the graph, and its weights file if it has one."""
-    data = external_data_path(path)
-    return [path, data] if data.is_file() else [path]
 
 
 def _half_weights(proto) -> None:
@@ -76,23 +61,6 @@ def _weight_bytes(proto) -> int:
     return sum(len(init.raw_data) or 4 * int(np.prod(init.dims)) for init in proto.graph.initializer)
 
 
-def model_id(sha256: str) -> str:
-    """Short model id: the first 12 hex digits of the source model file's sha256."""
-    return sha256[:12]
-
-
-def _import_onnx():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as exc:
-        raise ModelFileError(
-            f"ONNX support needs the optional packages onnx and onnxruntime ({exc.name} missing); "
-            "install them with: pip install 'visa-padim[onnx]'"
-        ) from None
-    return onnx, onnxruntime
-
-
 def _set_shape(value, dims: Sequence[int | str]) -> None:
     """Overwrite a graph input/output shape (the tracer's names for derived dims are noise)."""
     shape = value.type.tensor_type.shape
@@ -112,7 +80,8 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
     dynamic_batch: the batch dimension is free; otherwise the graph takes exactly ``batch_size``
     images. source: the .safetensors file the model came from (its sha256 goes in the metadata).
     """
-    onnx, _ = _import_onnx()
+    onnx = import_optional("onnx")
+    import_optional("onnxruntime")  # the self-check runs the file
     scorer = model.check_fitted()
     h, w = model.image_size_
     meta = dict(model.meta_)
@@ -179,91 +148,3 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         os.remove(data)  # a stale weights file of an earlier, larger export
     scorer.to(model.device)
     return out
-
-
-class OnnxModel:
-    """An exported model run by onnxruntime on the CPU, with :class:`padim.Padim`'s predict surface
-    (``iter_predict``, ``predict``, ``labels``, ``image_size_``, ``threshold_``, ``info_``, ``meta_``)."""
-
-    def __init__(self, path: Path, session, meta: dict, batch_size: int = 16, num_workers: int | None = None,
-                 progress: bool = False):
-        self.path = path
-        self.session = session
-        self.meta_ = meta
-        self.backbone = meta.get("backbone")
-        self.image_size_ = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-        self.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
-        self.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
-        fixed = session.get_inputs()[0].shape[0]
-        self.fixed_batch = fixed if isinstance(fixed, int) else None
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress = progress
-
-    @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, progress: bool = False) -> OnnxModel:
-        """Open a file written by :func:`export_onnx`; ModelFileError when it is not one."""
-        onnx, ort = _import_onnx()
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: model file not found")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelFileError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
-        raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        if raw is None:
-            raise ModelFileError(f"{path}: ONNX file without padim metadata; export it with 'padim export'")
-        try:
-            meta = json.loads(raw)
-            if meta.get("onnx_format") != ONNX_FORMAT:
-                raise ModelFileError(f"{path}: ONNX model format {meta.get('onnx_format')!r}, this version reads "
-                                     f"{ONNX_FORMAT!r}; re-export it")
-            model = cls(path, session, meta, progress=progress)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise ModelFileError(f"{path}: corrupt padim metadata ({exc!r})") from None
-        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-        if names != (["images"], ["maps", "scores"]):
-            raise ModelFileError(f"{path}: graph has inputs/outputs {names}, expected images -> maps, scores")
-        return model
-
-    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (B, 3, H, W) -> (scores (B,), maps (B, H, W)); pads to a fixed graph batch."""
-        n = batch.shape[0]
-        if self.fixed_batch is None:
-            maps, scores = self.session.run(None, {"images": batch})
-            return scores, maps
-        parts = []
-        for start in range(0, n, self.fixed_batch):
-            chunk = batch[start:start + self.fixed_batch]
-            pad = self.fixed_batch - chunk.shape[0]
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            maps, scores = self.session.run(None, {"images": chunk})
-            parts.append((scores[: len(chunk) - pad], maps[: len(chunk) - pad]))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def iter_predict(self, images: Sequence[ImageSource] | torch.Tensor, desc: str = "predict",
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (scores (B,), maps (B, H, W)) batch by batch; inputs as for :meth:`Padim.iter_predict`
-        (paths, PIL images, HxWx3 arrays, or a uint8 (N, 3, H, W) tensor)."""
-        if isinstance(images, torch.Tensor):
-            array = np.ascontiguousarray(images.cpu().numpy().astype(np.uint8, copy=False))
-            batches = (array[i:i + self.batch_size] for i in range(0, len(array), self.batch_size))
-        else:
-            workers = decode_workers(self.num_workers, len(images), self.batch_size)
-            batches = (b.numpy() for b in torch.utils.data.DataLoader(
-                ImageFiles(images, self.image_size_), batch_size=self.batch_size, num_workers=workers))
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
-            yield self._run(batch)
-
-    def predict(self, images: Sequence[ImageSource] | torch.Tensor) -> Prediction:
-        """Anomaly scores, maps and labels (at the stored threshold) for all images."""
-        return gather_prediction(self.iter_predict(images), self.image_size_, self.labels)
-
-    def labels(self, scores: np.ndarray) -> np.ndarray | None:
-        """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
-        return threshold_labels(scores, self.threshold_)

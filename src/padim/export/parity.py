@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model import Prediction
+from ..prediction import Prediction
 
 
 def parity(native: Prediction, exported: Prediction) -> dict:

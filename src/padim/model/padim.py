@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..datasets.images import ImageFiles, ImageSource
 from ..errors import ModelFileError
 from ..params import PadimParams
+from ..prediction import Prediction, gather_prediction, threshold_labels
 from .cells import BlockStats, CellStats
 from .embedding import CellEmbedding, PositionEmbedding, embedding_for
 from .io import read_model_file, write_model_file
@@ -23,26 +24,6 @@ from .stats import GaussianStats, StreamingStats, whitening_factors
 
 DEFAULTS = PadimParams()
 RUNTIME = ("batch_size", "num_workers", "device", "weights", "progress", "pretrained")
-
-
-@dataclass
-class Prediction:
-    """Result of :meth:`Padim.predict` for N images.
-
-    scores: (N,) image scores (max of the map); maps: (N, H, W) anomaly maps at the model input
-    size; labels: (N,) 1 = anomalous at the model's stored threshold (None when it has none).
-    """
-
-    scores: np.ndarray
-    maps: np.ndarray
-    labels: np.ndarray | None
-
-
-def threshold_labels(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
-    """1 where a score exceeds ``threshold``, else 0 (None without a threshold)."""
-    if threshold is None:
-        return None
-    return (np.asarray(scores) > threshold).astype(np.int64)
 
 
 # batches per statistics update, written into one buffer: each update reads and writes all the
@@ -59,17 +40,6 @@ def decode_workers(requested: int | None, n_images: int, batch_size: int) -> int
         return requested
     spare = (os.cpu_count() or 1) - torch.get_num_threads()
     return max(0, min(2, spare)) if n_images > batch_size else 0
-
-
-def gather_prediction(parts: Iterable[tuple[np.ndarray, np.ndarray]], image_size: tuple[int, int],
-                      labels: Callable[[np.ndarray], np.ndarray | None]) -> Prediction:
-    """One Prediction from the (scores, maps) batches of an ``iter_predict``."""
-    parts = list(parts)
-    if not parts:
-        h, w = image_size
-        return Prediction(np.empty(0, np.float32), np.empty((0, h, w), np.float32), None)
-    scores = np.concatenate([p[0] for p in parts])
-    return Prediction(scores, np.concatenate([p[1] for p in parts]), labels(scores))
 
 
 def _take(images: Sequence[ImageSource] | torch.Tensor, idx: np.ndarray) -> Sequence[ImageSource] | torch.Tensor:

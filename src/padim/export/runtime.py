@@ -1,0 +1,148 @@
+"""Running an exported model: onnxruntime on the CPU behind :class:`padim.Padim`'s predict surface,
+without torch, so that a fresh process scoring a few images starts in about the time onnxruntime
+takes to open the file (see :mod:`padim.export.onnx` for the export and the graph)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..datasets.images import ImageSource, read_image
+from ..errors import ModelFileError
+from ..prediction import Prediction, gather_prediction, threshold_labels
+
+META_KEY = "padim"
+ONNX_FORMAT = "visa-padim-onnx/1"
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the weights of a large ONNX file ``path`` are: ``path`` + ``.data``."""
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The files an exported model consists of: the graph, and its weights file if it has one."""
+    data = external_data_path(path)
+    return [path, data] if data.is_file() else [path]
+
+
+def model_id(sha256: str) -> str:
+    """Short model id: the first 12 hex digits of the source model file's sha256."""
+    return sha256[:12]
+
+
+def import_optional(name: str):
+    """The module ``name`` of the optional ONNX extra (onnx to write a file, onnxruntime to run
+    one); ModelFileError says how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ModelFileError(
+            f"ONNX support needs the optional packages onnx and onnxruntime ({exc.name} missing); "
+            "install them with: pip install 'visa-padim[onnx]'"
+        ) from None
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime on the CPU, with :class:`padim.Padim`'s predict surface
+    (``iter_predict``, ``predict``, ``labels``, ``image_size_``, ``threshold_``, ``info_``, ``meta_``)."""
+
+    def __init__(self, path: Path, session, meta: dict, batch_size: int = 16, num_workers: int | None = None,
+                 progress: bool = False):
+        self.path = path
+        self.session = session
+        self.meta_ = meta
+        self.backbone = meta.get("backbone")
+        self.image_size_ = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+        self.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
+        self.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
+        fixed = session.get_inputs()[0].shape[0]
+        self.fixed_batch = fixed if isinstance(fixed, int) else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, progress: bool = False) -> OnnxModel:
+        """Open a file written by :func:`export_onnx`; ModelFileError when it is not one."""
+        ort = import_optional("onnxruntime")  # not onnx: its import costs more than opening a model
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelFileError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
+        raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if raw is None:
+            raise ModelFileError(f"{path}: ONNX file without padim metadata; export it with 'padim export'")
+        try:
+            meta = json.loads(raw)
+            if meta.get("onnx_format") != ONNX_FORMAT:
+                raise ModelFileError(f"{path}: ONNX model format {meta.get('onnx_format')!r}, this version reads "
+                                     f"{ONNX_FORMAT!r}; re-export it")
+            model = cls(path, session, meta, progress=progress)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ModelFileError(f"{path}: corrupt padim metadata ({exc!r})") from None
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != (["images"], ["maps", "scores"]):
+            raise ModelFileError(f"{path}: graph has inputs/outputs {names}, expected images -> maps, scores")
+        return model
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, 3, H, W) -> (scores (B,), maps (B, H, W)); pads to a fixed graph batch."""
+        n = batch.shape[0]
+        if self.fixed_batch is None:
+            maps, scores = self.session.run(None, {"images": batch})
+            return scores, maps
+        parts = []
+        for start in range(0, n, self.fixed_batch):
+            chunk = batch[start:start + self.fixed_batch]
+            pad = self.fixed_batch - chunk.shape[0]
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            maps, scores = self.session.run(None, {"images": chunk})
+            parts.append((scores[: len(chunk) - pad], maps[: len(chunk) - pad]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def iter_predict(self, images, desc: str = "predict") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (scores (B,), maps (B, H, W)) batch by batch; inputs as for :meth:`Padim.iter_predict`
+        (paths, PIL images, HxWx3 arrays, or a uint8 (N, 3, H, W) array or tensor)."""
+        if hasattr(images, "shape"):  # a uint8 (N, 3, H, W) numpy array or torch tensor
+            array = np.ascontiguousarray(np.asarray(images).astype(np.uint8, copy=False))
+            batches = (array[i:i + self.batch_size] for i in range(0, len(array), self.batch_size))
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+                yield self._run(batch)
+            return
+        sources = list(images)
+        # threads: PIL decodes and resizes without holding the GIL, and no torch is needed
+        workers = self.num_workers if self.num_workers is not None else (
+            min(2, os.cpu_count() or 1) if len(sources) > self.batch_size else 0)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            chunks = (sources[i:i + self.batch_size] for i in range(0, len(sources), self.batch_size))
+            for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not self.progress, leave=False,
+                              total=-(-len(sources) // self.batch_size)):
+                decode = pool.map if workers else map
+                yield self._run(np.stack(list(decode(self._decode, chunk))))
+
+    def _decode(self, source: ImageSource) -> np.ndarray:
+        """uint8 (3, H, W) of one image at the model's input size."""
+        return np.asarray(read_image(source, self.image_size_), dtype=np.uint8).transpose(2, 0, 1)
+
+    def predict(self, images) -> Prediction:
+        """Anomaly scores, maps and labels (at the stored threshold) for all images."""
+        return gather_prediction(self.iter_predict(images), self.image_size_, self.labels)
+
+    def labels(self, scores: np.ndarray) -> np.ndarray | None:
+        """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
+        return threshold_labels(scores, self.threshold_)
