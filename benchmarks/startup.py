@@ -5,7 +5,8 @@
 prints (and with --out writes as JSON) the median wall seconds of:
 - ``padim --help`` and ``padim fit --help``;
 - a usage error (``padim fit`` without arguments: exit 2);
-- ``padim predict --model M IMAGE`` cold: load the model, score one image, write its heat map;
+- ``padim predict --model M IMAGE`` cold: load the model, score one image, write its heat map
+  (and the same with an exported ``--onnx`` model, which runs without torch);
 - ``padim serve --model M`` until ``/health`` answers (with --serve);
 - ``python -c "import torch"``, the floor of every command that runs the model.
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model for predict (and serve)")
     parser.add_argument("--image", type=Path, help="one image for predict")
+    parser.add_argument("--onnx", type=Path, help="the model exported by padim export, for predict")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--serve", action="store_true", help="also time padim serve until /health answers")
     parser.add_argument("--out", type=Path, help="write the medians as JSON")
@@ -86,6 +88,9 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="padim-startup-"))
         cases["predict one image, cold"] = lambda: run([*PADIM, "predict", "--model", str(args.model),
                                                          str(args.image), "--out", str(out), "--no-progress"])
+        if args.onnx:
+            cases["predict one image, cold, ONNX"] = lambda: run([*PADIM, "predict", "--model", str(args.onnx),
+                                                                   str(args.image), "--out", str(out), "--no-progress"])
     if args.serve and args.model:
         cases["serve until /health"] = lambda: serve_until_healthy(args.model)
     cases["import torch alone"] = lambda: run([sys.executable, "-c", "import torch"])
@@ -101,6 +106,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                         "model": str(args.model) if args.model else None,
                                         "model_bytes": args.model.stat().st_size if args.model else None,
+                                        "onnx_bytes": args.onnx.stat().st_size if args.onnx else None,
                                         "results": results}, indent=2) + "\n")
 
 
