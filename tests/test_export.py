@@ -14,6 +14,7 @@ from conftest import require, texture, write_png
 from padim import Padim
 from padim.checksums import sha256_of
 from padim.cli import main
+from padim.errors import DatasetError
 from padim.export import OnnxModel, export_onnx, open_model
 from padim.export.onnx import HALF_MIN_ELEMENTS
 from padim.export.parity import parity
@@ -193,3 +194,19 @@ def images_on_disk(images: list[np.ndarray], folder) -> list[str]:
         paths.append(str(folder / f"img{i}.png"))
         write_png(folder / f"img{i}.png", image)
     return paths
+
+
+def test_the_runner_decodes_files_on_threads_batch_after_batch_as_in_one_thread(cell_model, tmp_path):
+    path, images = cell_model
+    native = Padim.load(path)
+    runner = OnnxModel.load(export_onnx(native, tmp_path / "m.onnx", source=path))
+    files = images_on_disk(images, tmp_path)  # 4 images: 2 batches of 2, the next decoded while one runs
+    runner.batch_size, runner.num_workers = 2, 2
+    threaded = runner.predict(files)
+    runner.num_workers = 0
+    np.testing.assert_array_equal(threaded.maps, runner.predict(files).maps)
+    report = parity(native.predict(files), threaded)
+    assert report["rel_map_diff"] < 1e-5 and report["label_mismatches"] == 0, report
+    with pytest.raises(DatasetError, match="missing.png"):
+        runner.num_workers = 2
+        runner.predict([*files, str(tmp_path / "missing.png")])

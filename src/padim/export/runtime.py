@@ -125,15 +125,26 @@ class OnnxModel:
                 yield self._run(batch)
             return
         sources = list(images)
-        # threads: PIL decodes and resizes without holding the GIL, and no torch is needed
-        workers = self.num_workers if self.num_workers is not None else (
-            min(2, os.cpu_count() or 1) if len(sources) > self.batch_size else 0)
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            chunks = (sources[i:i + self.batch_size] for i in range(0, len(sources), self.batch_size))
-            for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not self.progress, leave=False,
-                              total=-(-len(sources) // self.batch_size)):
-                decode = pool.map if workers else map
-                yield self._run(np.stack(list(decode(self._decode, chunk))))
+        chunks = [sources[i:i + self.batch_size] for i in range(0, len(sources), self.batch_size)]
+        workers = self.num_workers if self.num_workers is not None else (min(2, os.cpu_count() or 1)
+                                                                         if len(chunks) > 1 else 0)
+        bar = tqdm(total=len(chunks), desc=desc, unit="batch", disable=not self.progress, leave=False)
+        if not workers:
+            for chunk in chunks:
+                yield self._run(np.stack([self._decode(s) for s in chunk]))
+                bar.update()
+            bar.close()
+            return
+        # threads (PIL decodes and resizes without holding the GIL; no torch needed) decode the
+        # next batch while onnxruntime scores this one
+        with ThreadPoolExecutor(workers) as pool:
+            pending = [pool.submit(self._decode, s) for s in chunks[0]] if chunks else []
+            for following in [*chunks[1:], None]:
+                ready = pending
+                pending = [pool.submit(self._decode, s) for s in following] if following else []
+                yield self._run(np.stack([f.result() for f in ready]))
+                bar.update()
+        bar.close()
 
     def _decode(self, source: ImageSource) -> np.ndarray:
         """uint8 (3, H, W) of one image at the model's input size."""
