@@ -44,16 +44,18 @@ def default_sigma(image_size: tuple[int, int]) -> float:
     return 4.0 * min(image_size) / 256
 
 
-def _int(v) -> bool:
+def is_int(v) -> bool:
+    """An int in JSON's sense: not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v) -> bool:
-    return (isinstance(v, float) or _int(v)) and math.isfinite(v)
+def is_number(v) -> bool:
+    """A finite int or float, not a bool."""
+    return (isinstance(v, float) or is_int(v)) and math.isfinite(v)
 
 
 def _side(v) -> bool:
-    return _int(v) and 8 <= v <= MAX_IMAGE_SIDE
+    return is_int(v) and 8 <= v <= MAX_IMAGE_SIDE
 
 
 # what a resolved value of each parameter must be: (check, description for messages)
@@ -61,18 +63,18 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "backbone": (lambda v: isinstance(v, str), "a backbone name"),
     "image_size": (lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_side(x) for x in v),
                    f"[h, w] in 8..{MAX_IMAGE_SIDE}"),
-    "d": (lambda v: _int(v) and v >= 1, "a positive integer"),
-    "eps": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "sigma": (lambda v: _number(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
-    "seed": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
-    "calibration_fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "threshold_quantile": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "pool": (lambda v: _int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "d": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "eps": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "sigma": (lambda v: is_number(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
+    "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+    "calibration_fraction": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "threshold_quantile": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "pool": (lambda v: is_int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "tap_resize": (lambda v: v in TAP_RESIZE, " or ".join(TAP_RESIZE)),
     "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
     "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
-    "top_k": (lambda v: _int(v) and v >= 1, "a positive integer"),
-    "scales": (lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(_number(x) and 0 < x <= 1 for x in v)
+    "top_k": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "scales": (lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(is_number(x) and 0 < x <= 1 for x in v)
                and len(set(v)) == len(v), "distinct numbers in (0, 1]"),
 }
 

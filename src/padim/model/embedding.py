@@ -12,7 +12,7 @@ from ..backbones import FeatureExtractor
 from ..backbones.layout import ScaleLayout
 from .cells import Blocks, BlockStats
 from .stats import StreamingStats, position_chunks
-from .whitening import CellWhitening, PositionWhitening, fill_whitening
+from .whitening import STATE_CHUNK, CellWhitening, PositionWhitening, fill_whitening
 
 
 class PositionEmbedding:
@@ -59,8 +59,8 @@ class PositionEmbedding:
         if isinstance(whitening, CellWhitening) == isinstance(self, CellEmbedding):
             return whitening
         target = self.whitening()
-        fill_whitening(target, ((part, whitening.factor_of(part)) for part in position_chunks(self.positions, 1024)),
-                       whitening.mean)
+        chunks = position_chunks(self.positions, STATE_CHUNK)
+        fill_whitening(target, ((part, whitening.factor_of(part)) for part in chunks), whitening.mean)
         return target
 
 

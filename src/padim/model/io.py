@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from .. import __version__
 from ..atomic import write_bytes
 from ..backbones.registry import get_spec
 from ..errors import BackboneError, ModelFileError
-from ..params import CHECKS, PadimParams
+from ..params import CHECKS, PadimParams, is_int, is_number
 
 # 2: feature pyramid (scales, grids); 3: channels deepest tap first; 4: the factor per cell where
 # scoring runs cell by cell, float16 by default
@@ -81,21 +80,13 @@ def _version(text: str) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_float(v) -> bool:
-    return (isinstance(v, float) or _is_int(v)) and math.isfinite(v)
-
-
 def _pair(check: Callable) -> Callable:
     return lambda v: isinstance(v, list) and len(v) == 2 and all(check(x) for x in v)
 
 
 def _scores(v) -> bool:
     return v is None or (isinstance(v, dict) and set(v) == {"min", "median", "max"}
-                         and all(_is_float(x) for x in v.values()) and v["min"] <= v["median"] <= v["max"])
+                         and all(is_number(x) for x in v.values()) and v["min"] <= v["median"] <= v["max"])
 
 
 # every metadata field this version writes besides the model's parameters (PadimParams):
@@ -105,16 +96,16 @@ FILE_FIELDS: dict[str, tuple[Callable, str]] = {
     "package_version": (lambda v: isinstance(v, str) and _version(v) is not None, "a version like '0.1.0'"),
     "backbone_source": (lambda v: isinstance(v, str), "a string"),
     "taps": (lambda v: isinstance(v, list) and len(v) >= 1 and all(isinstance(x, str) for x in v), "layer names"),
-    "grids": (lambda v: isinstance(v, list) and len(v) >= 1 and all(_pair(lambda x: _is_int(x) and x >= 1)(g)
+    "grids": (lambda v: isinstance(v, list) and len(v) >= 1 and all(_pair(lambda x: is_int(x) and x >= 1)(g)
                                                                    for g in v), "[[h, w], ...] positive integers"),
     "storage": (lambda v: v in STORAGE, " or ".join(STORAGE)),
     "normalization": (lambda v: isinstance(v, dict) and {"mean", "std"} <= set(v), "{mean, std, input}"),
     "resize": (lambda v: isinstance(v, str), "a string"),
-    "threshold": (lambda v: v is None or _is_float(v), "null or a finite number"),
-    "n_train": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "n_calibration": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "threshold": (lambda v: v is None or is_number(v), "null or a finite number"),
+    "n_train": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "n_calibration": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "calibration_scores": (_scores, "null or {min, median, max} in order"),
-    "map_range": (lambda v: v is None or _pair(_is_float)(v), "null or [low, high]"),
+    "map_range": (lambda v: v is None or _pair(is_number)(v), "null or [low, high]"),
 }
 FIELDS = {**{name: CHECKS[name] for name in PadimParams.names()}, **FILE_FIELDS}
 OPTIONAL = {"created"}  # written by 0.1.0 before byte-identical files; ignored
