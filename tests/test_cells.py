@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import padim.model.padim as padim_module
 from padim import Padim
 from padim.backbones import FeatureExtractor, channel_index
 from padim.backbones.layout import scale_layout
-from padim.model import CellWhitening, read_model_file
-from padim.model.cells import BlockStats, CellStats
-from padim.model.embedding import CellEmbedding, PositionEmbedding
-from padim.model.scorer import build_scorer
-from padim.model.stats import GaussianStats, whitening_factors
+from padim.model import PadimScorer, read_model_file
+from padim.model.embedding import embedding_for
+from padim.params import PadimParams
 
 SIZE = (64, 96)  # grids 16x24, 8x12, 4x6; at scale 0.5: 8x12, 4x6, 2x3
 
@@ -34,11 +31,6 @@ def same_network(*models: Padim) -> None:
     for model in models:
         torch.manual_seed(0)
         model.feature_extractor()
-
-
-def positions_only(monkeypatch) -> None:
-    """Fit and score position by position, as off the CPU."""
-    monkeypatch.setattr(padim_module, "embedding_for", lambda extractor, size: PositionEmbedding(extractor, size))
 
 
 @pytest.fixture(scope="module")
@@ -88,73 +80,78 @@ def test_blocks_hold_the_embedding_once_per_cell(extractor):
         start += layout.positions
 
 
-@torch.inference_mode()
-def test_block_statistics_equal_the_float64_sums_of_the_full_embeddings(extractor):
-    layouts = extractor.block_layouts(SIZE)
-    blocked, exact = BlockStats(layouts), None
-    for n, seed in [(5, 1), (2, 2), (4, 3)]:  # uneven batches
-        batch = images(n, seed)
-        blocked.update(extractor.blocks(batch))
-        emb = extractor(batch)
-        exact = exact or GaussianStats.empty(emb.shape[2], emb.shape[1])
-        exact.update(emb)
-    got = blocked.stats().expand()
-    assert got.count == exact.count == 11
-    torch.testing.assert_close(got.total, exact.total, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got.outer, exact.outer, rtol=1e-5, atol=1e-6 * float(exact.outer.abs().max()))
-    with pytest.raises(ValueError, match="converted"):
-        blocked.update(extractor.blocks(images(1)))
-    bad = extractor.blocks(images(2))
-    bad[1][0][3, 1, 0] = float("nan")
-    fresh = BlockStats(layouts)
-    with pytest.raises(FloatingPointError, match="1 NaN or inf"):
-        fresh.update(bad)
-    assert fresh.count == 0
+def scorers(extractor, train: torch.Tensor, **params) -> dict[str, PadimScorer]:
+    """The scorer of each form (nested cells, and per position) fitted on the same images."""
+    p = PadimParams(image_size=SIZE, d=40, sigma=2.0, factor_dtype="float32", scales=extractor.scales,
+                    pool=extractor.pool, **params).resolved()
+    out = {}
+    for storage in ("cells", "positions"):
+        embedding = embedding_for(extractor, SIZE, storage=storage)
+        stats = embedding.stats()
+        with torch.inference_mode():
+            stats.update(embedding(train))
+            out[storage] = PadimScorer.fit(embedding, stats, p)
+    return out
 
 
-@torch.inference_mode()
-def test_cell_by_cell_distances_equal_the_full_scorer(extractor):
-    layouts = extractor.block_layouts(SIZE)
-    stats = GaussianStats.empty(sum(lay.positions for lay in layouts), 40)
-    stats.update(extractor(images(30)))
-    full = build_scorer(PositionEmbedding(extractor, SIZE), stats.mean(), whitening_factors(stats, 0.01), 2.0)
-    cell_form = CellEmbedding(extractor, SIZE, layouts)
-    cells = build_scorer(cell_form, stats.mean(), whitening_factors(stats, 0.01, chunk=100), 2.0)
-    assert isinstance(cells.whitening, CellWhitening) and not hasattr(cells.whitening, "weight_head")
-    torch.testing.assert_close(factor(cells), factor(full), rtol=0, atol=1e-5)  # rebuilt from the cells
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 0.5)], ids=["one scale", "pyramid"])
+@pytest.mark.parametrize("pool", [1, 3])
+def test_cell_and_position_forms_give_the_same_distances(scales, pool):
+    torch.manual_seed(0)
+    extractor = FeatureExtractor("mobilenet_v2", channel_index(152, 40, 1), pretrained=False, pool=pool,
+                                 tap_resize="nearest", scales=scales)
+    fitted = scorers(extractor, images(30))
+    assert fitted["cells"].storage == "cells" and fitted["positions"].storage == "positions"
     test = images(4, 9)
-    maps, scores = cells(test)
-    expected_maps, expected_scores = full(test)
-    torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(scores, expected_scores, rtol=1e-4, atol=1e-4)
-    # the traced form reads full embeddings at each cell; adopted position by position, the same maps
-    emb = extractor(test)
-    torch.testing.assert_close(cells.maps(cells.whitening.graph_distances(emb))[0], maps, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cells.maps(cells.whitening.distances(cells.whitening.gather(emb)))[0], maps)
-    as_positions = PositionEmbedding(extractor, SIZE).adopt(cells.whitening)
-    torch.testing.assert_close(full.maps(as_positions.distances(emb))[0], maps, rtol=1e-4, atol=1e-4)
-    assert cell_form.adopt(cells.whitening) is cells.whitening
+    with torch.inference_mode():
+        (s_cells, m_cells), (s_pos, m_pos) = fitted["cells"](test), fitted["positions"](test)
+        traced = fitted["cells"].whitening.graph_distances(extractor(test))
+        direct = fitted["cells"].whitening.distances(fitted["cells"].embedding(test))
+    assert float((m_cells - m_pos).abs().max()) < 1e-5 * float(m_pos.abs().max())
+    assert float((s_cells - s_pos).abs().max()) < 1e-5 * float(s_pos.abs().max())
+    assert float((traced - direct).abs().max()) < 1e-5 * float(direct.abs().max())
+    factors = [f.whitening.factor_of(slice(None)) for f in fitted.values()]
+    assert float((factors[0] - factors[1]).abs().max()) < 1e-5 * float(factors[1].abs().max())
 
 
-def test_padim_with_nearest_resizing_fits_and_scores_cell_by_cell(tmp_path):
-    train, test = images(24, 4), images(3, 5)
-    model = Padim(image_size=SIZE, scales=(1.0, 0.5), tap_resize="nearest", d=40, pretrained=False).fit(train)
-    assert isinstance(model.scorer_.whitening, CellWhitening)
+def test_oas_is_fitted_per_position_and_equals_the_per_position_reference(extractor):
+    """OAS shrinks each position's covariance by its own coefficient, which varies inside a cell:
+    the estimator picks the per-position form, whose distances are the reference's."""
+    assert embedding_for(extractor, SIZE, "oas").layouts != extractor.block_layouts(SIZE)
+    assert embedding_for(extractor, SIZE, "eps").layouts == extractor.block_layouts(SIZE)
+    p = PadimParams(image_size=SIZE, d=40, sigma=0.0, factor_dtype="float32", scales=(1.0, 0.5), pool=3,
+                    covariance="oas").resolved()
+    embedding = embedding_for(extractor, SIZE, "oas")
+    stats = embedding.stats()
+    test = images(3, 9)
+    with torch.inference_mode():
+        stats.update(embedding(images(30)))
+        got = PadimScorer.fit(embedding, stats, p).whitening.distances(embedding(test))
+        emb = extractor(test).double()
+    cov = stats.covariance(0.01, "oas")
+    diff = emb - stats.mean().T.unsqueeze(0)
+    expected = torch.einsum("bip,pij,bjp->bp", diff, torch.linalg.inv(cov), diff).sqrt()
+    assert float((got.double() - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+
+
+def test_position_statistics_finished_by_a_cell_model_with_calibration_images():
+    """Sums kept per position (e.g. from workers of another configuration) are converted to the
+    model's cells; before, this crashed in the calibration merge ('list' object has no attribute 'flatten')."""
+    train = images(24, 4)
+    kw = {"image_size": SIZE, "scales": (1.0, 0.5), "d": 40, "pretrained": False, "factor_dtype": "float32"}
+    model, reference = Padim(**kw), Padim(**kw)
+    same_network(model, reference)
     fit_idx, cal_idx = model.calibration_split(len(train))
-    stats = GaussianStats.empty(model.scorer_.whitening.mean.shape[0], 40)
+    positions = embedding_for(model.feature_extractor(), SIZE, storage="positions")
+    stats = positions.stats()
     with torch.inference_mode():
-        extractor = model.feature_extractor()
-        stats.update(extractor(train[fit_idx]))
-        stats.update(extractor(train[cal_idx]))
-    full = build_scorer(PositionEmbedding(extractor, SIZE), stats.mean(),
-                        whitening_factors(stats, model.params_.eps), model.params_.sigma)
-    pred = model.predict(test)
-    with torch.inference_mode():
-        np.testing.assert_allclose(pred.maps, full(test)[0].numpy(), rtol=1e-4, atol=1e-4)
-    loaded = Padim.load(model.save(tmp_path / "m.safetensors"))  # (with the pretrained weights)
-    assert isinstance(loaded.scorer_.whitening, CellWhitening)
-    for name, buffer in model.scorer_.whitening.named_buffers():
-        assert torch.equal(loaded.scorer_.whitening.get_buffer(name), buffer), name
+        stats.update(positions(train[fit_idx]))
+    model.fit_from_stats(stats, train[cal_idx], n_train=len(train))
+    reference.fit(train)
+    assert model.scorer_.storage == reference.scorer_.storage == "cells"
+    assert model.threshold_ == pytest.approx(reference.threshold_, rel=1e-5)
+    test = images(3, 5)
+    np.testing.assert_allclose(model.predict(test).maps, reference.predict(test).maps, rtol=1e-5, atol=1e-6)
 
 
 def test_pyramid_levels_are_rounded_to_the_deepest_stride_so_their_grids_nest():
@@ -166,60 +163,23 @@ def test_pyramid_levels_are_rounded_to_the_deepest_stride_so_their_grids_nest():
     assert extractor.block_layouts((250, 250)) is None  # the input itself is not resized
 
 
-@torch.inference_mode()
-def test_cell_statistics_add_up_and_give_the_dense_covariances_chunk_by_chunk(extractor):
-    layouts = extractor.block_layouts(SIZE)
-    parts, exact = [], None
-    for n, seed in [(6, 11), (5, 12)]:
-        batch = images(n, seed)
-        part = BlockStats(layouts)
-        part.update(extractor.blocks(batch))
-        parts.append(part.stats())
-        emb = extractor(batch)
-        exact = exact or GaussianStats.empty(emb.shape[2], emb.shape[1])
-        exact.update(emb)
-    merged = parts[0] + parts[1]
-    assert isinstance(merged, CellStats) and merged.count == 11 and merged.positions == exact.positions
-    torch.testing.assert_close(merged.mean(), exact.mean(), rtol=1e-6, atol=1e-6)
-    for chunk in (slice(0, 100), slice(350, 400)):  # within a scale, and across the two
-        torch.testing.assert_close(merged.covariance(0.01, positions=chunk), exact.covariance(0.01, positions=chunk),
-                                   rtol=1e-5, atol=1e-5)
-    # a block statistic converted into another adds to it
-    into = parts[0]
-    more = BlockStats(layouts)
-    more.update(extractor.blocks(images(5, 12)))
-    assert more.stats(into=into) is into and into.count == 11
-    torch.testing.assert_close(into.expand().outer, merged.expand().outer, rtol=1e-9, atol=1e-9)
-
-
-def test_cell_fit_equals_the_dense_fit_and_its_file_holds_the_cells(tmp_path, monkeypatch):
-    train, test = images(24, 4), images(3, 5)
+def test_files_keep_the_factor_per_cell_or_per_position_and_load_as_fitted(tmp_path):
+    train = images(24, 4)
     kw = {"image_size": SIZE, "scales": (1.0, 0.5), "tap_resize": "nearest", "d": 40, "pretrained": False,
           "factor_dtype": "float32"}
-    model, dense = Padim(**kw), Padim(**kw)
-    same_network(model, dense)
-    model.fit(train)
-    fit_idx, cal_idx = model.calibration_split(len(train))
-    with torch.inference_mode():
-        stats = GaussianStats.empty(model.scorer_.whitening.mean.shape[0], 40)
-        stats.update(dense.feature_extractor()(train[fit_idx]))
-    positions_only(monkeypatch)
-    dense.fit_from_stats(stats, train[cal_idx], n_train=len(train))
-    assert not isinstance(dense.scorer_.whitening, CellWhitening)
-    assert dense.threshold_ == pytest.approx(model.threshold_, rel=1e-5)
-    np.testing.assert_allclose(model.predict(test).maps, dense.predict(test).maps, rtol=1e-4, atol=1e-5)
-    # the file keeps each factor row once per cell: W_ii as a triangle, no per-position factor
-    path = model.save(tmp_path / "m.safetensors")
-    meta, tensors = read_model_file(path)
-    assert meta["storage"] == "cells" and "factor_tril" not in tensors
-    cell_values = sum(t.numel() for k, t in tensors.items() if k.startswith("w"))
-    d, positions = 40, model.scorer_.whitening.mean.shape[0]
-    assert cell_values < 0.6 * positions * d * (d + 1) // 2
-    dense_path = dense.save(tmp_path / "dense.safetensors")
-    assert read_model_file(dense_path)[0]["storage"] == "positions"
-    loaded = Padim.load(dense_path)  # (with the pretrained weights: compare the factor, not the maps)
-    assert torch.equal(loaded.scorer_.whitening.mean, dense.scorer_.whitening.mean)
-    torch.testing.assert_close(factor(loaded.scorer_), factor(dense.scorer_), rtol=0, atol=1e-4)
+    for covariance, storage in (("eps", "cells"), ("oas", "positions")):
+        model = Padim(**kw, covariance=covariance).fit(train)
+        path = model.save(tmp_path / f"{covariance}.safetensors")
+        meta, tensors = read_model_file(path)
+        assert meta["storage"] == storage and ("factor_tril" in tensors) == (storage == "positions")
+        if storage == "cells":  # each factor row once per cell: W_ii as a triangle, no per-position factor
+            cell_values = sum(t.numel() for k, t in tensors.items() if k.startswith("w"))
+            positions = model.scorer_.whitening.mean.shape[0]
+            assert cell_values < 0.6 * positions * 40 * 41 // 2
+        loaded = Padim.load(path)  # (with the pretrained weights: compare the factor, not the maps)
+        assert loaded.scorer_.storage == storage
+        for name, buffer in model.scorer_.whitening.named_buffers():
+            assert torch.equal(loaded.scorer_.whitening.get_buffer(name), buffer), name
 
 
 def test_float16_factor_scores_within_a_bounded_error_and_round_trips_exactly(tmp_path):

@@ -8,55 +8,50 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis
 
-from padim.model import PositionWhitening, whitening_factor
+from padim.backbones.layout import trivial_layout
+from padim.model import Whitening, whitening_factor
 from padim.model.scorer import AnomalyMaps, GaussianBlur, blur_kernel_size
-from padim.model.whitening import fill_whitening
 
 
-def whitening(mean: torch.Tensor, factor) -> PositionWhitening:
-    """A PositionWhitening of ``mean`` and a (P, d, d) factor or its (positions, chunk) pieces."""
-    out = PositionWhitening(*mean.shape)
-    fill_whitening(out, [(slice(0, mean.shape[0]), factor)] if isinstance(factor, torch.Tensor) else factor, mean)
+def whitening(mean: torch.Tensor, factor: torch.Tensor, grid: tuple[int, int], taps: list[int]) -> Whitening:
+    """A per-position Whitening of ``mean`` and a (P, d, d) factor, the d channels split into ``taps``."""
+    out = Whitening([trivial_layout(taps, grid)])
+    out.fill(slice(0, mean.shape[0]), factor)
+    out.finish(mean)
     return out
 
 
-@pytest.mark.parametrize("d", [4, 24])  # 24: the factor is kept as a head and a tail block
-def test_distances_equal_scipy_mahalanobis_at_every_position(rng, d):
-    h, w = 2, 3
+@pytest.mark.parametrize("taps", [[4], [16, 8]])
+def test_distances_equal_scipy_mahalanobis_at_every_position(rng, taps):
+    h, w, d = 2, 3, sum(taps)
     a = rng.normal(size=(h * w, d, d))
     cov = a @ a.transpose(0, 2, 1) + np.eye(d)
     mean = rng.normal(size=(h * w, d))
     factor = whitening_factor(torch.from_numpy(cov))
-    white = whitening(torch.from_numpy(mean), factor)
+    white = whitening(torch.from_numpy(mean), factor, (h, w), taps)
     assert torch.equal(white.factor_of(slice(None)), factor.float())  # the blocks give back W, zeros included
-    emb = rng.normal(size=(5, d, h, w))
-    got = white.distances(torch.from_numpy(emb).float()).numpy()
-    np.testing.assert_allclose(white.graph_distances(torch.from_numpy(emb).float()).numpy(), got, rtol=1e-6)
+    emb = torch.from_numpy(rng.normal(size=(5, d, h * w))).float()
+    got = white.graph_distances(emb).numpy()
+    blocks = [[emb[:, c].permute(2, 0, 1).contiguous() for c in (slice(0, taps[0]), slice(taps[0], d))[:len(taps)]]]
+    np.testing.assert_allclose(white.distances(blocks).numpy(), got, rtol=1e-6)
     for b in range(5):
         for p in range(h * w):
-            y, x = divmod(p, w)
-            expected = mahalanobis(emb[b, :, y, x], mean[p], np.linalg.inv(cov[p]))
-            assert abs(got[b, y, x] - expected) < 1e-4 * max(1.0, expected)
+            expected = mahalanobis(emb[b, :, p].double().numpy(), mean[p], np.linalg.inv(cov[p]))
+            assert abs(got[b, p] - expected) < 1e-4 * max(1.0, expected)
 
 
-def test_a_factor_given_in_chunks_builds_the_same_whitening(rng):
+def test_a_model_files_tensors_give_back_the_same_whitening(rng):
     d, positions = 24, 7
     a = rng.normal(size=(positions, d, d))
     factor = whitening_factor(torch.from_numpy(a @ a.transpose(0, 2, 1) + np.eye(d)))
     mean = torch.from_numpy(rng.normal(size=(positions, d)))
-    whole = whitening(mean, factor)
-    chunks = [(slice(i, min(i + 3, positions)), factor[i:i + 3]) for i in range(0, positions, 3)]
-    pieces = whitening(mean, chunks)
-    for name, buffer in whole.named_buffers():
-        assert torch.equal(buffer, pieces.get_buffer(name)), name
-    assert torch.equal(pieces.factor_of(slice(2, 5)), factor[2:5].float())
-    with pytest.raises(ValueError, match="covers 6 positions, the mean 7"):
-        whitening(mean, chunks[:2])
-    # a model file's tensors give back the same whitening
-    loaded = PositionWhitening(positions, d)
+    whole = whitening(mean, factor, (7, 1), [16, 8])
+    assert whole.storage == "positions" and whole.tensor_names() == {"mean", "factor_tril"}
+    loaded = Whitening([trivial_layout([16, 8], (7, 1))])
     loaded.load_state(whole.state(torch.float32), torch.float32)
     for name, buffer in whole.named_buffers():
         assert torch.equal(buffer, loaded.get_buffer(name)), name
+    assert torch.equal(loaded.factor_of(slice(2, 5)), factor[2:5].float())
 
 
 def test_separable_blur_equals_scipy_gaussian_filter(rng):
@@ -71,9 +66,9 @@ def test_separable_blur_equals_scipy_gaussian_filter(rng):
 
 def test_top_k_image_score_is_the_mean_of_the_largest_values():
     d = 2
-    white = whitening(torch.zeros(4, d), torch.eye(d).expand(4, d, d))
+    white = whitening(torch.zeros(4, d), torch.eye(d).expand(4, d, d), (2, 2), [d])
     emb = torch.tensor([[[[3.0, 0.0], [4.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]]])  # distances 5, 0, 4, 1
-    maps, scores = AnomalyMaps([(2, 2)], (2, 2), 0.0, top_k=3)(white.distances(emb.flatten(2)))
+    scores, maps = AnomalyMaps([(2, 2)], (2, 2), 0.0, top_k=3)(white.graph_distances(emb.flatten(2)))
     assert maps.shape == (1, 2, 2) and scores.item() == pytest.approx((5 + 4 + 1) / 3)
 
 
@@ -93,10 +88,12 @@ def test_pyramid_map_is_the_mean_of_each_levels_smoothed_map(rng):
     d, grids, size = 3, [(6, 8), (4, 5)], (24, 32)
     positions = sum(h * w for h, w in grids)
     mean = torch.from_numpy(rng.normal(size=(positions, d))).float()
-    white = whitening(mean, torch.eye(d).expand(positions, d, d))
+    white = Whitening([trivial_layout([d], grid) for grid in grids])
+    white.fill(slice(0, positions), torch.eye(d).expand(positions, d, d))
+    white.finish(mean)
     anomaly_maps = AnomalyMaps(grids, size, 2.0)
     emb = torch.from_numpy(rng.normal(size=(2, d, positions))).float()
-    maps, scores = anomaly_maps(white.distances(emb))
+    scores, maps = anomaly_maps(white.graph_distances(emb))
     dist = (emb - mean.T).square().sum(1).sqrt()  # identity covariance: Euclidean distance
     fine = anomaly_maps.smooth(dist[:, :48].reshape(2, 6, 8))
     coarse = anomaly_maps.smooth(dist[:, 48:].reshape(2, 4, 5))

@@ -1,4 +1,5 @@
-"""padim.model.stats: streaming Gaussian statistics against NumPy, and their merge."""
+"""padim.model.stats: streaming Gaussian statistics per cell against NumPy, their merge, their
+conversion between layouts, and their precision over many images."""
 
 from __future__ import annotations
 
@@ -8,174 +9,144 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from padim.model import GaussianStats, whitening_factor
-from padim.model import stats as stats_module
-from padim.model.stats import StreamingStats, whitening_factors
+from padim.backbones.layout import scale_layout, trivial_layout
+from padim.model.stats import GaussianStats
+
+NESTED = scale_layout([3, 2, 1], [(2, 3), (4, 6), (8, 12)])  # ratios 4, 2, 1: 96 finest positions
+TRIVIAL = trivial_layout([3, 2, 1], (8, 12))
 
 
-def _stats(x: np.ndarray) -> GaussianStats:
-    """x: (N, D, h, w)."""
-    s = GaussianStats.empty(x.shape[2] * x.shape[3], x.shape[1])
-    for batch in np.array_split(x, 3):
-        if len(batch):
-            s.update(torch.from_numpy(batch))
+def nested_embeddings(rng: np.random.Generator, n: int, mean: float = 0.0, spread: float = 1.0) -> np.ndarray:
+    """(n, 6, 96) float64 embeddings with NESTED's structure: each tap constant over its cells."""
+    out = np.empty((n, 6, 8, 12))
+    channel = 0
+    for level in NESTED.levels:
+        h, w = level.grid
+        values = rng.normal(mean, spread, (n, level.channels, h, w))
+        out[:, channel:channel + level.channels] = values.repeat(level.ratio, 2).repeat(level.ratio, 3)
+        channel += level.channels
+    return out.reshape(n, 6, 96)
+
+
+def blocks(x: np.ndarray, layout) -> list[list[torch.Tensor]]:
+    """(B, d, P) embeddings -> one scale's blocks of ``layout``, each tap read at its cells' top-left."""
+    t, out, channel = torch.from_numpy(x).float(), [], 0
+    for i, level in enumerate(layout.levels):
+        out.append(t[:, channel:channel + level.channels][:, :, layout.first(i)].permute(2, 0, 1).contiguous())
+        channel += level.channels
+    return [out]
+
+
+def stats_of(x: np.ndarray, layout, batches: int = 3) -> GaussianStats:
+    s = GaussianStats([layout])
+    for batch in np.array_split(x, batches):
+        s.update(blocks(batch, layout))
     return s
 
 
-def test_mean_and_covariance_match_numpy_per_position(rng):
-    x = rng.normal(2.0, 3.0, (30, 5, 2, 3))
-    s = _stats(x)
-    flat = x.transpose(2, 3, 0, 1).reshape(6, 30, 5)
-    np.testing.assert_allclose(s.mean().numpy(), flat.mean(axis=1), rtol=1e-12)
-    expected = np.stack([np.cov(p, rowvar=False) + 0.01 * np.eye(5) for p in flat])
-    np.testing.assert_allclose(s.covariance(0.01).numpy(), expected, rtol=1e-10, atol=1e-12)
+def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per position mean (P, d) and unbiased covariance (P, d, d) of float32-rounded values."""
+    x = x.astype(np.float32).astype(np.float64).transpose(2, 0, 1)
+    return x.mean(axis=1), np.stack([np.cov(p, rowvar=False) for p in x])
 
 
-@settings(max_examples=25, deadline=None)
-@given(n_a=st.integers(1, 12), n_b=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_fit_on_a_plus_fit_on_b_equals_fit_on_union(n_a, n_b, seed):
+@pytest.mark.parametrize("layout", [NESTED, TRIVIAL], ids=["nested", "trivial"])
+@pytest.mark.parametrize("mean, spread", [(0.0, 1.0), (300.0, 0.01)])
+def test_mean_and_covariance_equal_numpy_at_every_position(rng, layout, mean, spread):
+    # a mean 30,000 spreads away from zero: unshifted float32 products would lose every digit
+    x = nested_embeddings(rng, 40, mean, spread)
+    s = stats_of(x, layout)
+    mu, cov = reference(x)
+    assert s.count == 40 and s.positions == 96 and s.dim == 6
+    np.testing.assert_allclose(s.mean().numpy(), mu, rtol=0, atol=1e-7 * (abs(mean) + spread))  # float32 input
+    got = s.covariance(0.0).numpy()
+    assert np.abs(got - cov).max() < 1e-6 * np.abs(cov).max()
+    total, outer = s.sums(slice(10, 30))
+    xs = x.astype(np.float32).astype(np.float64)[:, :, 10:30].transpose(2, 0, 1)
+    np.testing.assert_allclose(total.numpy(), xs.sum(axis=1), rtol=0, atol=40e-7 * (abs(mean) + spread))
+    exact = np.einsum("pni,pnj->pij", xs, xs)
+    assert np.abs(outer.numpy() - exact).max() < 1e-6 * np.abs(exact).max()
+
+
+@settings(max_examples=20, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=2, max_size=4), seed=st.integers(0, 2**16),
+       order=st.randoms(use_true_random=False))
+def test_merge_is_exact_order_free_and_batching_free(sizes, seed, order):
     r = np.random.default_rng(seed)
-    a, b = r.normal(size=(n_a, 4, 2, 2)), r.normal(size=(n_b, 4, 2, 2)) * 5 + 1
-    merged, union = _stats(a) + _stats(b), _stats(np.concatenate([a, b]))
-    assert merged.count == union.count == n_a + n_b
-    torch.testing.assert_close(merged.total, union.total, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(merged.outer, union.outer, rtol=1e-12, atol=1e-10)
+    parts = [nested_embeddings(r, n, r.uniform(-5, 5), r.uniform(0.1, 10)) for n in sizes]
+    shuffled = parts[:]
+    order.shuffle(shuffled)
+    merged = stats_of(parts[0], NESTED, 1)
+    for p in parts[1:]:
+        merged = merged + stats_of(p, NESTED, 1)  # each part about its own shift
+    other = stats_of(shuffled[0], NESTED, 1)
+    for p in shuffled[1:]:
+        other += stats_of(p, NESTED, 1)
+    whole = stats_of(np.concatenate(parts), NESTED, 1)
+    for s in (other, whole):
+        assert s.count == merged.count == sum(sizes)
+        # each part's float32 values minus its own shift: equal to float32 rounding of the data
+        assert float((s.mean() - merged.mean()).abs().max()) < 1e-6 * float(merged.mean().abs().max())
+        cov = merged.covariance(0.01)
+        assert float((s.covariance(0.01) - cov).abs().max()) < 1e-6 * float(cov.abs().max())
 
 
-def test_whitening_factor_inverts_the_covariance(rng):
-    a = rng.normal(size=(3, 6, 6))
-    cov = torch.from_numpy(a @ a.transpose(0, 2, 1) + 0.1 * np.eye(6))
-    w = whitening_factor(cov)
-    eye = torch.eye(6, dtype=torch.float64).expand(3, 6, 6)
-    torch.testing.assert_close(w @ cov @ w.transpose(1, 2), eye, rtol=1e-9, atol=1e-9)
-    assert torch.equal(w, w.tril())
+def test_statistics_convert_between_layouts_exactly(rng):
+    x = nested_embeddings(rng, 12)
+    nested, trivial = stats_of(x, NESTED), stats_of(x, TRIVIAL)
+    as_trivial, as_nested = nested.to_layouts([TRIVIAL]), trivial.to_layouts([NESTED])
+    assert nested.to_layouts([NESTED]) is nested
+    for got, want in ((as_trivial, trivial), (as_nested, nested)):
+        assert got.layouts == want.layouts and got.count == 12
+        torch.testing.assert_close(got.mean(), want.mean(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got.covariance(0.01), want.covariance(0.01), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="different grids"):
+        nested.to_layouts([trivial_layout([3, 2, 1], (8, 8))])
+    with pytest.raises(ValueError, match="different layouts"):
+        nested += trivial
 
 
-def test_fewer_images_than_dimensions_still_gives_a_usable_factor(rng):
-    s = _stats(rng.normal(size=(3, 50, 1, 2)))  # 3 samples, 50 channels: singular without eps
-    w = whitening_factor(s.covariance(0.01))
-    assert torch.isfinite(w).all()
+def test_sums_of_a_million_images_stay_exact(rng):
+    """10^6 images in batches of 64, about a mean 10^3 spreads away: float64 sums of float32 batch
+    products lose nothing that grows with the count (float32 running sums would drift by ~1e-4)."""
+    layout = trivial_layout([2], (1, 1))
+    s, n, batch = GaussianStats([layout]), 1_000_000, 64
+    x = (1000.0 + rng.normal(size=(n, 2)) * np.array([1.0, 0.5])).astype(np.float32)
+    data = torch.from_numpy(x)
+    for start in range(0, n, batch):
+        s.update([[data[start:start + batch].unsqueeze(0)]])
+    exact = np.cov(x.astype(np.float64), rowvar=False)
+    got = s.covariance(0.0)[0].numpy()
+    assert s.count == n
+    assert np.abs(got - exact).max() < 1e-6 * np.abs(exact).max()
+    np.testing.assert_allclose(s.mean()[0].numpy(), x.astype(np.float64).mean(axis=0), rtol=1e-12)
 
 
 def test_oas_matches_scikit_learn(rng):
     from sklearn.covariance import OAS
 
-    x = rng.normal(size=(12, 8, 1, 1)) * np.linspace(0.5, 3, 8)[None, :, None, None]
-    s = _stats(x)
-    expected = OAS(assume_centered=False).fit(x[:, :, 0, 0]).covariance_
-    np.testing.assert_allclose(s.covariance(0.0, "oas")[0].numpy(), expected, rtol=1e-10, atol=1e-12)
-
-
-@settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(1, 6), min_size=2, max_size=5), seed=st.integers(0, 2**16),
-       order=st.randoms(use_true_random=False))
-def test_merge_is_order_free_and_batching_free(sizes, seed, order):
-    r = np.random.default_rng(seed)
-    parts = [r.normal(r.uniform(-5, 5), r.uniform(0.1, 10), size=(n, 3, 1, 2)) for n in sizes]
-    shuffled = parts[:]
-    order.shuffle(shuffled)
-    merged = _stats(parts[0])
-    for p in parts[1:]:
-        merged = merged + _stats(p)
-    other = _stats(shuffled[0])
-    for p in shuffled[1:]:
-        other = _stats(p) + other
-    one_batch = GaussianStats.empty(2, 3)
-    one_batch.update(torch.from_numpy(np.concatenate(parts)))
-    for s in (other, one_batch):
-        assert s.count == merged.count == sum(sizes)
-        torch.testing.assert_close(s.covariance(0.01), merged.covariance(0.01), rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(s.mean(), merged.mean(), rtol=1e-12, atol=1e-12)
-
-
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(2, 8), dim=st.integers(1, 12), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
-def test_covariance_is_symmetric_positive_definite_even_with_fewer_samples_than_dimensions(n, dim, scale, seed):
-    x = np.random.default_rng(seed).normal(0, scale, size=(n, dim, 1, 1))
-    cov = _stats(x).covariance(0.01)
-    torch.testing.assert_close(cov, cov.transpose(1, 2))
-    assert float(torch.linalg.eigvalsh(cov).min()) > 0.005
-    assert torch.isfinite(whitening_factor(cov)).all()
-
-
-def test_a_singular_covariance_is_named_by_its_position_across_chunks(rng):
-    x = rng.normal(size=(10, 2, 5, 1))
-    x[:, :, 3] = 1.0  # a constant feature: zero covariance at position 3
-    with pytest.raises(FloatingPointError, match="position 3 is not positive definite"):
-        list(whitening_factors(_stats(x), eps=0.0, chunk=2))
+    x = rng.normal(size=(12, 6, 1)) * np.linspace(0.5, 3, 6)[None, :, None]
+    s = stats_of(x, trivial_layout([3, 2, 1], (1, 1)))
+    expected = OAS(assume_centered=False).fit(x[:, :, 0].astype(np.float32)).covariance_
+    np.testing.assert_allclose(s.covariance(0.0, "oas")[0].numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_features_are_refused_and_leave_the_statistics_unchanged(rng, bad):
-    s = _stats(rng.normal(size=(4, 3, 2, 2)))
-    before = (s.count, s.total.clone(), s.outer.clone())
-    x = torch.from_numpy(rng.normal(size=(2, 3, 2, 2)))
-    x[1, 2, 0, 1] = bad
+def test_bad_batches_are_refused_and_leave_the_statistics_unchanged(rng, bad):
+    s = stats_of(nested_embeddings(rng, 4), NESTED)
+    before = (s.count, [t.clone() for t in s.total[0]], [p.clone() for row in s.pairs[0] for p in row])
+    batch = blocks(nested_embeddings(rng, 2), NESTED)
+    batch[0][1][3, 1, 0] = bad
     with pytest.raises(FloatingPointError, match="1 NaN or inf"):
-        s.update(x)
-    assert s.count == before[0] and torch.equal(s.total, before[1]) and torch.equal(s.outer, before[2])
-
-
-def test_non_finite_statistics_are_detected():
-    s = GaussianStats.empty(1, 2)
-    s.update(torch.ones(3, 2, 1, 1, dtype=torch.float64))
-    s.outer[0, 0, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match="NaN or inf"):
-        s.covariance(0.01)
-    with pytest.raises(FloatingPointError):
-        whitening_factor(torch.full((1, 2, 2), float("nan"), dtype=torch.float64))
-    with pytest.raises(ValueError, match="cannot merge"):
-        _ = s + GaussianStats.empty(1, 3)
-
-
-def _streamed(x: np.ndarray, batches: int = 3) -> GaussianStats:
-    s = StreamingStats(x.shape[2] * x.shape[3], x.shape[1])
-    for batch in np.array_split(x, batches):
-        if len(batch):
-            s.update(torch.from_numpy(batch).float())
-    return s.stats()
-
-
-@pytest.mark.parametrize("mean, spread", [(0.0, 1.0), (300.0, 0.01)])
-def test_streaming_stats_equal_the_float64_sums_to_float32_precision(rng, mean, spread):
-    # a mean 30,000 spreads away from zero: unshifted float32 products would lose every digit
-    x = rng.normal(mean, spread, (40, 6, 2, 3)).astype(np.float32).astype(np.float64)
-    fast, exact = _streamed(x), _stats(x)
-    assert fast.count == exact.count == 40
-    torch.testing.assert_close(fast.mean(), exact.mean(), rtol=1e-7, atol=1e-6 * spread)
-    cov = exact.covariance(0.0)
-    assert ((fast.covariance(0.0) - cov).abs().amax() / cov.abs().amax()) < 1e-5
-
-
-def test_streaming_stats_in_several_position_blocks_are_converted_once(rng, monkeypatch):
-    monkeypatch.setattr(stats_module, "UPDATE_CHUNK", 4)  # 6 positions: blocks of 4 and 2
-    x = rng.normal(size=(9, 5, 2, 3))
-    s = StreamingStats(6, 5)
-    for batch in np.array_split(x, 2):
-        s.update(torch.from_numpy(batch).float())
-    assert [len(o) for o in s.outer] == [4, 2]
-    fast, exact = s.stats(), _stats(x)
-    torch.testing.assert_close(fast.outer, exact.outer, rtol=1e-5, atol=1e-5)
-    assert s.outer == []  # freed as converted
-    with pytest.raises(ValueError, match="converted"):
-        s.stats()
-    with pytest.raises(ValueError, match="converted"):
-        s.update(torch.from_numpy(x).float())
-
-
-def test_streaming_stats_of_single_images_and_their_errors(rng):
-    x = rng.normal(size=(5, 3, 1, 2)).astype(np.float32)
-    one_by_one = _streamed(x.astype(np.float64), batches=5)  # first batch of one: its mean is the shift
-    torch.testing.assert_close(one_by_one.covariance(0.01), _stats(x.astype(np.float64)).covariance(0.01),
-                               rtol=1e-5, atol=1e-6)
-    s = StreamingStats(2, 3)
-    s.update(torch.zeros(0, 3, 2))
-    with pytest.raises(ValueError, match="no samples"):
-        s.stats()
+        s.update(batch)
     with pytest.raises(ValueError, match="do not match"):
-        s.update(torch.zeros(1, 3, 3))
-    bad = torch.from_numpy(x)
-    bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="1 NaN or inf"):
-        s.update(bad)
-    assert s.count == 0 and s.shift is None
+        s.update(blocks(nested_embeddings(rng, 2), TRIVIAL))
+    assert s.count == before[0]
+    assert all(torch.equal(a, b) for a, b in zip(s.total[0], before[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip((p for row in s.pairs[0] for p in row), before[2], strict=True))
+    empty = GaussianStats([NESTED])
+    empty.update(blocks(nested_embeddings(rng, 0), NESTED))
+    with pytest.raises(ValueError, match="no samples"):
+        empty.mean()
+    with pytest.raises(ValueError, match="at least 2"):
+        stats_of(nested_embeddings(rng, 1), NESTED, 1).covariance(0.01)

@@ -26,7 +26,16 @@ from .backbones import list_backbones
 from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
-from .params import COVARIANCE_ESTIMATORS, MODEL_FILE, TAP_RESIZE, PadimParams, check_scales
+from .params import (
+    COVARIANCE_ESTIMATORS,
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
+    MODEL_FILE,
+    TAP_RESIZE,
+    PadimParams,
+    check_param,
+    check_scales,
+)
 
 DEFAULTS = PadimParams()  # the model options' defaults are the estimator's
 
@@ -154,8 +163,10 @@ def eval_options(func):
 
 
 def _odd(ctx, param, value: int) -> int:
-    if value % 2 == 0:
-        raise click.BadParameter(f"must be odd, got {value}")
+    try:
+        check_param("pool", value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     return value
 
 
@@ -172,8 +183,8 @@ class ImageSize(click.ParamType):
             sides = tuple(int(p) for p in parts)
         except ValueError:
             self.fail(f"{value!r} is not N or HxW", param, ctx)
-        if len(sides) not in (1, 2) or not all(32 <= s <= 4096 for s in sides):
-            self.fail(f"{value!r}: give N or HxW with sides between 32 and 4096", param, ctx)
+        if len(sides) not in (1, 2) or not all(MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE for s in sides):
+            self.fail(f"{value!r}: give N or HxW with sides between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}", param, ctx)
         return sides[0] if len(sides) == 1 else sides
 
 

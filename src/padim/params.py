@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 # the model file in a run folder (padim fit / run write it, the other commands read it)
 MODEL_FILE = "model.safetensors"
-MAX_IMAGE_SIDE = 4096
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 4096  # 32: the deepest tap of a 4-tap backbone has stride 32
 TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
@@ -55,14 +55,14 @@ def is_number(v) -> bool:
 
 
 def _side(v) -> bool:
-    return is_int(v) and 8 <= v <= MAX_IMAGE_SIDE
+    return is_int(v) and MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE
 
 
 # what a resolved value of each parameter must be: (check, description for messages)
 CHECKS: dict[str, tuple[Callable, str]] = {
     "backbone": (lambda v: isinstance(v, str), "a backbone name"),
     "image_size": (lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_side(x) for x in v),
-                   f"[h, w] in 8..{MAX_IMAGE_SIDE}"),
+                   f"[h, w] in {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}"),
     "d": (lambda v: is_int(v) and v >= 1, "a positive integer"),
     "eps": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
     "sigma": (lambda v: is_number(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
@@ -77,6 +77,13 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "scales": (lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(is_number(x) and 0 < x <= 1 for x in v)
                and len(set(v)) == len(v), "distinct numbers in (0, 1]"),
 }
+
+
+def check_param(name: str, value) -> None:
+    """ValueError unless ``value`` is a valid resolved value of parameter ``name`` (see CHECKS)."""
+    check, expected = CHECKS[name]
+    if not check(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,7 @@ class PadimParams:
                       d=default_d(self.backbone) if self.d is None else self.d,
                       sigma=default_sigma(size) if self.sigma is None else float(self.sigma))
         for name, value in asdict(out).items():
-            check, expected = CHECKS[name]
-            if not check(value):
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+            check_param(name, value)
         total = sum(get_spec(self.backbone).channels)
         if out.d > total:
             raise ValueError(f"d must be in 1..{total} for backbone {self.backbone!r}, got {out.d}")

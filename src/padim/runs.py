@@ -60,7 +60,7 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     check_training_set(data, len(paths), model)
     fit_idx, cal_idx = model.calibration_split(len(paths))
     with stages("fit"):
-        stats = model.fit_statistics([paths[i] for i in fit_idx])
+        stats = model.accumulate([paths[i] for i in fit_idx])
     with stages("calibrate"):
         model.fit_from_stats(stats, [paths[i] for i in cal_idx], n_train=len(paths))
     with stages("save"):

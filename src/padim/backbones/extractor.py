@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..params import TAP_RESIZE, check_scales
+from ..params import check_param, check_scales
 from .layout import ScaleLayout, scale_layout
 from .registry import get_spec
 
@@ -78,10 +78,8 @@ class FeatureExtractor(nn.Module):
         self.scales = check_scales(scales)
         self._grids: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._layouts: dict[tuple[int, int], list[ScaleLayout] | None] = {}
-        if pool < 1 or pool % 2 == 0:
-            raise ValueError(f"pool must be an odd size >= 1, got {pool}")
-        if tap_resize not in TAP_RESIZE:
-            raise ValueError(f"tap_resize must be one of {TAP_RESIZE}, got {tap_resize!r}")
+        check_param("pool", pool)
+        check_param("tap_resize", tap_resize)
         spec = get_spec(backbone)
         # channels-last lets oneDNN pick its fast depthwise and 1x1 convolution kernels on CPU
         net = fold_batch_norms(spec.build(weights, pretrained).eval())
@@ -241,10 +239,13 @@ class FeatureExtractor(nn.Module):
             return None
         key = (int(size[0]), int(size[1]))
         if key not in self._layouts:
-            channels = [getattr(self, f"tap{i}").numel() for i in range(self.taps_count)][::-1]
-            layouts = [scale_layout(channels, taps[::-1]) for taps in self.tap_grids(key)]
+            layouts = [scale_layout(self.tap_sizes(), taps[::-1]) for taps in self.tap_grids(key)]
             self._layouts[key] = None if any(lay is None for lay in layouts) else layouts
         return self._layouts[key]
+
+    def tap_sizes(self) -> list[int]:
+        """Channels kept of each tap, deepest first (the embedding's order)."""
+        return [getattr(self, f"tap{i}").numel() for i in range(self.taps_count)][::-1]
 
     def block_buffer(self, batch_size: int, size: tuple[int, int]) -> list[list[torch.Tensor]]:
         """Empty ``out`` buffers for :meth:`blocks`: per scale, per tap, (cells, batch_size, channels)."""

@@ -71,3 +71,9 @@ def scale_layout(channels: list[int], grids: list[tuple[int, int]]) -> ScaleLayo
             return None
     fine = grids[-1][0]
     return ScaleLayout(tuple(Level(c, g, fine // g[0]) for c, g in zip(channels, grids, strict=True)))
+
+
+def trivial_layout(channels: list[int], grid: tuple[int, int]) -> ScaleLayout:
+    """Every tap (``channels`` kept of each, deepest first) at every position of ``grid``: one cell
+    per position, the layout of any embedding."""
+    return ScaleLayout(tuple(Level(c, (int(grid[0]), int(grid[1])), 1) for c in channels if c))

@@ -7,10 +7,10 @@ task graph. Each worker keeps the models it has built in a small cache held by a
 """
 
 from .cluster import FIT_SHARD_SIZE, PREDICT_SHARD_SIZE, ClusterError, ModelCache, connect, prepare
-from .fit import PackedStats, fit_distributed, fit_job
+from .fit import fit_distributed, fit_job
 from .predict import predict_distributed, predict_job
 
 __all__ = [
-    "FIT_SHARD_SIZE", "PREDICT_SHARD_SIZE", "ClusterError", "ModelCache", "PackedStats", "connect",
+    "FIT_SHARD_SIZE", "PREDICT_SHARD_SIZE", "ClusterError", "ModelCache", "connect",
     "fit_distributed", "fit_job", "predict_distributed", "predict_job", "prepare",
 ]

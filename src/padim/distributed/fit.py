@@ -5,55 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from dask.base import tokenize
 from distributed import Client, Future, as_completed
 from tqdm.auto import tqdm
 
 from ..model import GaussianStats, Padim
-from ..model.cells import CellStats
 from ..runs import MODEL_FILE, DataArgs, check_training_set
 from .cluster import FIT_SHARD_SIZE, RETRIES, connect, prepare, shards, worker_cache, worker_threads
-
-
-@dataclass
-class PackedStats:
-    """:class:`GaussianStats` as numpy arrays with only the lower triangle of each outer product.
-
-    The outer products are symmetric, so sending the (P, D(D+1)/2) triangle instead of the
-    (P, D, D) matrix halves the traffic; sums of triangles are the triangles of sums (exact).
-    """
-
-    count: int
-    total: np.ndarray  # (P, D) float64
-    tril: np.ndarray  # (P, D(D+1)/2) float64, np.tril_indices order
-
-    @classmethod
-    def pack(cls, stats: GaussianStats) -> PackedStats:
-        rows, cols = np.tril_indices(stats.total.shape[1])
-        outer = stats.outer.cpu().numpy()
-        return cls(stats.count, stats.total.cpu().numpy(), np.ascontiguousarray(outer[:, rows, cols]))
-
-    def unpack(self, device: torch.device | str = "cpu") -> GaussianStats:
-        """The full statistics (the upper triangle mirrored from the lower)."""
-        p, d = self.total.shape
-        rows, cols = np.tril_indices(d)
-        outer = np.empty((p, d, d), dtype=np.float64)
-        outer[:, rows, cols] = self.tril
-        outer[:, cols, rows] = self.tril
-        return GaussianStats(self.count, torch.from_numpy(self.total).to(device), torch.from_numpy(outer).to(device))
-
-    def __add__(self, other: PackedStats) -> PackedStats:
-        return PackedStats(self.count + other.count, self.total + other.total, self.tril + other.tril)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of array data one partial statistic sends."""
-        return self.total.nbytes + self.tril.nbytes
 
 
 def _fit_params(model: Padim) -> dict:
@@ -65,16 +25,14 @@ def _fit_params(model: Padim) -> dict:
     return params
 
 
-def accumulate_shard(params: dict, paths: list[str]) -> PackedStats | CellStats:
+def accumulate_shard(params: dict, paths: list[str]) -> GaussianStats:
     """Task: partial statistics of one shard of image files, with the worker's cached backbone.
-    Statistics kept per cell (nearest tap resizing) travel as they are: they are already a fraction
-    of the per-position outer products, and the client's fit needs them per cell."""
+    They travel as they are kept: per cell, only the lower block triangle of each sum of outer products."""
     model = worker_cache().get(("fit", *sorted(params.items())), lambda: Padim(**params))
-    stats = model.accumulate(paths)
-    return stats if isinstance(stats, CellStats) else PackedStats.pack(stats)
+    return model.accumulate(paths)
 
 
-def _add(a: PackedStats | CellStats, b: PackedStats | CellStats) -> PackedStats | CellStats:
+def _add(a: GaussianStats, b: GaussianStats) -> GaussianStats:
     return a + b
 
 
@@ -90,7 +48,7 @@ def tree_sum(client: Client, leaves: list[Future], retries: int = RETRIES) -> Fu
 
 def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: Client,
                            shard_size: int = FIT_SHARD_SIZE, retries: int = RETRIES,
-                           progress: bool = False) -> GaussianStats | CellStats:
+                           progress: bool = False) -> GaussianStats:
     """``model.accumulate(images)`` on the cluster: one task per shard, partials summed in a tree."""
     params = _fit_params(model)
     parts = shards([str(p) for p in images], shard_size, model.batch_size, worker_threads(client))
@@ -103,8 +61,7 @@ def accumulate_distributed(model: Padim, images: Sequence[str | Path], client: C
     del leaves  # let the scheduler free each partial once it is summed
     for _ in tqdm(done, total=len(parts), desc="fit shards", unit="shard", disable=not progress):
         pass
-    total = root.result()
-    return total if isinstance(total, CellStats) else total.unpack(model.device)
+    return root.result()
 
 
 def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, shard_size: int = FIT_SHARD_SIZE,

@@ -35,4 +35,5 @@ class ScoringGraph(nn.Module):
             level = x if matrices is None else torch.matmul(torch.matmul(matrices[0], x.contiguous()), matrices[1])
             levels.append(extractor.features(level).flatten(2))
         embeddings = levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
-        return self.scorer.maps(self.scorer.whitening.graph_distances(embeddings))
+        scores, maps = self.scorer.maps(self.scorer.whitening.graph_distances(embeddings))
+        return maps, scores  # the exported graph's outputs, in its order: 'maps', 'scores'

@@ -2,13 +2,14 @@
 estimator, model files."""
 
 from ..errors import ModelFileError
+from .factor import whitening_factor
 from .io import read_model_file, write_model_file
 from .padim import Padim, Prediction
 from .scorer import PadimScorer
-from .stats import GaussianStats, StreamingStats, whitening_factor
-from .whitening import CellWhitening, PositionWhitening
+from .stats import GaussianStats
+from .whitening import Whitening
 
 __all__ = [
-    "CellWhitening", "GaussianStats", "ModelFileError", "Padim", "PadimScorer", "PositionWhitening", "Prediction",
-    "read_model_file", "StreamingStats", "whitening_factor", "write_model_file",
+    "GaussianStats", "ModelFileError", "Padim", "PadimScorer", "Prediction", "Whitening", "read_model_file",
+    "whitening_factor", "write_model_file",
 ]

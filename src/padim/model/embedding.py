@@ -1,98 +1,88 @@
-"""The form a model's embeddings take, chosen once per model: position by position, or cell by
-cell where the deeper taps are resized by nearest neighbour on the CPU (see
-:mod:`padim.model.cells`). Each form embeds images, makes the buffers that batches are written
-into, and makes the statistics and the whitening that consume its embeddings, so the estimator's
-fit and predict are written once for both."""
+"""The form a model's embeddings take, chosen once per model by :func:`embedding_for`: per scale,
+per tap (deepest first), (cells, B, C) blocks of a layout (see :mod:`padim.model.cells`). Nested
+cells where the deeper taps are resized by nearest neighbour and the covariance is the same over a
+cell; else the trivial layout, one cell per position. The statistics and the whitening of a model
+take its layout, so fit and predict are written once for both."""
 
 from __future__ import annotations
 
 import torch
 
 from ..backbones import FeatureExtractor
-from ..backbones.layout import ScaleLayout
-from .cells import Blocks, BlockStats
-from .stats import StreamingStats, position_chunks
-from .whitening import STATE_CHUNK, CellWhitening, PositionWhitening, fill_whitening
+from ..backbones.layout import ScaleLayout, trivial_layout
+from .cells import Blocks, tap_channels
+from .stats import GaussianStats
+from .whitening import Whitening
 
 
-class PositionEmbedding:
-    """(B, d, P) embeddings of ``size`` inputs, P the positions of every scale."""
+class Embedding:
+    """Embeddings of ``size`` inputs as blocks of ``layouts`` (one per scale)."""
 
-    def __init__(self, extractor: FeatureExtractor, size: tuple[int, int]):
+    def __init__(self, extractor: FeatureExtractor, size: tuple[int, int], layouts: list[ScaleLayout]):
         self.extractor = extractor
         self.size = (int(size[0]), int(size[1]))
         self.grids = extractor.grids(self.size)
+        self.layouts = layouts
         self.positions = sum(h * w for h, w in self.grids)
         self.dim = int(extractor.channels.numel())
+        # nested cells come from the extractor's blocks; the trivial layout from its (P, B, d) embedding
+        self.cells = layouts == extractor.block_layouts(self.size)
 
     @property
     def device(self) -> torch.device:
         return self.extractor.mean.device
 
-    def __call__(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> (B, d, P), written into ``out`` (see :meth:`buffer`) if given."""
-        return self.extractor(images, out)
+    def __call__(self, images: torch.Tensor, out=None) -> Blocks:
+        """uint8 (B, 3, H, W) -> blocks, written into ``out`` (a :meth:`window` of a :meth:`buffer`) if given."""
+        if self.cells:
+            return self.extractor.blocks(images, out)
+        return self.split(self.extractor(images, out))
 
-    def buffer(self, images: int) -> torch.Tensor:
+    def split(self, embeddings: torch.Tensor) -> Blocks:
+        """(B, d, P) embeddings -> the trivial layout's blocks (views)."""
+        x, out, start = embeddings.permute(2, 0, 1), [], 0
+        for layout in self.layouts:
+            out.append([x[start:start + layout.positions, :, c] for c in tap_channels(layout)])
+            start += layout.positions
+        return out
+
+    def buffer(self, images: int):
         """A buffer for ``images`` embeddings, to write batch after batch into."""
+        if self.cells:
+            return self.extractor.block_buffer(images, self.size)
         return self.extractor.buffer(images, self.size)
 
-    def window(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def window(self, out, start: int, stop: int):
         """The part of a buffer that holds images [start, stop), to write into."""
+        if self.cells:
+            return [[t[:, start:stop] for t in scale] for scale in out]
         return out[:, start:stop]
 
-    def filled(self, out: torch.Tensor, images: int) -> torch.Tensor:
-        """The embeddings of the first ``images`` images written into a buffer."""
-        return out[:, :images].permute(1, 2, 0)
+    def filled(self, out, images: int) -> Blocks:
+        """The blocks of the first ``images`` images written into a buffer."""
+        window = self.window(out, 0, images)
+        return window if self.cells else self.split(window.permute(1, 2, 0))
 
-    def running_stats(self) -> StreamingStats:
-        """Empty statistics that take these embeddings."""
-        return StreamingStats(self.positions, self.dim, self.device)
+    def stats(self) -> GaussianStats:
+        """Empty statistics of these embeddings."""
+        return GaussianStats(self.layouts, self.device)
 
-    def whitening(self) -> PositionWhitening:
+    def whitening(self) -> Whitening:
         """An empty whitening that scores these embeddings."""
-        return PositionWhitening(self.positions, self.dim, self.device)
-
-    def adopt(self, whitening: PositionWhitening | CellWhitening) -> PositionWhitening | CellWhitening:
-        """``whitening`` in the form that scores these embeddings: as it is, or its factor copied
-        chunk by chunk into an empty one (e.g. a model stored per cell, scored on a GPU)."""
-        if isinstance(whitening, CellWhitening) == isinstance(self, CellEmbedding):
-            return whitening
-        target = self.whitening()
-        chunks = position_chunks(self.positions, STATE_CHUNK)
-        fill_whitening(target, ((part, whitening.factor_of(part)) for part in chunks), whitening.mean)
-        return target
+        return Whitening(self.layouts, self.device)
 
 
-class CellEmbedding(PositionEmbedding):
-    """Per scale, per tap (deepest first), the (cells, B, C) tap embeddings: each deep feature once
-    per cell of its tap instead of once per finest position (FeatureExtractor.blocks)."""
-
-    def __init__(self, extractor: FeatureExtractor, size: tuple[int, int], layouts: list[ScaleLayout]):
-        super().__init__(extractor, size)
-        self.layouts = layouts
-
-    def __call__(self, images: torch.Tensor, out: Blocks | None = None) -> Blocks:
-        return self.extractor.blocks(images, out)
-
-    def buffer(self, images: int) -> Blocks:
-        return self.extractor.block_buffer(images, self.size)
-
-    def window(self, out: Blocks, start: int, stop: int) -> Blocks:
-        return [[t[:, start:stop] for t in scale] for scale in out]
-
-    def filled(self, out: Blocks, images: int) -> Blocks:
-        return self.window(out, 0, images)
-
-    def running_stats(self) -> BlockStats:
-        return BlockStats(self.layouts, self.device)
-
-    def whitening(self) -> CellWhitening:
-        return CellWhitening(self.layouts, self.device)
-
-
-def embedding_for(extractor: FeatureExtractor, size: tuple[int, int]) -> PositionEmbedding:
-    """The cell form where the extractor's embeddings of ``size`` inputs have a block layout and run
-    on the CPU (on a GPU one large product per step is faster), else the position form."""
-    layouts = extractor.block_layouts(size) if extractor.mean.device.type == "cpu" else None
-    return CellEmbedding(extractor, size, layouts) if layouts is not None else PositionEmbedding(extractor, size)
+def embedding_for(extractor: FeatureExtractor, size: tuple[int, int], covariance: str = "eps",
+                  storage: str | None = None) -> Embedding:
+    """The nested cells where the extractor's embeddings of ``size`` inputs have them and the
+    ``covariance`` estimator gives the same covariance across a cell ('eps'; 'oas' shrinks each
+    position by its own coefficient), else the trivial layout; ``storage`` (a model file's
+    'cells' or 'positions') overrides the choice."""
+    cells = extractor.block_layouts(size)
+    use_cells = cells is not None and (covariance == "eps" if storage is None else storage == "cells")
+    if storage == "cells" and cells is None:
+        raise ValueError(f"factor stored per cell, but tap_resize {extractor.tap_resize!r} at {list(size)} "
+                         "has no cells")
+    if use_cells:
+        return Embedding(extractor, size, cells)
+    return Embedding(extractor, size, [trivial_layout(extractor.tap_sizes(), grid) for grid in extractor.grids(size)])

@@ -108,7 +108,25 @@ FILE_FIELDS: dict[str, tuple[Callable, str]] = {
     "map_range": (lambda v: v is None or _pair(is_number)(v), "null or [low, high]"),
 }
 FIELDS = {**{name: CHECKS[name] for name in PadimParams.names()}, **FILE_FIELDS}
-OPTIONAL = {"created"}  # written by 0.1.0 before byte-identical files; ignored
+
+
+def model_metadata(params: PadimParams, grids: list[tuple[int, int]], storage: str, threshold: float | None,
+                   info: dict) -> dict:
+    """What a model file says of a fitted model besides its tensors: its parameters, the backbone's
+    taps and normalization, the grids, how the factor is stored, the threshold and the training counts."""
+    spec = get_spec(params.backbone)
+    h, w = params.image_size
+    return {
+        **params.to_state(),
+        "backbone_source": spec.source,
+        "taps": list(spec.taps),
+        "grids": [list(g) for g in grids],
+        "storage": storage,
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std), "input": "RGB uint8 / 255"},
+        "resize": "bilinear, square" if h == w else "bilinear",
+        "threshold": threshold,
+        **info,
+    }
 
 
 def check_metadata(path: Path, meta: dict) -> None:
@@ -126,7 +144,7 @@ def check_metadata(path: Path, meta: dict) -> None:
         if not ok(meta[name]):
             raise ModelFileError(f"{path}: metadata field {name!r} is {meta[name]!r}, expected {expected}; "
                                  "the file was altered or damaged; re-run 'padim fit'")
-    unknown = sorted(set(meta) - set(FIELDS) - OPTIONAL)
+    unknown = sorted(set(meta) - set(FIELDS))
     if unknown:
         logger.warning("%s: ignoring unknown metadata field(s) %s", path, ", ".join(unknown))
     try:

@@ -5,14 +5,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embedding import PositionEmbedding
-from .whitening import CellWhitening, PositionWhitening, expect_tensor, fill_whitening
+from ..params import PadimParams
+from .embedding import Embedding, embedding_for
+from .factor import factor_rows
+from .stats import GaussianStats
+from .whitening import Whitening, expect_tensor
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -66,7 +69,7 @@ class GaussianBlur(nn.Module):
 
 
 class AnomalyMaps(nn.Module):
-    """(B, P) distances on the ``grids`` of the scales -> (maps (B, H, W), scores (B,)): each scale's
+    """(B, P) distances on the ``grids`` of the scales -> (scores (B,), maps (B, H, W)): each scale's
     distances upsampled bilinearly to ``image_size`` and blurred with a Gaussian of ``sigma`` pixels,
     the maps of all scales averaged; image score = max of the map, or the mean of its ``top_k``
     largest values."""
@@ -94,7 +97,7 @@ class AnomalyMaps(nn.Module):
             start += h * w
         if len(self.grids) > 1:
             maps.div_(len(self.grids))
-        return maps, image_scores(maps, self.top_k)
+        return image_scores(maps, self.top_k), maps
 
     def smooth(self, distances: torch.Tensor) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to the image size and blur them (see smoothing_matrix)."""
@@ -114,14 +117,12 @@ class AnomalyMaps(nn.Module):
 
 class PadimScorer(nn.Module):
     """What a fitted model runs on images: uint8 (B, 3, H, W) -> its embeddings, their Mahalanobis
-    distances to each position's Gaussian (the whitening), anomaly maps and image scores."""
+    distances to each position's Gaussian (the whitening), image scores and anomaly maps."""
 
-    def __init__(self, embedding: PositionEmbedding, whitening: PositionWhitening | CellWhitening,
-                 sigma: float, top_k: int = 1):
+    def __init__(self, embedding: Embedding, whitening: Whitening, sigma: float, top_k: int = 1):
         super().__init__()
-        if tuple(whitening.mean.shape) != (embedding.positions, embedding.dim):
-            raise ValueError(f"a whitening of {tuple(whitening.mean.shape)} (positions, channels) for embeddings "
-                             f"of {(embedding.positions, embedding.dim)}")
+        if whitening.layouts != embedding.layouts:
+            raise ValueError("the whitening's layout is not the embedding's")
         self.embedding = embedding
         self.extractor = embedding.extractor
         self.whitening = whitening
@@ -133,7 +134,7 @@ class PadimScorer(nn.Module):
         return self.embedding.size
 
     def forward(self, images: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,)); ``out``: a buffer of the embedding
+        """uint8 (B, 3, H, W) -> (scores (B,), maps (B, H, W)); ``out``: a buffer of the embedding
         (``embedding.buffer``), for loops that score batch after batch."""
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if size != self.image_size:
@@ -141,49 +142,45 @@ class PadimScorer(nn.Module):
                              f"{self.image_size[0]}x{self.image_size[1]}")
         return self.score(self.embedding(images, out))
 
-    def score(self, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of the embedding's form -> (maps (B, H, W), scores (B,))."""
-        return self.maps(self.whitening.distances(embeddings))
+    def score(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding blocks -> (scores (B,), maps (B, H, W))."""
+        return self.maps(self.whitening.distances(blocks))
 
     @property
     def storage(self) -> str:
-        """How the whitening is kept and stored: 'cells' or 'positions'."""
-        return "cells" if isinstance(self.whitening, CellWhitening) else "positions"
+        """How a model file keeps the whitening: 'cells' or 'positions'."""
+        return self.whitening.storage
 
     def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Model-file tensors: the whitening's (its factor in ``dtype``) and the channel index."""
         return {**self.whitening.state(dtype), "channels": self.extractor.channels.cpu().contiguous()}
 
     @classmethod
-    def from_state(cls, embedding: PositionEmbedding, tensors: dict[str, torch.Tensor], storage: str,
-                   dtype: torch.dtype, sigma: float, top_k: int = 1) -> PadimScorer:
-        """The scorer of :meth:`state`'s tensors, stored as ``storage``, for ``embedding`` (whose
-        extractor must keep the same channels); ValueError names a missing, extra or bad tensor."""
+    def from_state(cls, extractor, p: PadimParams, meta: dict, tensors: dict[str, torch.Tensor]) -> PadimScorer:
+        """The scorer of a model file's ``meta`` (its grids and storage) and :meth:`state`'s
+        ``tensors`` for ``extractor`` (which must keep the same channels) and parameters ``p``;
+        ValueError names a mismatch or a missing, extra or bad tensor."""
+        embedding = embedding_for(extractor, p.image_size, storage=meta["storage"])
+        if [list(g) for g in embedding.grids] != meta["grids"]:
+            raise ValueError(f"grids {meta['grids']} do not match the {embedding.grids} of image size "
+                             f"{list(p.image_size)}")
         channels = expect_tensor(tensors, "channels", (embedding.dim,), torch.int64)
-        if not torch.equal(channels, embedding.extractor.channels.cpu()):
+        if not torch.equal(channels, extractor.channels.cpu()):
             raise ValueError("channel index does not match the backbone's channel subset (d, seed)")
-        if storage == "cells":
-            layouts = embedding.extractor.block_layouts(embedding.size)
-            if layouts is None:
-                raise ValueError(f"factor stored per cell, but tap_resize {embedding.extractor.tap_resize!r} at "
-                                 f"{list(embedding.size)} has no cells")
-            stored = CellWhitening(layouts, embedding.device)
-        else:
-            stored = PositionWhitening(embedding.positions, embedding.dim, embedding.device)
+        stored = embedding.whitening()
         extra = sorted(set(tensors) - stored.tensor_names() - {"channels"})
         if extra:
             raise ValueError(f"unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
-        stored.load_state(tensors, dtype)
-        return cls(embedding, embedding.adopt(stored), sigma, top_k)
+        stored.load_state(tensors, getattr(torch, p.factor_dtype))
+        return cls(embedding, stored, p.sigma, p.top_k)
 
-
-def build_scorer(embedding: PositionEmbedding, mean: torch.Tensor,
-                 factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]], sigma: float, top_k: int = 1,
-                 ) -> PadimScorer:
-    """The scorer of a (P, d) ``mean`` and whitening factor W (P, d, d), or W's (positions, (p, d, d)
-    chunk) pieces in order, so that all of it never has to exist at once; kept in the form of
-    ``embedding`` (cell by cell, W must then have the block structure a fit on its embeddings gives)."""
-    whitening = embedding.whitening()
-    pieces = [(slice(0, mean.shape[0]), factor)] if isinstance(factor, torch.Tensor) else factor
-    fill_whitening(whitening, pieces, mean)
-    return PadimScorer(embedding, whitening, sigma, top_k)
+    @classmethod
+    def fit(cls, embedding: Embedding, stats: GaussianStats, p: PadimParams) -> PadimScorer:
+        """The scorer of ``stats`` for ``embedding`` with parameters ``p``: its factor computed cell
+        by cell and rounded to ``p.factor_dtype``, the precision a model file keeps, so that a fitted
+        model scores exactly as it will once saved and loaded."""
+        whitening, dtype = embedding.whitening(), getattr(torch, p.factor_dtype)
+        for s, i, cells, rows in factor_rows(stats.to_layouts(embedding.layouts), p.eps, p.covariance):
+            whitening.set_rows(s, i, cells, rows.to(dtype))
+        whitening.finish(stats.mean())
+        return cls(embedding, whitening, p.sigma, p.top_k)

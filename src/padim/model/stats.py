@@ -1,235 +1,197 @@
-"""Streaming, mergeable per-position Gaussian statistics (count, sum, sum of outer products)."""
+"""Streaming, mergeable Gaussian statistics of embeddings in a block layout: the count and, per
+cell, float64 sums of x and of x x^T (the pair blocks of :mod:`padim.model.cells`). One class for
+every layout: a nested one (nearest tap resizing: each deep statistic once per cell of its tap) or
+the trivial one (every statistic per position)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 
-COVARIANCE_ESTIMATORS = ("eps", "oas")
-UPDATE_CHUNK = 128  # positions per step of a statistics update
+from ..backbones.layout import ScaleLayout
+from .cells import (
+    Blocks,
+    block_at,
+    expand_pairs,
+    expand_vectors,
+    grouped,
+    pair_positions,
+    row_steps,
+    side_by_side,
+    vector_at,
+)
+
+STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
 
 
-def position_chunks(positions: int, size: int) -> Iterator[slice]:
-    """Consecutive slices of at most ``size`` of ``positions`` positions: the steps in which large
-    per-position tensors are processed, so each step's temporaries stay small (or in cache)."""
-    for start in range(0, positions, size):
-        yield slice(start, min(start + size, positions))
-
-
-@dataclass
 class GaussianStats:
-    """Sufficient statistics of one Gaussian per patch position, accumulated in float64.
+    """Sufficient statistics of one Gaussian per finest position, kept per cell of ``layouts``.
 
-    ``total`` is (P, D) and ``outer`` (P, D, D) for P positions and D channels. Two partial fits
-    add up exactly to the fit on the union (``a + b``), so shards can be reduced in any order.
+    Sums are of x - shift (the first batch's mean): each batch's products are formed in float32 on
+    centred values, where they keep their digits, and added into float64 sums, whose rounding does
+    not grow with the number of images. Two partial fits add up to the fit on the union (``a + b``,
+    ``a += b``), so shards reduce in any order. ``total[s][i]``: (tap-i cells, C_i) sums of x_i;
+    ``pairs[s][i][j]``, j <= i: (tap-j cells, t t C_i, C_j) sums of x_i x_j^T.
     """
 
-    count: int
-    total: torch.Tensor
-    outer: torch.Tensor
-
-    @classmethod
-    def empty(cls, positions: int, dim: int, device: torch.device | str = "cpu") -> GaussianStats:
-        """Statistics of zero samples."""
-        return cls(
-            0,
-            torch.zeros(positions, dim, dtype=torch.float64, device=device),
-            torch.zeros(positions, dim, dim, dtype=torch.float64, device=device),
-        )
-
-    def update(self, embeddings: torch.Tensor) -> None:
-        """Add a batch of (B, D, P) embeddings, or (B, D, h, w) with the h*w grid cells as positions,
-        in float64 (exact; :class:`StreamingStats` is the faster path for many batches)."""
-        embeddings = checked_batch(embeddings, *self.total.shape)
-        self.count += embeddings.shape[0]
-        # a few positions at a time: their float64 copy stays in cache for the sum and the product
-        for part in position_chunks(embeddings.shape[2], UPDATE_CHUNK):
-            x = embeddings[:, :, part].to(torch.float64).permute(2, 0, 1)
-            self.total[part] += x.sum(dim=1)
-            self.outer[part].baddbmm_(x.transpose(1, 2), x)
-
-    def __add__(self, other: GaussianStats) -> GaussianStats:
-        if self.total.shape != other.total.shape:
-            raise ValueError(f"cannot merge statistics of shapes {tuple(self.total.shape)} and "
-                             f"{tuple(other.total.shape)}")
-        return GaussianStats(self.count + other.count, self.total + other.total, self.outer + other.outer)
-
-    def mean(self) -> torch.Tensor:
-        """(P, D) sample mean."""
-        if self.count < 1:
-            raise ValueError("no samples accumulated")
-        return self.total / self.count
+    def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
+        self.layouts = list(layouts)
+        self.count = 0
+        self.shift: Blocks | None = None
+        self.total = [[torch.zeros(lv.cells, lv.channels, dtype=torch.float64, device=device)
+                       for lv in lay.levels] for lay in layouts]
+        self.pairs = [[[torch.zeros(b.cells, lay.step(i, j) ** 2 * a.channels, b.channels, dtype=torch.float64,
+                                    device=device)
+                        for j, b in enumerate(lay.levels[:i + 1])] for i, a in enumerate(lay.levels)]
+                      for lay in layouts]
 
     @property
     def positions(self) -> int:
-        """Number of patch positions P."""
-        return self.total.shape[0]
+        """Finest positions of all scales."""
+        return sum(lay.positions for lay in self.layouts)
+
+    @property
+    def dim(self) -> int:
+        """Channels d of the embedding."""
+        return sum(lv.channels for lv in self.layouts[0].levels)
 
     @property
     def device(self) -> torch.device:
         """Where the sums are."""
-        return self.total.device
+        return self.total[0][0].device
+
+    def update(self, blocks: Blocks) -> None:
+        """Add a batch of embedding blocks: per scale, per tap, (cells, B, C)."""
+        self._check(blocks)
+        b = blocks[0][0].shape[1]
+        if b == 0:
+            return
+        if self.shift is None:
+            self.shift = [[x.mean(dim=1).float() for x in scale] for scale in blocks]
+        self.count += b
+        for layout, xs, shifts, totals, pairs in zip(self.layouts, blocks, self.shift, self.total, self.pairs,
+                                                     strict=True):
+            # scratch for all steps: fresh temporaries this large cost page faults
+            steps = list(row_steps(layout, STATS_TOP_CELLS))
+            centred = [x.new_empty(steps[0][i].stop, b, x.shape[2]) for i, x in enumerate(xs)]
+            side = [x.new_empty(steps[0][-1].stop * b * x.shape[2]) for x in xs]
+            product = xs[0].new_empty(max((steps[0][j].stop - steps[0][j].start) * p.shape[1] * p.shape[2]
+                                          for row in pairs for j, p in enumerate(row)))
+            for parts in steps:
+                c = [torch.sub(x[p], s[p].unsqueeze(1), out=buf[:p.stop - p.start])
+                     for x, s, p, buf in zip(xs, shifts, parts, centred, strict=True)]
+                for i, ci in enumerate(c):
+                    totals[i][parts[i]] += ci.sum(dim=1, dtype=torch.float64)
+                    for j in range(i + 1):
+                        if j == i:
+                            lhs = ci.transpose(1, 2)
+                        else:  # one product per tap-j cell, its tap-i cells side by side
+                            cells = side_by_side(ci, layout, i, j).permute(0, 1, 3, 4, 5, 2)
+                            lhs = side[i][:ci.numel()].view(cells.shape).copy_(cells).view(c[j].shape[0], -1, b)
+                        target = pairs[i][j][parts[j]]
+                        out = product[:target.numel()].view(target.shape)
+                        target += torch.bmm(lhs, c[j], out=out)
+
+    def _check(self, blocks: Blocks) -> None:
+        """A clear error, before any sum changes, for blocks of the wrong shape or holding NaN or inf."""
+        b = blocks[0][0].shape[1]
+        expected = [[(lv.cells, b, lv.channels) for lv in lay.levels] for lay in self.layouts]
+        got = [[tuple(x.shape) for x in scale] for scale in blocks]
+        if got != expected:
+            raise ValueError(f"embeddings of shapes {got} do not match statistics of shapes {expected}")
+        bad = sum(int((~torch.isfinite(x)).sum()) for scale in blocks for x in scale
+                  if not bool(torch.isfinite(x.sum())))
+        if bad:
+            raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
+
+    # ----------------------------------------------------------------- merging
+    def __iadd__(self, other: GaussianStats) -> GaussianStats:
+        if self.layouts != other.layouts:
+            raise ValueError("cannot merge statistics of different layouts (image size, scales, channels or "
+                             "covariance estimator differ)")
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.shift = [[x.clone() for x in scale] for scale in other.shift]
+        total, pairs = other.about(self.shift)
+        self.count += other.count
+        for mine, theirs in zip(self.total, total, strict=True):
+            for a, b in zip(mine, theirs, strict=True):
+                a += b
+        for mine, theirs in zip(self.pairs, pairs, strict=True):
+            for row_a, row_b in zip(mine, theirs, strict=True):
+                for a, b in zip(row_a, row_b, strict=True):
+                    a += b
+        return self
+
+    def __add__(self, other: GaussianStats) -> GaussianStats:
+        out = GaussianStats(self.layouts, self.device)
+        out += self
+        out += other
+        return out
+
+    def about(self, shift: Blocks) -> tuple[list[list[torch.Tensor]], list[list[list[torch.Tensor]]]]:
+        """New (total, pairs): these sums re-expressed about ``shift``. With c = x - s, d = s - t:
+        sum (x - t) = S + n d; sum (x_i - t_i)(x_j - t_j)^T = sum c_i c_j^T + u_i d_j^T + d_i u_j^T,
+        u = S + n d / 2."""
+        n = self.count
+        delta = [[a.double() - b.double() for a, b in zip(mine, theirs, strict=True)]
+                 for mine, theirs in zip(self.shift, shift, strict=True)]
+        total = [[t + n * d for t, d in zip(ts, ds, strict=True)] for ts, ds in zip(self.total, delta, strict=True)]
+        pairs = []
+        for layout, ts, ds, ps in zip(self.layouts, self.total, delta, self.pairs, strict=True):
+            u = [t + (n / 2) * d for t, d in zip(ts, ds, strict=True)]
+            pairs.append([[p.clone().baddbmm_(grouped(u[i], layout, i, j).unsqueeze(2), ds[j].unsqueeze(1))
+                           .baddbmm_(grouped(ds[i], layout, i, j).unsqueeze(2), u[j].unsqueeze(1))
+                           for j, p in enumerate(row)] for i, row in enumerate(ps)])
+        return total, pairs
+
+    def to_layouts(self, layouts: list[ScaleLayout]) -> GaussianStats:
+        """These statistics kept per cell of other ``layouts`` of the same grids and channels (e.g.
+        per position, from sums kept per cell): each value read at the top-left finest position of
+        the target cell. Exact where the embeddings are constant over the target cells."""
+        if layouts == self.layouts:
+            return self
+        out = GaussianStats(layouts, self.device)
+        if [lay.positions for lay in layouts] != [lay.positions for lay in self.layouts] or \
+                [lv.channels for lv in layouts[0].levels] != [lv.channels for lv in self.layouts[0].levels]:
+            raise ValueError("cannot convert statistics between layouts of different grids or channels")
+        out.count = self.count
+        if self.shift is None:
+            return out
+        for s, (src, dst) in enumerate(zip(self.layouts, layouts, strict=True)):
+            for i in range(len(dst.levels)):
+                first = dst.first(i).to(self.device)
+                out.total[s][i] = vector_at(src, self.total[s][i], i, first)
+                for j in range(i + 1):
+                    fine = pair_positions(dst, i, j).to(self.device)
+                    out.pairs[s][i][j] = block_at(src, self.pairs[s][i][j], i, j, fine).reshape(
+                        out.pairs[s][i][j].shape).contiguous()
+        out.shift = [[vector_at(src, x, i, dst.first(i).to(self.device)) for i, x in enumerate(scale)]
+                     for scale, src, dst in zip(self.shift, self.layouts, layouts, strict=True)]
+        return out
+
+    # ----------------------------------------------------------------- per position (tests, references)
+    def mean(self) -> torch.Tensor:
+        """(P, d) float64 sample mean."""
+        if self.count < 1:
+            raise ValueError("no samples accumulated")
+        return (expand_vectors(self.layouts, self.shift, slice(None))
+                + expand_vectors(self.layouts, self.total, slice(None)) / self.count)
+
+    def sums(self, positions: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 (p, d) sums of x and (p, d, d) sums of x x^T of ``positions`` (of all scales)."""
+        s = expand_vectors(self.layouts, self.shift, positions)
+        total = expand_vectors(self.layouts, self.total, positions)
+        outer = expand_pairs(self.layouts, self.pairs, positions)
+        u = total + (self.count / 2) * s
+        outer.baddbmm_(s.unsqueeze(2), u.unsqueeze(1)).baddbmm_(u.unsqueeze(2), s.unsqueeze(1))
+        return total + self.count * s, outer
 
     def covariance(self, eps: float, estimator: str = "eps", positions: slice = slice(None)) -> torch.Tensor:
-        """(P, D, D) covariance per position plus ``eps`` on the diagonal (of ``positions`` only, to
-        bound memory when P is large); see :func:`sums_covariance`."""
-        if self.count < 2:
-            raise ValueError(f"need at least 2 training images for a covariance, got {self.count}")
-        return sums_covariance(self.outer[positions], self.mean()[positions], self.count, eps, estimator)
+        """(p, d, d) covariance per position of ``positions`` plus ``eps`` on the diagonal (see
+        :func:`padim.model.factor.covariance`)."""
+        from .factor import covariance
 
+        return covariance(expand_pairs(self.layouts, self.pairs, positions),
+                          expand_vectors(self.layouts, self.total, positions), self.count, eps, estimator)
 
-def sums_covariance(outer: torch.Tensor, mean: torch.Tensor, count: int, eps: float, estimator: str = "eps",
-                    ) -> torch.Tensor:
-    """(p, D, D) covariances plus ``eps`` on the diagonal from (p, D, D) float64 sums of x x^T and
-    (p, D) means of ``count`` samples.
-
-    estimator 'eps': the unbiased sample covariance (1/(N-1)), PaDiM's choice; 'oas': the same
-    shrunk towards a scaled identity by the Oracle Approximating Shrinkage coefficient (Chen et
-    al., 2010), which needs only the sample covariance, so it works on merged statistics.
-    """
-    if estimator not in COVARIANCE_ESTIMATORS:
-        raise ValueError(f"covariance estimator must be one of {COVARIANCE_ESTIMATORS}, got {estimator!r}")
-    if count < 2:
-        raise ValueError(f"need at least 2 training images for a covariance, got {count}")
-    n = count
-    # (outer - n mean mean^T) / (n - 1) in one pass over the (P, D, D) sums
-    cov = torch.baddbmm(outer, mean.unsqueeze(2), mean.unsqueeze(1), beta=1 / (n - 1), alpha=-n / (n - 1))
-    if estimator == "oas":
-        cov = oas_shrink(cov, n)
-    cov.diagonal(dim1=1, dim2=2).add_(eps)
-    if not all_finite(cov):
-        raise FloatingPointError("the accumulated statistics hold NaN or inf")
-    return cov
-
-
-class StreamingStats:
-    """Accumulates :class:`GaussianStats` batch after batch, faster than ``GaussianStats.update``.
-
-    The outer products are summed in float32 over embeddings minus a per-position shift (the first
-    batch's mean), then turned into float64 sums once, by :meth:`stats`. Shifted, the products are
-    of the size of the spread, not of the mean, so float32 keeps their digits (on 450 fryum images
-    the distances agree with the float64 sums to 6e-7; each batch adds one float32 rounding of the
-    running sum), and the float32 running sums are half the memory and traffic of float64 ones.
-    """
-
-    def __init__(self, positions: int, dim: int, device: torch.device | str = "cpu"):
-        self.count = 0
-        self.shift: torch.Tensor | None = None
-        self.total = torch.zeros(positions, dim, dtype=torch.float64, device=device)  # sum of x - shift
-        # sum of (x - shift)(x - shift)^T, one block per step of positions, so that stats() can
-        # free each block once converted (whether the allocator hands the memory back to the
-        # system at once depends on its state: a fit's peak is in building the factor anyway)
-        self.parts = list(position_chunks(positions, UPDATE_CHUNK))
-        self.outer = [torch.zeros(p.stop - p.start, dim, dim, device=device) for p in self.parts]
-
-    def update(self, embeddings: torch.Tensor) -> None:
-        """Add a batch of (B, D, P) embeddings, or (B, D, h, w) with the h*w grid cells as positions."""
-        self._check_unconverted()
-        embeddings = checked_batch(embeddings, *self.total.shape)
-        x = embeddings.permute(2, 0, 1)  # (P, B, D): contiguous for the extractor's position-major output
-        if x.shape[1] == 0:
-            return  # the mean of no images is no shift
-        if self.shift is None:
-            self.shift = x.mean(dim=1).float()
-        self.count += x.shape[1]
-        # one scratch block for all steps: a fresh temporary per step, and the float64 copy of it
-        # that the sums made, cost more in page faults than the arithmetic
-        scratch = torch.empty(self.parts[0].stop, x.shape[1], x.shape[2], device=x.device)
-        for part, outer in zip(self.parts, self.outer, strict=True):
-            c = torch.sub(x[part], self.shift[part].unsqueeze(1), out=scratch[:part.stop - part.start])
-            self.total[part] += c.sum(dim=1)  # float32 sums of one batch, accumulated in float64
-            outer.baddbmm_(c.transpose(1, 2), c)
-
-    def stats(self) -> GaussianStats:
-        """The float64 sums of x and x x^T: with S = sum(x - s), sum x x^T = sum (x - s)(x - s)^T
-        + s u^T + u s^T, u = S + n s / 2. Call once: the float32 sums are freed as they are converted."""
-        if self.shift is None:
-            raise ValueError("no samples accumulated")
-        self._check_unconverted()
-        positions, d = self.total.shape
-        s = self.shift.to(torch.float64)
-        outer = torch.empty(positions, d, d, dtype=torch.float64, device=self.total.device)
-        self.outer.reverse()  # popped from the end, in position order
-        for part in self.parts:
-            add_shift_terms(outer[part].copy_(self.outer.pop()), s[part], self.total[part], self.count)
-        return GaussianStats(self.count, self.total + self.count * s, outer)
-
-    def _check_unconverted(self) -> None:
-        if not self.outer:
-            raise ValueError("these statistics were converted by stats(), which frees the running sums")
-
-
-def add_shift_terms(outer: torch.Tensor, shift: torch.Tensor, total: torch.Tensor, count: int) -> None:
-    """Turn (p, D, D) sums of (x - s)(x - s)^T over ``count`` samples into sums of x x^T, in place:
-    add s u^T + u s^T, u = S + n s / 2, with S = ``total`` the (p, D) sum of x - s and s = ``shift``."""
-    u = total + (count / 2) * shift
-    outer.baddbmm_(shift.unsqueeze(2), u.unsqueeze(1))
-    outer.baddbmm_(u.unsqueeze(2), shift.unsqueeze(1))
-
-
-def checked_batch(embeddings: torch.Tensor, positions: int, dim: int) -> torch.Tensor:
-    """(B, D, P) embeddings (a (B, D, h, w) batch flattened) of ``dim`` channels at ``positions``
-    positions, all finite; a clear error otherwise."""
-    embeddings = embeddings.flatten(2)
-    b, d, p = embeddings.shape
-    if (p, d) != (positions, dim):
-        raise ValueError(f"embeddings of {d} channels x {p} positions do not match statistics "
-                         f"{(positions, dim)}")
-    check_finite(embeddings)
-    return embeddings
-
-
-def check_finite(features: torch.Tensor) -> None:
-    """A clear error, before any statistic is updated, when a batch's features hold NaN or inf."""
-    if not all_finite(features):
-        bad = int((~torch.isfinite(features)).sum())
-        raise FloatingPointError(f"the features of a batch hold {bad} NaN or inf value(s); statistics not updated")
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or inf in ``x``: its sum is finite (NaN and inf propagate; float64 sums of features
-    do not overflow), one reduction instead of a boolean copy of a large tensor."""
-    return bool(torch.isfinite(x.sum()))
-
-
-def oas_shrink(cov: torch.Tensor, n: int) -> torch.Tensor:
-    """OAS estimate from an unbiased (D, D) covariance of ``n`` samples: its maximum-likelihood
-    version shrunk towards mu*I, as scikit-learn's ``OAS`` computes it."""
-    p = cov.shape[-1]
-    mle = cov * ((n - 1) / n)
-    mu = mle.diagonal(dim1=1, dim2=2).mean(dim=1)
-    alpha = mle.square().mean(dim=(1, 2))
-    num = alpha + mu.square()
-    den = (n + 1) * (alpha - mu.square() / p)
-    shrink = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(den))
-    eye = torch.eye(p, dtype=cov.dtype, device=cov.device)
-    return (1 - shrink).view(-1, 1, 1) * mle + (shrink * mu).view(-1, 1, 1) * eye
-
-
-def whitening_factors(stats, eps: float, estimator: str = "eps", chunk: int | None = None,
-                      ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """The float64 whitening factors of every position of ``stats`` (GaussianStats, or CellStats
-    whose sums are expanded chunk by chunk), ``chunk`` positions at a time, as
-    (positions, (p, D, D) factors): the temporaries stay small next to the statistics, and the
-    caller keeps each chunk in whatever form it needs. Default chunk: 64 positions on CPU, whose
-    covariances, factors and inverses stay in cache, else 1024 (see docs/performance.md)."""
-    positions = stats.positions
-    chunk = chunk or (64 if stats.device.type == "cpu" else 1024)
-    for part in position_chunks(positions, chunk):
-        yield part, whitening_factor(stats.covariance(eps, estimator, part), first=part.start)
-
-
-def whitening_factor(cov: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """Lower-triangular W = L^-1 with cov = L L^T, so the Mahalanobis distance is |W (x - mean)|.
-    ``first``: the position of ``cov[0]``, so an error names the position among all of them."""
-    chol, info = torch.linalg.cholesky_ex(cov)
-    if int(info.max()) > 0:
-        bad = first + int((info > 0).nonzero()[0])
-        raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    factor = torch.linalg.solve_triangular(chol, eye, upper=False)
-    if not all_finite(factor):  # NaN input can pass cholesky_ex without an error code
-        raise FloatingPointError("the whitening factor holds NaN or inf; the statistics are not finite")
-    return factor

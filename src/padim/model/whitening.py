@@ -1,27 +1,20 @@
-"""A fitted model's Gaussians in scoring form: per position the mean and the whitening factor
-W = L^-1 of the covariance (cov = L L^T), so that the Mahalanobis distance is |W x - W mean|.
-
-Two forms with one interface: :class:`PositionWhitening` keeps W position by position (any
-embedding), :class:`CellWhitening` cell by cell (embeddings with a block layout, see
-:mod:`padim.model.cells`). Either is filled chunk by chunk from a fit (``fill`` for every position,
-then ``finish`` with the mean), gives the distances of its embedding form (``distances``, and
-``graph_distances`` of plain (B, d, P) embeddings in tensor operations an export can trace), and
-converts to and from the tensors of a model file (``state``, ``load_state``).
+"""A fitted model's Gaussians in scoring form: per cell of its layout (see :mod:`padim.model.cells`)
+the rows of the whitening factor W = L^-1 of the covariance (cov = L L^T) and W mean, so that the
+Mahalanobis distance is |W x - W mean|. Filled from a fit (:meth:`Whitening.set_rows` for every
+tap's cells, then :meth:`Whitening.finish` with the mean) or from a model file's tensors; gives the
+distances of embedding blocks (``distances``) and of plain (B, d, P) embeddings in tensor operations
+an export can trace (``graph_distances``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..backbones.layout import ScaleLayout
-from .cells import Blocks, row_steps, scale_ranges, side_by_side, tap_channels
-from .stats import position_chunks
+from .cells import Blocks, position_chunks, row_steps, scale_ranges, side_by_side, tap_channels
 
-DISTANCE_CHUNK = 64  # positions per batched product when scoring on CPU
-DISTANCE_TOP_CELLS = 64  # deepest cells per step of the cell-by-cell distances
+DISTANCE_TOP_CELLS = 64  # deepest cells per step of the distances
 STATE_CHUNK = 1024  # positions per step of packing and unpacking: the full (P, d, d) factor never exists
 
 
@@ -43,122 +36,12 @@ def _check_diagonal(diagonal: torch.Tensor) -> None:
         raise ValueError("whitening factor has a non-positive diagonal; the file was altered or damaged")
 
 
-def head_size(d: int) -> int:
-    """Split of a (d, d) triangular factor into a (h, h) head and a (d, d - h) tail block: about
-    7/12 of d (d / 2 minimizes the work, a wider head runs at a better rate on CPU), a multiple of
-    8 (unaligned blocks run slower); no split below 16 channels."""
-    return d if d < 16 else 8 * round(d * 7 / 96)
-
-
-class PositionWhitening(nn.Module):
-    """W and W mean position by position, for (B, d, P) embeddings. W^T is upper triangular: of its
-    columns [:h] only rows [:h] are nonzero, so it is kept as two contiguous blocks (the zeros
-    dropped: about 3/4 of the memory, reads and products). Contiguous, because a batched matmul runs
-    markedly faster than on a transposed view."""
-
-    def __init__(self, positions: int, dim: int, device: torch.device | str = "cpu"):
-        super().__init__()
-        h = self.head = head_size(dim)
-        self.register_buffer("mean", torch.zeros(positions, dim, device=device))
-        self.register_buffer("weight_head", torch.empty(positions, h, h, device=device))
-        self.register_buffer("weight_tail", torch.empty(positions, dim, dim - h, device=device))
-        self.register_buffer("bias_head", torch.zeros(positions, h, device=device))
-        self.register_buffer("bias_tail", torch.zeros(positions, dim - h, device=device))
-
-    def fill(self, positions: slice, factor: torch.Tensor) -> None:
-        """Keep the (p, d, d) lower-triangular ``factor`` of ``positions``; call for every position
-        in turn, then :meth:`finish`."""
-        weight_t = factor.transpose(1, 2)
-        self.weight_head[positions] = weight_t[:, :self.head, :self.head]
-        self.weight_tail[positions] = weight_t[:, :, self.head:]
-
-    def finish(self, mean: torch.Tensor) -> None:
-        """Keep the (P, d) ``mean`` and W mean, once every position is filled: scoring is then one
-        product per block (z = W x - W mean)."""
-        self.mean = mean.float().contiguous().to(self.mean.device)
-        self.bias_head = torch.bmm(self.mean[:, None, :self.head], self.weight_head).squeeze(1)
-        self.bias_tail = torch.bmm(self.mean.unsqueeze(1), self.weight_tail).squeeze(1)
-
-    def factor_of(self, positions: slice) -> torch.Tensor:
-        """W of ``positions``, rebuilt from the stored blocks of W^T."""
-        head, tail = self.weight_head[positions], self.weight_tail[positions]
-        p, d, h = tail.shape[0], tail.shape[1], self.head
-        weight_t = tail.new_zeros(p, d, d)
-        weight_t[:, :h, :h] = head
-        weight_t[:, :, h:] = tail
-        return weight_t.transpose(1, 2)
-
-    def distances(self, embeddings: torch.Tensor, chunk: int | None = DISTANCE_CHUNK) -> torch.Tensor:
-        """(B, d, P) embeddings -> (B, P) Mahalanobis distances ((B, d, h, w) -> (B, h, w)). On CPU
-        ``chunk`` positions at a time, so each product is normed while it is still in cache; one
-        product (``chunk`` None, or off the CPU) is one node in a traced graph."""
-        shape = embeddings.shape
-        # contiguous: a no-op for the extractor's position-major output; a strided view is legal
-        # for bmm but an order of magnitude slower on CPU
-        x = embeddings.flatten(2).permute(2, 0, 1).contiguous()
-        if chunk is None or x.device.type != "cpu":
-            dist = self._norms(x, slice(None))
-        else:
-            dist = torch.cat([self._norms(x, part) for part in position_chunks(x.shape[0], chunk)])
-        return dist.T.reshape(shape[0], *shape[2:])
-
-    def graph_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """:meth:`distances` as one product (what an export traces)."""
-        return self.distances(embeddings, chunk=None)
-
-    def _norms(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """|W x - W mean| of the (P, B, d) embeddings ``x`` at the positions ``part``: (p, B)."""
-        x = x[part]
-        head = torch.baddbmm(-self.bias_head[part].unsqueeze(1), x[:, :, :self.head], self.weight_head[part])
-        tail = torch.baddbmm(-self.bias_tail[part].unsqueeze(1), x, self.weight_tail[part])
-        return (head.square().sum(dim=2) + tail.square().sum(dim=2)).sqrt()
-
-    def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Model-file tensors: ``mean`` and ``factor_tril``, the lower triangle of each W row by row
-        in ``dtype``, (P, d(d+1)/2)."""
-        positions, d = self.mean.shape
-        rows, cols = torch.tril_indices(d, d)
-        packed = torch.empty(positions, rows.numel(), dtype=dtype)
-        for part in position_chunks(positions, STATE_CHUNK):
-            packed[part] = self.factor_of(part).cpu()[:, rows, cols]
-        return {"mean": self.mean.cpu().contiguous(), "factor_tril": packed}
-
-    def tensor_names(self) -> set[str]:
-        """The names :meth:`state` writes."""
-        return {"mean", "factor_tril"}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        """Fill from :meth:`state`'s tensors (ValueError names a missing or bad one)."""
-        positions, d = self.mean.shape
-        mean = expect_tensor(tensors, "mean", (positions, d), torch.float32)
-        packed = expect_tensor(tensors, "factor_tril", (positions, d * (d + 1) // 2), dtype)
-        rows, cols = torch.tril_indices(d, d)
-        _check_diagonal(packed[:, rows == cols])
-        for part in position_chunks(positions, STATE_CHUNK):
-            factor = torch.zeros(part.stop - part.start, d, d, device=self.mean.device)
-            factor[:, rows, cols] = packed[part].float().to(self.mean.device)
-            self.fill(part, factor)
-        self.finish(mean)
-
-
-def fill_whitening(whitening: PositionWhitening | CellWhitening,
-                   factors: Iterable[tuple[slice, torch.Tensor]], mean: torch.Tensor) -> None:
-    """Fill ``whitening`` from (positions, (p, d, d) factor) chunks covering every position in
-    order, then finish it with the (P, d) ``mean``."""
-    filled = 0
-    for part, factor in factors:
-        whitening.fill(part, factor)
-        filled += factor.shape[0]
-    if filled != mean.shape[0]:
-        raise ValueError(f"the factor covers {filled} positions, the mean {mean.shape[0]}")
-    whitening.finish(mean)
-
-
-class CellWhitening(nn.Module):
+class Whitening(nn.Module):
     """The whitening factor W and W mean of block-layout embeddings, kept per cell: for each scale
     and taps j <= i, ``w{s}_{i}_{j}`` holds, per tap-j cell, W_ij^T of the t x t tap-i cells under
     it side by side, (C_j, t t C_i), so that one product per tap-j cell gives all of them;
-    ``b{s}_{i}`` holds W_i mean per tap-i cell."""
+    ``b{s}_{i}`` holds W_i mean per tap-i cell. A model file keeps these blocks (storage 'cells'), or
+    for the trivial layout W's lower triangle per position (storage 'positions')."""
 
     def __init__(self, layouts: list[ScaleLayout], device: torch.device | str = "cpu"):
         super().__init__()
@@ -179,6 +62,20 @@ class CellWhitening(nn.Module):
         """``w{s}_{i}_{j}`` as (tap-j cells, C_j, t t, C_i)."""
         w = self.get_buffer(f"w{s}_{i}_{j}")
         return w.view(w.shape[0], w.shape[1], -1, self.layouts[s].levels[i].channels)
+
+    @property
+    def storage(self) -> str:
+        """How a model file keeps the factor: 'positions' for the trivial layout, else 'cells'."""
+        return "positions" if all(lv.ratio == 1 for lay in self.layouts for lv in lay.levels) else "cells"
+
+    def set_rows(self, s: int, i: int, cells: slice, rows: torch.Tensor) -> None:
+        """Keep the (n, C_i, channels of taps <= i) rows of W of tap-i ``cells`` of scale ``s``."""
+        layout, channels = self.layouts[s], tap_channels(self.layouts[s])
+        index = torch.arange(cells.start, cells.stop, device=rows.device)
+        width = layout.levels[i].grid[1]
+        for j in range(i + 1):
+            above, sub = layout.under(i, j, index // width, index % width)
+            self._weight(s, i, j)[above, :, sub] = rows[:, :, channels[j]].transpose(1, 2).to(self.mean.dtype)
 
     def fill(self, positions: slice, factor: torch.Tensor) -> None:
         """Take the rows of the (p, d, d) ``factor`` of ``positions`` (of all scales) at the top-left
@@ -240,17 +137,6 @@ class CellWhitening(nn.Module):
                 for j in range(i + 1):
                     above, sub = layout.under(i, j, row, col)
                     out[rows, channels[i], channels[j]] = self._weight(s, i, j)[above, :, sub].transpose(1, 2)
-        return out
-
-    def gather(self, embeddings: torch.Tensor) -> Blocks:
-        """(B, d, P) embeddings (all scales) -> their blocks, read at each cell's top-left position
-        (the embedding must have the block structure, as FeatureExtractor gives it)."""
-        out, start = [], 0
-        for layout in self.layouts:
-            emb = embeddings[:, :, start:start + layout.positions]
-            out.append([emb[:, c][:, :, layout.first(i).to(emb.device)].permute(2, 0, 1).contiguous()
-                        for i, c in enumerate(tap_channels(layout))])
-            start += layout.positions
         return out
 
     def graph_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -316,8 +202,17 @@ class CellWhitening(nn.Module):
         return out
 
     def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Model-file tensors: ``mean`` and the cell weights in ``dtype`` (W mean is recomputed on load)."""
+        """Model-file tensors: ``mean`` and, in ``dtype``, the cell weights or (storage 'positions')
+        ``factor_tril``, the lower triangle of each W row by row, (P, d(d+1)/2). W mean is
+        recomputed on load."""
         out = {"mean": self.mean.cpu().contiguous()}
+        if self.storage == "positions":
+            positions, d = self.mean.shape
+            rows, cols = torch.tril_indices(d, d)
+            packed = torch.empty(positions, rows.numel(), dtype=dtype)
+            for part in position_chunks(positions, STATE_CHUNK):
+                packed[part] = self.factor_of(part).cpu()[:, rows, cols]
+            return {**out, "factor_tril": packed}
         for name, shape in self._stored_shapes().items():
             w = self.get_buffer(name).cpu()
             if len(shape) == 2:  # a diagonal block, (cells, C, C)
@@ -328,11 +223,22 @@ class CellWhitening(nn.Module):
 
     def tensor_names(self) -> set[str]:
         """The names :meth:`state` writes."""
-        return {"mean", *self._stored_shapes()}
+        return {"mean", "factor_tril"} if self.storage == "positions" else {"mean", *self._stored_shapes()}
 
     def load_state(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Fill from :meth:`state`'s tensors (ValueError names a missing or bad one)."""
         mean = expect_tensor(tensors, "mean", tuple(self.mean.shape), torch.float32)
+        if self.storage == "positions":
+            positions, d = self.mean.shape
+            packed = expect_tensor(tensors, "factor_tril", (positions, d * (d + 1) // 2), dtype)
+            rows, cols = torch.tril_indices(d, d)
+            _check_diagonal(packed[:, rows == cols])
+            for part in position_chunks(positions, STATE_CHUNK):
+                factor = torch.zeros(part.stop - part.start, d, d, device=self.mean.device)
+                factor[:, rows, cols] = packed[part].float().to(self.mean.device)
+                self.fill(part, factor)
+            self.finish(mean)
+            return
         for name, shape in self._stored_shapes().items():
             w = expect_tensor(tensors, name, shape, dtype)
             target = self.get_buffer(name)

@@ -1,0 +1,158 @@
+"""From statistics to the whitening factor W = L^-1 (cov = L L^T), block by block of taps and cell
+by cell (see :mod:`padim.model.cells`): the rows of tap i at a tap-i cell need the covariance blocks
+of taps <= i there and the rows of the deeper taps, which their own (larger) cells already gave.
+
+With P the channels of the deeper taps at a tap-i cell, cov = [[A_PP, A_Pi], [A_iP, A_ii]] and
+W_PP known: L_iP = A_iP W_PP^T, L_ii = chol(A_ii - L_iP L_iP^T), W_ii = L_ii^-1 and
+W_iP = -W_ii L_iP W_PP. All in batched float64 products (the statistics' precision), a few rows
+of the deepest grid at a time; only the Cholesky factor and inverse of each C_i x C_i diagonal block
+go through LAPACK. The trivial layout (one cell per position) runs the same steps per position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..params import COVARIANCE_ESTIMATORS
+from .cells import row_steps, spread, ungrouped
+from .stats import GaussianStats
+
+FACTOR_TOP_CELLS = 32  # deepest cells per step: its temporaries stay within tens of MB
+
+
+def covariance(outer: torch.Tensor, sums: torch.Tensor, count: int, eps: float, estimator: str = "eps",
+               ) -> torch.Tensor:
+    """(p, D, D) covariances plus ``eps`` on the diagonal from float64 (p, D, D) sums of c c^T and
+    (p, D) sums of c over ``count`` samples, c = x - shift for any shift.
+
+    estimator 'eps': the unbiased sample covariance (1/(N-1)), PaDiM's choice; 'oas': the same
+    shrunk towards a scaled identity by the Oracle Approximating Shrinkage coefficient (Chen et
+    al., 2010), which needs only the sample covariance, so it works on merged statistics.
+    """
+    if estimator not in COVARIANCE_ESTIMATORS:
+        raise ValueError(f"covariance estimator must be one of {COVARIANCE_ESTIMATORS}, got {estimator!r}")
+    check_count(count)
+    n = count
+    cov = torch.baddbmm(outer, sums.unsqueeze(2), sums.unsqueeze(1), beta=1 / (n - 1), alpha=-1 / (n * (n - 1)))
+    if estimator == "oas":
+        trace, squares = cov.diagonal(dim1=1, dim2=2).sum(dim=1), cov.square().sum(dim=(1, 2))
+        keep, target = oas(trace, squares, cov.shape[-1], n)
+        cov = cov * keep.view(-1, 1, 1)
+        cov.diagonal(dim1=1, dim2=2).add_(target.unsqueeze(1))
+    cov.diagonal(dim1=1, dim2=2).add_(eps)
+    check_finite(cov)
+    return cov
+
+
+def oas(trace: torch.Tensor, squares: torch.Tensor, dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OAS estimate as scikit-learn's ``OAS`` computes it from an unbiased covariance C of ``n``
+    samples, given per position its ``trace`` and sum of ``squares`` of all entries: (a, b) such
+    that the estimate is a C + b I (the maximum-likelihood C (n-1)/n shrunk towards mu I)."""
+    ml = (n - 1) / n
+    mu = trace * ml / dim
+    alpha = squares * ml * ml / (dim * dim)
+    num = alpha + mu.square()
+    den = (n + 1) * (alpha - mu.square() / dim)
+    shrink = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(den))
+    return (1 - shrink) * ml, shrink * mu
+
+
+def check_count(count: int) -> None:
+    """A clear error for fewer than 2 samples, which have no covariance."""
+    if count < 2:
+        raise ValueError(f"need at least 2 training images for a covariance, got {count}")
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """One reduction instead of a boolean copy of a large tensor: NaN and inf propagate to the sum."""
+    if not bool(torch.isfinite(x.sum())):
+        raise FloatingPointError("the accumulated statistics hold NaN or inf")
+
+
+def whitening_factor(cov: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Lower-triangular W = L^-1 of (p, D, D) covariances (a per-position reference; fits use
+    :func:`factor_rows`). ``first``: the position of ``cov[0]``, for the error message."""
+    chol = cholesky(cov, torch.arange(first, first + cov.shape[0]))
+    return triangular_inverse(chol)
+
+
+def cholesky(cov: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Cholesky factors; an error naming the first position (``positions[k]`` for ``cov[k]``) whose
+    covariance is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info.max()) > 0:
+        bad = int(positions[int((info > 0).nonzero()[0])])
+        raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
+    return chol
+
+
+def triangular_inverse(chol: torch.Tensor) -> torch.Tensor:
+    """L^-1 of lower-triangular (p, C, C) ``chol``; finite or an error (NaN passes cholesky_ex)."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+    if not bool(torch.isfinite(inverse.sum())):
+        raise FloatingPointError("the whitening factor holds NaN or inf; the statistics are not finite")
+    return inverse
+
+
+def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps"):
+    """Yield (scale, tap i, tap-i cells, float64 (n, C_i, channels of taps <= i) rows of W) for
+    every cell of every tap, a few rows of the deepest grid at a time.
+
+    'oas' shrinks each position's whole covariance by its own coefficient, so it needs every block
+    at a position: the trivial layout (the estimator picks it, see Embedding)."""
+    if estimator not in COVARIANCE_ESTIMATORS:
+        raise ValueError(f"covariance estimator must be one of {COVARIANCE_ESTIMATORS}, got {estimator!r}")
+    check_count(stats.count)
+    n, start = stats.count, 0
+    for s, layout in enumerate(stats.layouts):
+        levels = layout.levels
+        if estimator == "oas" and any(lv.ratio != 1 for lv in levels):
+            raise ValueError("the 'oas' covariance needs statistics per position, not per cell")
+        for parts in row_steps(layout, FACTOR_TOP_CELLS):
+            # covariance blocks (i, j), j <= i, per tap-i cell of this step
+            blocks = []
+            for i in range(len(levels)):
+                ti = stats.total[s][i][parts[i]]
+                row = []
+                for j in range(i + 1):
+                    pair = stats.pairs[s][i][j][parts[j]]
+                    a = pair if j == i else ungrouped(pair, layout, i, j)
+                    tj = ti if j == i else spread(stats.total[s][j][parts[j]], layout, i, j)
+                    row.append(torch.baddbmm(a, ti.unsqueeze(2), tj.unsqueeze(1), beta=1 / (n - 1),
+                                             alpha=-1 / (n * (n - 1))))
+                blocks.append(row)
+            if estimator == "oas":
+                trace = sum(row[-1].diagonal(dim1=1, dim2=2).sum(dim=1) for row in blocks)
+                squares = sum(b.square().sum(dim=(1, 2)) * (1 if j == i else 2)
+                              for i, row in enumerate(blocks) for j, b in enumerate(row))
+                keep, target = oas(trace, squares, stats.dim, n)
+                for row in blocks:
+                    for b in row:
+                        b.mul_(keep.view(-1, 1, 1))
+                    row[-1].diagonal(dim1=1, dim2=2).add_(target.unsqueeze(1))
+            rows: list[torch.Tensor] = []
+            for i, row in enumerate(blocks):
+                a_ii = row[-1]
+                a_ii.diagonal(dim1=1, dim2=2).add_(eps)
+                check_finite(a_ii)
+                positions = start + layout.first(i)[parts[i]]
+                if i == 0:
+                    w_ii = triangular_inverse(cholesky(a_ii, positions))
+                    rows.append(w_ii)
+                    yield s, i, parts[i], w_ii
+                    continue
+                p = sum(lv.channels for lv in levels[:i])
+                w_pp = a_ii.new_zeros(a_ii.shape[0], p, p)
+                offset = 0
+                for j in range(i):
+                    c = levels[j].channels
+                    w_pp[:, offset:offset + c, :offset + c] = spread(rows[j], layout, i, j)
+                    offset += c
+                l_ip = torch.bmm(torch.cat(row[:-1], dim=2), w_pp.transpose(1, 2))
+                w_ii = triangular_inverse(cholesky(torch.baddbmm(a_ii, l_ip, l_ip.transpose(1, 2), alpha=-1),
+                                                   positions))
+                w_i = torch.cat([-torch.bmm(w_ii, torch.bmm(l_ip, w_pp)), w_ii], dim=2)
+                rows.append(w_i)
+                yield s, i, parts[i], w_i
+        start += layout.positions
