@@ -7,7 +7,7 @@ Figures (each the median of --repeats runs):
   backbone_plain_ips  the same network called once per NCHW batch of B images (the usual way)
   fit_ips[N]          Padim.fit from JPEG files (decode + backbone + statistics + calibration)
   fit_peak_rss_mb[N]  peak resident memory of a fresh process that fits on N images
-  fit_stream_ips      Padim.running_stats from decoded uint8 tensors, batch B: the streaming part of
+  fit_stream_ips      Padim.accumulate from decoded uint8 tensors, batch B: the streaming part of
                       a fit (network + statistics update), without decoding and the fixed costs (the
                       marginal rate: 4B images more, divided by the extra time; the float64
                       conversion at the end, ~1 s of fixed cost, is left out, as its noise swamped it)
@@ -44,7 +44,6 @@ from padim import Padim
 from padim.backbones import get_spec
 from padim.datasets import load_split, read_image
 from padim.datasets.images import to_tensor
-from padim.model import CellWhitening
 
 
 def median_time(fn, repeats: int) -> float:
@@ -114,8 +113,8 @@ def main() -> None:
         t = timed_rounds({
             "backbone": lambda: [extractor.net(c) for x in levels for c in x.split(step)],
             "predict": lambda: list(fitted.iter_predict(images)),
-            "fit_more": lambda: fitted.running_stats(more),
-            "fit": lambda: fitted.running_stats(images),
+            "fit_more": lambda: fitted.accumulate(more),
+            "fit": lambda: fitted.accumulate(images),
         }, args.repeats)
         backbone = [len(images) / s for s in t["backbone"]]
         predict = [len(images) / s for s in t["predict"]]
@@ -157,7 +156,7 @@ def main() -> None:
     fits = result["fit"]
     print(f"machine: {result['machine']}; {args.backbone} {'x'.join(map(str, args.image_size))} px d={args.d} "
           f"scales {','.join(map(str, args.scales))} tap resize {args.tap_resize}"
-          f"{' (cell by cell)' if isinstance(fitted.scorer_.whitening, CellWhitening) else ''}; "
+          f"{' (cell by cell)' if fitted.scorer_.storage == 'cells' else ''}; "
           f"median of {args.repeats}")
     print(f"backbone only (batch {args.batch_size}) {result['backbone_ips']:8.1f} img/s "
           f"(plain NCHW batch call: {result['backbone_plain_ips']:.1f} img/s)")

@@ -98,9 +98,8 @@ def pause():
     time.sleep(600)
 
 if point == "accumulate":  # extracting features of the training images
-    from padim.model import cells, stats
-    stats.StreamingStats.update = lambda self, emb: pause()
-    cells.BlockStats.update = lambda self, emb: pause()  # cell by cell (nearest tap resizing)
+    from padim.model import stats
+    stats.GaussianStats.update = lambda self, blocks: pause()
 elif point == "write":  # half the model bytes are in the temporary file
     real_write = pathlib.Path.write_bytes
     def write_half(self, data):

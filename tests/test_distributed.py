@@ -18,7 +18,7 @@ from conftest import make_visa_dataset, texture, write_png
 try:
     from distributed import WorkerPlugin
 
-    from padim.distributed import ClusterError, ModelCache, PackedStats, connect, fit_distributed, prepare
+    from padim.distributed import ClusterError, ModelCache, connect, fit_distributed, prepare
     from padim.distributed.cluster import shards
     from padim.distributed.fit import accumulate_distributed
     from padim.distributed.predict import predict_distributed
@@ -31,7 +31,6 @@ from padim import Padim
 from padim.cli import main
 from padim.datasets import DatasetError, load_split
 from padim.model import GaussianStats
-from padim.model.cells import CellStats
 from padim.runs import predict_files
 
 # a float32 factor: sharded and single-process sums differ in float64 rounding, which a float16
@@ -83,19 +82,6 @@ def assert_same_model(a: Padim, b: Padim) -> None:
     assert a.threshold_ == pytest.approx(b.threshold_, rel=1e-4)
 
 
-def test_packed_stats_add_up_exactly_and_halve_the_outer_products():
-    rng = torch.Generator().manual_seed(0)
-    a, b = GaussianStats.empty(6, 5), GaussianStats.empty(6, 5)
-    a.update(torch.randn(3, 5, 2, 3, generator=rng))
-    b.update(torch.randn(4, 5, 2, 3, generator=rng))
-    merged = (PackedStats.pack(a) + PackedStats.pack(b)).unpack()
-    both = a + b
-    assert merged.count == 7
-    assert torch.equal(merged.total, both.total)
-    assert torch.allclose(merged.outer, both.outer, rtol=0, atol=1e-12)
-    assert PackedStats.pack(a).nbytes == 6 * 5 * 8 + 6 * 15 * 8  # triangle: d(d+1)/2 = 15 of 25
-
-
 def test_shards_follow_the_batch_grid():
     assert [len(s) for s in shards(list(range(10)), 3, multiple=4)] == [4, 4, 2]
     assert [len(s) for s in shards(list(range(405)), 512, multiple=16, at_least=2)] == [208, 197]  # one per worker
@@ -112,9 +98,7 @@ def test_sharded_statistics_equal_single_process_statistics(client, fryum, one_t
     sharded = accumulate_distributed(model, paths, client, shard_size=4)  # 3 shards on 2 workers
     local = Padim(**REAL).accumulate(paths)
     assert sharded.count == local.count == 11
-    # each shard sums float32 products about its own shift (StreamingStats): equal to float32 precision
-    torch.testing.assert_close(sharded.mean(), local.mean(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(sharded.covariance(0.01), local.covariance(0.01), rtol=1e-5, atol=1e-6)
+    assert_same_statistics(sharded, local)
     assert sorted(loads(client))[-1] == 1 and sum(loads(client)) <= 2  # one backbone per worker, not per task
 
 
@@ -123,9 +107,15 @@ def test_sharded_cell_statistics_equal_single_process_statistics(client, fryum, 
     paths = fryum[:9]
     sharded = accumulate_distributed(Padim(**params), paths, client, shard_size=4)
     local = Padim(**params).accumulate(paths)
-    assert isinstance(sharded, CellStats) and sharded.count == local.count == 9
-    torch.testing.assert_close(sharded.mean(), local.mean(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(sharded.covariance(0.01), local.covariance(0.01), rtol=1e-5, atol=1e-6)
+    assert isinstance(sharded, GaussianStats) and sharded.count == local.count == 9
+    assert_same_statistics(sharded, local)
+
+
+def assert_same_statistics(a: GaussianStats, b: GaussianStats) -> None:
+    """Each shard sums float32 batch products about its own shift into float64 sums: the same
+    statistics within 1e-6 relative (of their largest value)."""
+    for x, y in ((a.mean(), b.mean()), (a.covariance(0.0), b.covariance(0.0))):
+        assert float((x - y).abs().max()) < 1e-6 * float(y.abs().max())
 
 
 def test_sharded_fit_equals_single_process_fit(client, fryum, single):

@@ -19,7 +19,7 @@ from padim.export import OnnxModel, export_onnx, open_model
 from padim.export.onnx import HALF_MIN_ELEMENTS
 from padim.export.parity import parity
 from padim.export.runtime import onnx_files
-from padim.model import CellWhitening, read_model_file
+from padim.model import read_model_file
 
 TOLERANCE = 1e-3  # max abs difference relative to the native image score range
 
@@ -143,7 +143,7 @@ def cell_model(tmp_path_factory):
     rng = np.random.default_rng(1)
     model = Padim(image_size=(64, 96), d=40, tap_resize="nearest", num_workers=0)
     model.fit([texture(rng, size=96)[:64] for _ in range(12)])
-    assert isinstance(model.scorer_.whitening, CellWhitening) and model.params_.factor_dtype == "float16"
+    assert model.scorer_.storage == "cells" and model.params_.factor_dtype == "float16"
     path = model.save(tmp_path_factory.mktemp("cells") / "model.safetensors")
     images = [texture(rng, size=96)[:64] for _ in range(3)] + [texture(rng, size=96, defect=True)[:64]]
     return path, images

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from conftest import texture
 from padim import Padim
 from padim.cli import main
-from padim.model import CellWhitening, read_model_file
+from padim.model import read_model_file
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +129,15 @@ def test_tampered_cell_tensors_are_refused(cell_file, tmp_path, change, fragment
 
 def test_cell_file_is_a_fraction_of_the_position_file_and_loads_the_same_scorer(cell_file, tmp_path):
     model = Padim.load(cell_file)
-    assert isinstance(model.scorer_.whitening, CellWhitening)
+    assert model.scorer_.storage == "cells"
     positions = rewrite(cell_file, tmp_path / "p.safetensors", meta_change=lambda m: m.update(storage="positions"),
                         tensor_change=lambda t: _as_positions(t, model))
-    as_positions = Padim.load(positions)  # the same factor stored position by position
-    for name, buffer in model.scorer_.whitening.named_buffers():
-        torch.testing.assert_close(as_positions.scorer_.whitening.get_buffer(name), buffer, rtol=0, atol=1e-6)
+    as_positions = Padim.load(positions)  # the same factor stored position by position, scored so
+    assert as_positions.scorer_.storage == "positions"
+    torch.testing.assert_close(as_positions.scorer_.whitening.factor_of(slice(None)),
+                               model.scorer_.whitening.factor_of(slice(None)), rtol=0, atol=1e-6)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    np.testing.assert_allclose(as_positions.predict(images).maps, model.predict(images).maps, rtol=1e-4, atol=1e-4)
     assert cell_file.stat().st_size < 0.75 * positions.stat().st_size
 
 
@@ -199,12 +202,12 @@ def test_other_versions_are_refused(model_file, tmp_path, change, fragment):
 
 def test_older_versions_and_unknown_fields_load_with_a_warning(model_file, tmp_path, caplog):
     def older(meta):
-        meta.update(package_version="0.0.9", created="2026-01-01T00:00:00+00:00", note="hand-edited")
+        meta.update(package_version="0.0.9", note="hand-edited")
     path = rewrite(model_file, tmp_path / "old.safetensors", meta_change=older)
     with caplog.at_level(logging.WARNING, logger="padim"):
         model = Padim.load(path)
     assert model.threshold_ == Padim.load(model_file).threshold_
-    assert "unknown metadata field(s) note" in caplog.text and "created" not in caplog.text
+    assert "unknown metadata field(s) note" in caplog.text
 
 
 def test_model_not_found_is_refused(tmp_path):

@@ -14,8 +14,8 @@ from conftest import defect_mask, texture
 from padim import Padim
 from padim.metrics import auroc
 from padim.model import ModelFileError, read_model_file
-from padim.model.padim import STATS_GROUP, decode_workers
-from padim.model.stats import GaussianStats, StreamingStats
+from padim.model.batches import STATS_GROUP, decode_workers
+from padim.model.stats import GaussianStats
 
 
 @pytest.fixture(scope="module")
@@ -121,20 +121,23 @@ def test_sharded_accumulation_gives_the_same_model_as_fit():
     assert sharded.threshold_ == pytest.approx(whole.threshold_, rel=1e-6)
 
 
-def test_statistics_are_updated_once_per_group_of_batches_and_equal_the_float64_sums(monkeypatch):
+@pytest.mark.parametrize("tap_resize", ["nearest", "bilinear"])  # per cell, and per position
+def test_statistics_are_updated_once_per_group_of_batches_and_equal_the_float64_sums(monkeypatch, tap_resize):
     rng = np.random.default_rng(7)
     n = 2 * STATS_GROUP + 3
     images = torch.stack([torch.from_numpy(texture(rng)).permute(2, 0, 1) for _ in range(n)])
-    model = Padim(image_size=64, d=16, batch_size=2, tap_resize="bilinear")  # position by position
-    groups, update = [], StreamingStats.update
-    monkeypatch.setattr(StreamingStats, "update", lambda self, emb: groups.append(emb.shape[0]) or update(self, emb))
+    model = Padim(image_size=64, d=16, batch_size=2, tap_resize=tap_resize)
+    groups, update = [], GaussianStats.update
+    monkeypatch.setattr(GaussianStats, "update", lambda self, b: groups.append(b[0][0].shape[1]) or update(self, b))
     stats = model.accumulate(images)
     # full groups of STATS_GROUP batches of 2; the last group is 2 + 1 images
     assert groups == [2 * STATS_GROUP, 3] and stats.count == n
-    exact = GaussianStats.empty(*stats.total.shape)
-    exact.update(model.feature_extractor()(images))
-    torch.testing.assert_close(stats.total, exact.total, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats.outer, exact.outer, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        x = model.feature_extractor()(images).double().permute(2, 0, 1)  # (P, N, d)
+    total, outer = stats.sums()
+    torch.testing.assert_close(total, x.sum(dim=1), rtol=1e-6, atol=1e-6 * float(x.abs().max()) * n)
+    exact = x.transpose(1, 2) @ x
+    assert float((outer - exact).abs().max()) < 1e-6 * float(exact.abs().max())
 
 
 def test_decoding_processes_only_on_cores_that_torch_leaves_free(monkeypatch):

@@ -14,10 +14,8 @@ from padim.cli import main
 from padim.datasets import load_split, read_image, read_mask
 from padim.datasets.images import to_tensor
 from padim.metrics import aupro, auroc
-from padim.model import CellWhitening
-from padim.model.embedding import PositionEmbedding
-from padim.model.scorer import build_scorer
-from padim.model.stats import GaussianStats, whitening_factors
+from padim.model import PadimScorer
+from padim.model.embedding import embedding_for
 
 pytestmark = pytest.mark.real_data
 
@@ -59,15 +57,13 @@ def test_cell_by_cell_fit_on_real_fryum_equals_the_position_by_position_one(visa
     split = load_split(visa_root, "fryum")
     train = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.train[:30]])
     test = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.test[45:55]])
-    # float32 factor: this compares the arithmetic of the two paths (float16 rounding is pinned in test_blocks)
+    # float32 factor: this compares the arithmetic of the two forms (float16 rounding is pinned in test_cells)
     model = Padim(image_size=128, tap_resize="nearest", calibration_fraction=0, factor_dtype="float32").fit(train)
-    assert isinstance(model.scorer_.whitening, CellWhitening)  # 128 px and its 96 px level: every tap grid nests
-    extractor = model.feature_extractor()
+    assert model.scorer_.storage == "cells"  # 128 px and its 96 px level: every tap grid nests
+    positions = embedding_for(model.feature_extractor(), model.image_size_, storage="positions")
+    stats = positions.stats()
     with torch.inference_mode():
-        stats = GaussianStats.empty(model.scorer_.whitening.mean.shape[0], model.params_.d)
-        stats.update(extractor(train))
-        full = build_scorer(PositionEmbedding(extractor, model.image_size_), stats.mean(),
-                            whitening_factors(stats, model.params_.eps), model.params_.sigma)
-        expected = full(test)[0].numpy()
+        stats.update(positions(train))
+        expected = PadimScorer.fit(positions, stats, model.params_)(test)[1].numpy()
     got = model.predict(test).maps
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()

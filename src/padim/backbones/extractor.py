@@ -234,7 +234,7 @@ class FeatureExtractor(nn.Module):
         means and covariances. Deepest channels first, the rows of a position's Cholesky-based
         whitening factor that belong to a tap involve only that tap and deeper ones, so they are
         the same across that tap's cell too: statistics and distances can be computed per cell
-        (PadimScorer, BlockStats), about 4x less work than per position at MobileNetV2's taps."""
+        (PadimScorer, GaussianStats), about 4x less work than per position at MobileNetV2's taps."""
         if self.tap_resize != "nearest":
             return None
         key = (int(size[0]), int(size[1]))

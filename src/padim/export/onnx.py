@@ -6,7 +6,7 @@ backbone taps, channel selection, Mahalanobis distance, bilinear upsampling, Gau
 the max all run inside the graph. The threshold, heat-map range and provenance travel in the
 file's ``metadata_props`` (key ``padim``, JSON), so the file alone is a deployable model.
 
-A model that scores cell by cell is traced that way (``CellWhitening.graph_distances``: its
+A model that scores cell by cell is traced that way (``Whitening.graph_distances``: its
 per-cell weights, gathered per cell), so the graph holds the weights the model file holds. Large
 float32 weights whose values are all float16 (a float16 model's factor) are stored as float16
 and cast back inside the graph. A graph whose weights would pass protobuf's 2 GB limit is written
