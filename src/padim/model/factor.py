@@ -11,6 +11,9 @@ go through LAPACK. The trivial layout (one cell per position) runs the same step
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..params import COVARIANCE_ESTIMATORS
@@ -76,10 +79,23 @@ def whitening_factor(cov: torch.Tensor, first: int = 0) -> torch.Tensor:
     return triangular_inverse(chol)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run a batch of small LAPACK calls on one thread: each matrix is too small to share, and a
+    second thread only adds a synchronization per matrix (ruinous on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cholesky(cov: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Cholesky factors; an error naming the first position (``positions[k]`` for ``cov[k]``) whose
     covariance is not positive definite."""
-    chol, info = torch.linalg.cholesky_ex(cov)
+    with one_thread():
+        chol, info = torch.linalg.cholesky_ex(cov)
     if int(info.max()) > 0:
         bad = int(positions[int((info > 0).nonzero()[0])])
         raise FloatingPointError(f"covariance at position {bad} is not positive definite; increase eps")
@@ -89,13 +105,43 @@ def cholesky(cov: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def triangular_inverse(chol: torch.Tensor) -> torch.Tensor:
     """L^-1 of lower-triangular (p, C, C) ``chol``; finite or an error (NaN passes cholesky_ex)."""
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
-    inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+    with one_thread():
+        inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
     if not bool(torch.isfinite(inverse.sum())):
         raise FloatingPointError("the whitening factor holds NaN or inf; the statistics are not finite")
     return inverse
 
 
-def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps"):
+def covariance_blocks(stats: GaussianStats, s: int, parts: list[slice], n: int) -> list[list[torch.Tensor]]:
+    """The unbiased covariance blocks (i, j), j <= i, per tap-i cell of the cells ``parts`` of scale
+    ``s``, from sums about any shift."""
+    layout, blocks = stats.layouts[s], []
+    for i in range(len(layout.levels)):
+        ti = stats.total[s][i][parts[i]]
+        row = []
+        for j in range(i + 1):
+            pair = stats.pairs[s][i][j][parts[j]]
+            a = pair if j == i else ungrouped(pair, layout, i, j)
+            tj = ti if j == i else spread(stats.total[s][j][parts[j]], layout, i, j)
+            row.append(torch.baddbmm(a, ti.unsqueeze(2), tj.unsqueeze(1), beta=1 / (n - 1), alpha=-1 / (n * (n - 1))))
+        blocks.append(row)
+    return blocks
+
+
+def shrink_blocks(blocks: list[list[torch.Tensor]], dim: int, n: int) -> None:
+    """OAS on covariance blocks that hold every block of each position (the trivial layout), in place."""
+    trace = sum(row[-1].diagonal(dim1=1, dim2=2).sum(dim=1) for row in blocks)
+    squares = sum(b.square().sum(dim=(1, 2)) * (1 if j == i else 2) for i, row in enumerate(blocks)
+                  for j, b in enumerate(row))
+    keep, target = oas(trace, squares, dim, n)
+    for row in blocks:
+        for b in row:
+            b.mul_(keep.view(-1, 1, 1))
+        row[-1].diagonal(dim1=1, dim2=2).add_(target.unsqueeze(1))
+
+
+def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps",
+                ) -> Iterator[tuple[int, int, slice, torch.Tensor]]:
     """Yield (scale, tap i, tap-i cells, float64 (n, C_i, channels of taps <= i) rows of W) for
     every cell of every tap, a few rows of the deepest grid at a time.
 
@@ -109,28 +155,16 @@ def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps"):
         levels = layout.levels
         if estimator == "oas" and any(lv.ratio != 1 for lv in levels):
             raise ValueError("the 'oas' covariance needs statistics per position, not per cell")
-        for parts in row_steps(layout, FACTOR_TOP_CELLS):
-            # covariance blocks (i, j), j <= i, per tap-i cell of this step
-            blocks = []
-            for i in range(len(levels)):
-                ti = stats.total[s][i][parts[i]]
-                row = []
-                for j in range(i + 1):
-                    pair = stats.pairs[s][i][j][parts[j]]
-                    a = pair if j == i else ungrouped(pair, layout, i, j)
-                    tj = ti if j == i else spread(stats.total[s][j][parts[j]], layout, i, j)
-                    row.append(torch.baddbmm(a, ti.unsqueeze(2), tj.unsqueeze(1), beta=1 / (n - 1),
-                                             alpha=-1 / (n * (n - 1))))
-                blocks.append(row)
+        steps = list(row_steps(layout, FACTOR_TOP_CELLS))
+        # per tap, the deeper taps' rows of W at each cell: zero above the block diagonal, which
+        # no step writes, so one zeroed buffer serves every step (fresh ones cost page faults)
+        deeper = [sum(lv.channels for lv in levels[:i]) for i in range(len(levels))]
+        w_pp_buffers = [torch.zeros(steps[0][i].stop, p, p, dtype=torch.float64, device=stats.device) if p else None
+                        for i, p in enumerate(deeper)]
+        for parts in steps:
+            blocks = covariance_blocks(stats, s, parts, n)
             if estimator == "oas":
-                trace = sum(row[-1].diagonal(dim1=1, dim2=2).sum(dim=1) for row in blocks)
-                squares = sum(b.square().sum(dim=(1, 2)) * (1 if j == i else 2)
-                              for i, row in enumerate(blocks) for j, b in enumerate(row))
-                keep, target = oas(trace, squares, stats.dim, n)
-                for row in blocks:
-                    for b in row:
-                        b.mul_(keep.view(-1, 1, 1))
-                    row[-1].diagonal(dim1=1, dim2=2).add_(target.unsqueeze(1))
+                shrink_blocks(blocks, stats.dim, n)
             rows: list[torch.Tensor] = []
             for i, row in enumerate(blocks):
                 a_ii = row[-1]
@@ -138,13 +172,10 @@ def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps"):
                 check_finite(a_ii)
                 positions = start + layout.first(i)[parts[i]]
                 if i == 0:
-                    w_ii = triangular_inverse(cholesky(a_ii, positions))
-                    rows.append(w_ii)
-                    yield s, i, parts[i], w_ii
+                    rows.append(triangular_inverse(cholesky(a_ii, positions)))
+                    yield s, i, parts[i], rows[-1]
                     continue
-                p = sum(lv.channels for lv in levels[:i])
-                w_pp = a_ii.new_zeros(a_ii.shape[0], p, p)
-                offset = 0
+                w_pp, offset = w_pp_buffers[i][:a_ii.shape[0]], 0
                 for j in range(i):
                     c = levels[j].channels
                     w_pp[:, offset:offset + c, :offset + c] = spread(rows[j], layout, i, j)
@@ -152,7 +183,6 @@ def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps"):
                 l_ip = torch.bmm(torch.cat(row[:-1], dim=2), w_pp.transpose(1, 2))
                 w_ii = triangular_inverse(cholesky(torch.baddbmm(a_ii, l_ip, l_ip.transpose(1, 2), alpha=-1),
                                                    positions))
-                w_i = torch.cat([-torch.bmm(w_ii, torch.bmm(l_ip, w_pp)), w_ii], dim=2)
-                rows.append(w_i)
-                yield s, i, parts[i], w_i
+                rows.append(torch.cat([-torch.bmm(w_ii, torch.bmm(l_ip, w_pp)), w_ii], dim=2))
+                yield s, i, parts[i], rows[-1]
         start += layout.positions
