@@ -345,13 +345,14 @@ class Padim:
     # ----------------------------------------------------------------- model files
     def metadata(self) -> dict:
         """What a model file says of this fitted model besides its tensors: its parameters, the
-        backbone's taps and normalization, the grids, the threshold and the training counts."""
+        backbone's taps, normalization and weights files, the grids, the threshold and the training counts."""
         scorer, p = self.check_fitted(), self.params_
         spec = get_spec(p.backbone)
         h, w = p.image_size
         return {
             **p.to_state(),
             "backbone_source": spec.source,
+            "backbone_weights": scorer.embedding.extractor.weights_files,
             "taps": list(spec.taps),
             "grids": [list(g) for g in scorer.maps.grids],
             "storage": scorer.storage,
