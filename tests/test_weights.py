@@ -126,6 +126,7 @@ def test_good_file_lands_in_the_torch_cache_and_loads(monkeypatch, torch_home, s
     result = invoke("download", "weights", "resnet18", "--mirror", base, "--no-progress")
     assert result.exit_code == 0, result.output
     assert behaviour.paths == [f"/models/{entry.name}"]  # the mirror got the published path
+    assert "--backbone resnet18 finds it" in result.stdout
     assert sorted(p.name for p in torch_home.iterdir()) == [entry.name]
     assert (torch_home / entry.name).read_bytes() == resnet18_bytes
     net = get_spec("resnet18").build(None, True)  # from the cache, as 'padim fit --backbone resnet18' does
@@ -197,6 +198,7 @@ def test_all_fetches_every_backbone_into_the_named_cache(monkeypatch, tmp_path, 
     assert result.exit_code == 0, result.output
     assert behaviour.paths == [f"/pytorch/models/{n}" for n in names]
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == sorted(names)
+    assert f"--weights {tmp_path / 'w' / names[0]}" in result.stdout
 
 
 def test_damaged_file_in_the_cache_is_fetched_again(monkeypatch, torch_home, server):

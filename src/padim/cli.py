@@ -23,7 +23,7 @@ import click
 # answer before torch, scikit-learn or matplotlib load; each command imports its machinery itself.
 from . import __version__
 from .backbones import list_backbones
-from .backbones.weights import TORCHVISION_WEIGHTS
+from .backbones.weights import TORCHVISION_WEIGHTS, checkpoints_dir, mirrored
 from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
@@ -446,8 +446,6 @@ def _check_sha256(ctx, param, value: str) -> str:
 
 
 def _check_mirror(ctx, param, value: str | None) -> str | None:
-    from .backbones.weights import mirrored
-
     try:
         mirrored("http://x/", value)
     except ValueError as exc:
@@ -511,7 +509,9 @@ def download_weights_cmd(backbone, mirror, cache, retries, progress):
         for name in names:
             path = download_weights(name, cache, mirror, retries=retries, progress=progress,
                                     echo=lambda line: click.echo(line, err=True))
-            click.echo(f"{name} weights ready: {path}")
+            use = (f"--backbone {name} finds it" if path.parent.resolve() == checkpoints_dir().resolve()
+                   else f"not torch's cache: use it with --backbone {name} --weights {path}")
+            click.echo(f"{name} weights ready: {path} ({use})")
     except KeyboardInterrupt:
         _fail(130, "interrupted; run the same command again to go on (a partial download is resumed)")
 
