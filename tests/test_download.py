@@ -1,19 +1,14 @@
 """padim.datasets.download: fetch, resume, verify and safely unpack a VisA-shaped archive.
 
-Never touches the internet: a local HTTP server (with Range support) in a thread serves tars that
-the tests build from tiny synthetic images.
+Never touches the internet: a local HTTP server (tests/range_server.py, with Range support) in a
+thread serves tars that the tests build from tiny synthetic images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import re
-import socket
 import tarfile
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -31,65 +26,15 @@ from padim.datasets.download import (
     download_visa,
     is_complete,
 )
+from range_server import closed_port, serving
 
 NAME = "VisA_20220922.tar"
 
 
-@dataclass
-class Behaviour:
-    """What the test server does; ``requests`` records the Range header of every GET."""
-
-    data: bytes = b""
-    drops: int = 0  # this many responses stop half way and close the connection
-    ignore_range: bool = False
-    status: int | None = None  # answer every request with this error status
-    requests: list = field(default_factory=list)
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        b: Behaviour = self.server.behaviour
-        rng = self.headers.get("Range")
-        b.requests.append(rng)
-        if b.status:
-            self.send_error(b.status)
-            return
-        start = 0
-        if rng and not b.ignore_range:
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(b.data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(b.data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(b.data) - 1}/{len(b.data)}")
-        else:
-            self.send_response(200)
-        body = b.data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if b.drops:
-            b.drops -= 1
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.behaviour = Behaviour()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    yield httpd.behaviour, f"http://127.0.0.1:{httpd.server_address[1]}/{NAME}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving() as (behaviour, base):
+        yield behaviour, f"{base}/{NAME}"
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +61,7 @@ def sha(data: bytes) -> str:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{NAME}"
+    return f"{closed_port()}/{NAME}"
 
 
 def get(url, root, data, **kw):

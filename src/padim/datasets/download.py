@@ -1,37 +1,31 @@
 """Download the official VisA archive, verify its pinned sha256, and unpack it safely in place.
 
-The archive is fetched into ``ROOT/<name>.part`` (resumed with an HTTP Range request after a dropped
-connection, within the same call and on a later call), checked against the sha256 before anything
-is unpacked, and extracted only when no member could write outside ROOT. A marker file written
-atomically after a successful extraction makes a second call a no-op.
+The archive is fetched into ``ROOT/<name>.part`` by :func:`padim.fetch.download_file` (resumed
+with an HTTP Range request after a dropped connection, within the same call and on a later call),
+checked against the sha256 before anything is unpacked, and extracted only when no member could
+write outside ROOT. A marker file written atomically after a successful extraction makes a second call a no-op.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import tarfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .. import __version__
 from ..atomic import write_text
 from ..checksums import sha256_of
 from ..errors import DatasetError, DownloadError
+from ..fetch import download_file
 from .visa import VISA_SHA256, VISA_URL
 
 MARKER = ".padim-download.json"
-CHUNK = 1 << 20
-TIMEOUT_S = 60.0
 
 
 class ArchiveError(DatasetError):
@@ -78,100 +72,6 @@ def is_complete(root: Path, sha256: str) -> bool:
         if path.is_dir() and sum(len(files) for _, _, files in os.walk(path)) < n_files:
             return False
     return True
-
-
-# ------------------------------------------------------------------------------------------ download
-
-
-class _Dropped(Exception):
-    """The transfer stopped early; the part file keeps what arrived."""
-
-
-def _content_range_start(value: str | None) -> int | None:
-    match = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", (value or "").strip())
-    return int(match.group(1)) if match else None
-
-
-def _total_from_416(value: str | None) -> int | None:
-    match = re.fullmatch(r"bytes \*/(\d+)", (value or "").strip())
-    return int(match.group(1)) if match else None
-
-
-def _fetch_once(url: str, part: Path, progress: bool) -> None:
-    """One request: resume ``part`` from its current size. Raises _Dropped on a short transfer."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": f"visa-padim/{__version__}"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 (http(s) URL from the user)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:
-            # Nothing left to send: the part is already whole (or longer than the file: start over).
-            total = _total_from_416(exc.headers.get("Content-Range"))
-            if total is not None and have > total:
-                part.unlink()
-                raise _Dropped(f"{part.name} was longer than the file on the server; restarting") from exc
-            return
-        if exc.code in (408, 429) or exc.code >= 500:
-            raise _Dropped(f"server answered HTTP {exc.code} {exc.reason}") from exc
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL (--url)") from exc
-    with response:
-        if have and response.status == 206 and _content_range_start(response.headers.get("Content-Range")) == have:
-            mode = "ab"
-        else:  # the server ignored the Range header (or answered another range): start from zero
-            have, mode = 0, "wb"
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length and length.isdigit() else None
-        with part.open(mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                                        desc=part.name.removesuffix(".part"), disable=not progress) as bar:
-            while True:
-                try:
-                    chunk = response.read(CHUNK)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise _Dropped(f"connection lost ({exc})") from exc
-                if not chunk:
-                    break
-                f.write(chunk)
-                bar.update(len(chunk))
-            size = f.tell()
-    if total is not None and size < total:
-        raise _Dropped(f"connection closed after {size} of {total} bytes")
-
-
-def fetch(url: str, part: Path, *, retries: int = 3, retry_wait: float = 2.0, progress: bool = True,
-          echo: Callable[[str], None] = lambda _: None) -> None:
-    """Download ``url`` into ``part``, resuming what is already there; retry a dropped transfer.
-
-    ``retries`` counts failures in a row: an attempt that added bytes to ``part`` resets the count,
-    so a long download over a flaky line keeps going; 0 turns retrying off. Raises DownloadError when the server cannot
-    be reached or the transfer keeps failing; ``part`` is kept so that the next call resumes it.
-    """
-    host = urllib.parse.urlparse(url).netloc or url
-    failures = 0
-    while True:
-        before = part.stat().st_size if part.exists() else 0
-        try:
-            _fetch_once(url, part, progress)
-            return
-        except _Dropped as exc:
-            reason = str(exc)
-        except urllib.error.URLError as exc:  # refused, DNS failure, unreachable, TLS: before any data
-            reason = f"cannot reach {host} ({exc.reason})"
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-            reason = f"cannot reach {host} ({exc})"
-        except ValueError as exc:  # urllib: no scheme, unknown scheme
-            raise DownloadError(f"{url}: not a usable URL ({exc})") from exc
-        failures = 0 if part.exists() and part.stat().st_size > before else failures + 1
-        if retries == 0 or failures > retries:
-            break
-        wait = retry_wait * 2 ** max(failures - 1, 0)
-        echo(f"{reason}; retrying in {wait:.0f} s" + (f" ({failures}/{retries})" if failures else ""))
-        time.sleep(wait)
-    kept = f"; {part} ({part.stat().st_size} bytes) is kept and the next run resumes it" if part.exists() else ""
-    raise DownloadError(f"download failed: {reason}. Check the network connection, or fetch {url} by other means "
-                        f"and put it at {part.with_suffix('')}{kept}")
 
 
 # ------------------------------------------------------------------------------------------- extract
@@ -298,7 +198,6 @@ def download_visa(root: str | Path, url: str = VISA_URL, sha256: str = VISA_SHA2
         echo(f"{root}: VisA is already downloaded and unpacked; nothing to do")
         return DownloadResult(root, False, False, 0)
     archive = root / archive_name(url)
-    part = archive.with_name(archive.name + ".part")
     downloaded = False
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -309,19 +208,17 @@ def download_visa(root: str | Path, url: str = VISA_URL, sha256: str = VISA_SHA2
                 raise ArchiveError(f"{archive}: sha256 {actual} does not match the expected {sha256}; delete the "
                                    "file and run again to download it")
         else:
-            if part.exists():
-                echo(f"resuming {part} from {part.stat().st_size} bytes")
-            echo(f"downloading {url}")
-            fetch(url, part, retries=retries, retry_wait=retry_wait, progress=progress, echo=echo)
+            def check(path: Path) -> str | None:
+                echo("verifying sha256")
+                actual = sha256_of(path)
+                return None if actual == sha256 else f"{url}: the downloaded file has sha256 {actual}, " \
+                                                     f"expected {sha256}"
+
+            download_file(url, archive, check, mismatch=ArchiveError, retries=retries, retry_wait=retry_wait,
+                          progress=progress, hint="check the URL (--url)", echo=echo,
+                          after="; it was deleted and nothing was unpacked. Run again; if this repeats, the server "
+                                "serves a different file (for a mirror with another archive, pass --sha256)")
             downloaded = True
-            echo("verifying sha256")
-            actual = sha256_of(part)
-            if actual != sha256:
-                part.unlink()
-                raise ArchiveError(f"{url}: the downloaded file has sha256 {actual}, expected {sha256}; it was "
-                                   "deleted and nothing was unpacked. Run again; if this repeats, the server "
-                                   "serves a different file (for a mirror with another archive, pass --sha256)")
-            os.replace(part, archive)
         entries = extract(archive, root, progress)
         write_text(root / MARKER, json.dumps({"url": url, "sha256": sha256, "archive": archive.name,
                                               "entries": entries}, indent=1) + "\n")

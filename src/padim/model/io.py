@@ -110,15 +110,17 @@ FILE_FIELDS: dict[str, tuple[Callable, str]] = {
 FIELDS = {**{name: CHECKS[name] for name in PadimParams.names()}, **FILE_FIELDS}
 
 
-def model_metadata(params: PadimParams, grids: list[tuple[int, int]], storage: str, threshold: float | None,
-                   info: dict) -> dict:
+def model_metadata(params: PadimParams, grids: list[tuple[int, int]], storage: str, weights: list[dict] | None,
+                   threshold: float | None, info: dict) -> dict:
     """What a model file says of a fitted model besides its tensors: its parameters, the backbone's
-    taps and normalization, the grids, how the factor is stored, the threshold and the training counts."""
+    taps, normalization and weights files, the grids, how the factor is stored, the threshold and
+    the training counts."""
     spec = get_spec(params.backbone)
     h, w = params.image_size
     return {
         **params.to_state(),
         "backbone_source": spec.source,
+        "backbone_weights": weights,
         "taps": list(spec.taps),
         "grids": [list(g) for g in grids],
         "storage": storage,
@@ -129,6 +131,18 @@ def model_metadata(params: PadimParams, grids: list[tuple[int, int]], storage: s
     }
 
 
+def _weights(v) -> bool:
+    return v is None or (isinstance(v, list) and all(
+        isinstance(e, dict) and set(e) == {"file", "sha256"} and isinstance(e["file"], str)
+        and isinstance(e["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", e["sha256"]) is not None for e in v))
+
+
+# fields checked when present: files written before them still load
+CHECKED_OPTIONAL: dict[str, tuple[Callable, str]] = {
+    "backbone_weights": (_weights, "null or [{file, sha256}, ...]"),
+}
+
+
 def check_metadata(path: Path, meta: dict) -> None:
     """Refuse metadata this version cannot use: every field present and valid, a known backbone with
     the same taps and normalization, a file not newer than this package. Unknown fields warn."""
@@ -137,14 +151,16 @@ def check_metadata(path: Path, meta: dict) -> None:
     if found is not None and ours is not None and found > ours:
         raise ModelFileError(f"{path}: written by visa-padim {version}, newer than this {__version__}; upgrade "
                              "visa-padim or re-run 'padim fit' with this version")
-    for name, (ok, expected) in FIELDS.items():
+    for name, (ok, expected) in [*FIELDS.items(), *CHECKED_OPTIONAL.items()]:
         if name not in meta:
+            if name in CHECKED_OPTIONAL:
+                continue
             raise ModelFileError(f"{path}: metadata field {name!r} missing; the file is damaged or not written "
                                  "by 'padim fit'; re-run 'padim fit'")
         if not ok(meta[name]):
             raise ModelFileError(f"{path}: metadata field {name!r} is {meta[name]!r}, expected {expected}; "
                                  "the file was altered or damaged; re-run 'padim fit'")
-    unknown = sorted(set(meta) - set(FIELDS))
+    unknown = sorted(set(meta) - set(FIELDS) - set(CHECKED_OPTIONAL))
     if unknown:
         logger.warning("%s: ignoring unknown metadata field(s) %s", path, ", ".join(unknown))
     try:

@@ -132,7 +132,8 @@ class Padim:
         self.scorer_ = PadimScorer.fit(embedding, stats, p)
         self.params_ = p
         self.threshold_, self.info_ = calibrate(scores, maps, n_train or stats.count, p.threshold_quantile)
-        self.meta_ = model_metadata(p, embedding.grids, self.scorer_.storage, self.threshold_, self.info_)
+        self.meta_ = model_metadata(p, embedding.grids, self.scorer_.storage, embedding.extractor.weights_files,
+                                    self.threshold_, self.info_)
         return self
 
     def check_fitted(self) -> PadimScorer:

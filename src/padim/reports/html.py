@@ -135,6 +135,7 @@ def report_context(run_dir: Path) -> dict:
             ("Data set", f"{dataset.get('category')} ({dataset.get('layout')} layout) in {dataset.get('root')}"),
             ("Split", str(dataset.get("split"))),
             ("Backbone", f"{model.get('backbone')}, d = {model.get('d')} channels"),
+            ("Backbone weights", _weights_fact(model.get("weights"))),
             ("Image size", (" x ".join(str(s) for s in size) + " px" if size else "n/a")
              + (f", pyramid scales {', '.join(f'{x:g}' for x in model['scales'])}"
                 if len(model.get("scales") or []) > 1 else "")),
@@ -157,6 +158,14 @@ def report_context(run_dir: Path) -> dict:
         "version": __version__,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _weights_fact(files: list[dict] | None) -> str:
+    """The backbone's weights files, each with its sha256; 'not recorded' for a model file written
+    before they were recorded, or with random weights."""
+    if not files:
+        return "not recorded"
+    return "; ".join(f"{f.get('file')} (sha256 {f.get('sha256')})" for f in files)
 
 
 def render(context: dict) -> str:
