@@ -16,7 +16,8 @@ from .whitening import Whitening
 
 
 class Embedding:
-    """Embeddings of ``size`` inputs as blocks of ``layouts`` (one per scale)."""
+    """Embeddings of ``size`` inputs as blocks of ``layouts`` (one per scale); the subclasses say
+    where the blocks come from."""
 
     def __init__(self, extractor: FeatureExtractor, size: tuple[int, int], layouts: list[ScaleLayout]):
         self.extractor = extractor
@@ -25,8 +26,6 @@ class Embedding:
         self.layouts = layouts
         self.positions = sum(h * w for h, w in self.grids)
         self.dim = int(extractor.channels.numel())
-        # nested cells come from the extractor's blocks; the trivial layout from its (P, B, d) embedding
-        self.cells = layouts == extractor.block_layouts(self.size)
 
     @property
     def device(self) -> torch.device:
@@ -34,8 +33,50 @@ class Embedding:
 
     def __call__(self, images: torch.Tensor, out=None) -> Blocks:
         """uint8 (B, 3, H, W) -> blocks, written into ``out`` (a :meth:`window` of a :meth:`buffer`) if given."""
-        if self.cells:
-            return self.extractor.blocks(images, out)
+        raise NotImplementedError
+
+    def buffer(self, images: int):
+        """A buffer for ``images`` embeddings, to write batch after batch into."""
+        raise NotImplementedError
+
+    def window(self, out, start: int, stop: int):
+        """The part of a buffer that holds images [start, stop), to write into."""
+        raise NotImplementedError
+
+    def filled(self, out, images: int) -> Blocks:
+        """The blocks of the first ``images`` images written into a buffer."""
+        raise NotImplementedError
+
+    def stats(self) -> GaussianStats:
+        """Empty statistics of these embeddings."""
+        return GaussianStats(self.layouts, self.device)
+
+    def whitening(self) -> Whitening:
+        """An empty whitening that scores these embeddings."""
+        return Whitening(self.layouts, self.device)
+
+
+class CellEmbedding(Embedding):
+    """Nested cells, straight from the extractor's per-tap blocks (each deep feature once per cell)."""
+
+    def __call__(self, images: torch.Tensor, out=None) -> Blocks:
+        return self.extractor.blocks(images, out)
+
+    def buffer(self, images: int) -> Blocks:
+        return self.extractor.block_buffer(images, self.size)
+
+    def window(self, out: Blocks, start: int, stop: int) -> Blocks:
+        return [[t[:, start:stop] for t in scale] for scale in out]
+
+    def filled(self, out: Blocks, images: int) -> Blocks:
+        return self.window(out, 0, images)
+
+
+class PositionEmbedding(Embedding):
+    """The trivial layout: views of the extractor's (P, B, d) position-major embedding, each tap's
+    channels at every position."""
+
+    def __call__(self, images: torch.Tensor, out: torch.Tensor | None = None) -> Blocks:
         return self.split(self.extractor(images, out))
 
     def split(self, embeddings: torch.Tensor) -> Blocks:
@@ -46,30 +87,14 @@ class Embedding:
             start += layout.positions
         return out
 
-    def buffer(self, images: int):
-        """A buffer for ``images`` embeddings, to write batch after batch into."""
-        if self.cells:
-            return self.extractor.block_buffer(images, self.size)
+    def buffer(self, images: int) -> torch.Tensor:
         return self.extractor.buffer(images, self.size)
 
-    def window(self, out, start: int, stop: int):
-        """The part of a buffer that holds images [start, stop), to write into."""
-        if self.cells:
-            return [[t[:, start:stop] for t in scale] for scale in out]
+    def window(self, out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return out[:, start:stop]
 
-    def filled(self, out, images: int) -> Blocks:
-        """The blocks of the first ``images`` images written into a buffer."""
-        window = self.window(out, 0, images)
-        return window if self.cells else self.split(window.permute(1, 2, 0))
-
-    def stats(self) -> GaussianStats:
-        """Empty statistics of these embeddings."""
-        return GaussianStats(self.layouts, self.device)
-
-    def whitening(self) -> Whitening:
-        """An empty whitening that scores these embeddings."""
-        return Whitening(self.layouts, self.device)
+    def filled(self, out: torch.Tensor, images: int) -> Blocks:
+        return self.split(out[:, :images].permute(1, 2, 0))
 
 
 def embedding_for(extractor: FeatureExtractor, size: tuple[int, int], covariance: str = "eps",
@@ -84,5 +109,5 @@ def embedding_for(extractor: FeatureExtractor, size: tuple[int, int], covariance
         raise ValueError(f"factor stored per cell, but tap_resize {extractor.tap_resize!r} at {list(size)} "
                          "has no cells")
     if use_cells:
-        return Embedding(extractor, size, cells)
-    return Embedding(extractor, size, [trivial_layout(extractor.tap_sizes(), grid) for grid in extractor.grids(size)])
+        return CellEmbedding(extractor, size, cells)
+    return PositionEmbedding(extractor, size, [trivial_layout(extractor.tap_sizes(), g) for g in extractor.grids(size)])
