@@ -18,7 +18,7 @@ from ..errors import ClusterError, DatasetError
 
 LOCAL = "local:"
 RETRIES = 2  # extra tries of a task that raised (a killed worker is rescheduled by Dask anyway)
-# Images per task at most. A fit task returns one partial statistic (169 MB at 256 px, d=100), far
+# Images per task at most. A fit task returns one partial statistic (hundreds of MB at the defaults), far
 # more than its images (~136 kB each for VisA JPEGs), so fit shards are large; a scoring task
 # returns a row count, and its shard is the unit of resumption, so scoring shards are small.
 FIT_SHARD_SIZE = 512
