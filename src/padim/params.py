@@ -88,9 +88,36 @@ def check_param(name: str, value) -> None:
 
 @dataclass(frozen=True)
 class PadimParams:
-    """What defines a PaDiM model (see :class:`padim.Padim` for each one's meaning). ``d`` and
-    ``sigma`` may be None (a default derived from the backbone and the input size) until
-    :meth:`resolved`."""
+    """What defines a PaDiM model; ``d`` and ``sigma`` may be None (a default derived from the
+    backbone and the input size) until :meth:`resolved`.
+
+    backbone: registered backbone name (see ``padim.backbones.list_backbones()``).
+    image_size: (height, width) in pixels, or N for N x N; the CLI's default keeps the training
+        images' aspect ratio at 320 px on the shorter side (VisA: 320x480).
+    d: feature channels kept (a fixed random subset, PaDiM's reduction); None keeps every channel of
+        a backbone with at most 200 (MobileNetV2: 152) and 100 of larger ones, since scoring costs
+        d^2 per position.
+    eps: added to each covariance diagonal; keeps it invertible with few images.
+    sigma: Gaussian blur of the upsampled map, in input pixels (0 = none); None scales PaDiM's 4 px
+        at 256 px with the input: 4 * shorter side / 256.
+    seed: fixes the channel subset and the calibration hold-out.
+    calibration_fraction: share of the training images held out to set the threshold; they are
+        scored by the model fit without them, then merged into the final statistics.
+    threshold_quantile: the threshold is this quantile of the held-out normal image scores.
+    pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM).
+    tap_resize: 'nearest' (PaDiM's) or 'bilinear' resizing of the deeper taps to the stride-4 grid.
+        With 'nearest', where each deeper grid divides the finest evenly (320x480 and its 0.7 level
+        do), fit and predict work once per deep cell and the model keeps its factor per cell
+        (:mod:`padim.model.cells`): the same numbers, faster, in less memory, fewer stored values.
+    factor_dtype: precision of the whitening factor kept and stored, 'float16' (half the model file)
+        or 'float32'; scoring runs in float32 either way (see docs/model-size.md).
+    covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I, fitted and
+        scored per position: its coefficient differs at every position).
+    top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
+    scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
+        scales averaged ((1.0, 0.7) by default: the coarser level sees more context per patch,
+        which helps large defects; (1.0,) = plain PaDiM).
+    """
 
     backbone: str = "mobilenet_v2"
     image_size: tuple[int, int] = (320, 480)

@@ -35,10 +35,9 @@ def _take(images: Images, idx: np.ndarray) -> Images:
 class Padim:
     """PaDiM (Defard et al., 2021): one Gaussian per patch position over CNN features.
 
-    The model's parameters and their meaning: :class:`padim.params.PadimParams`. Runtime settings
-    (keyword only; they do not change the model): ``batch_size``, ``num_workers`` (decoding
-    processes, None = auto), ``device`` ('cpu' or 'cuda'), ``weights`` (a backbone weights file),
-    ``progress`` (progress bars), ``pretrained=False`` (random backbone weights: tests only).
+    Parameters and their meaning: :class:`padim.params.PadimParams`. Runtime settings (keyword only,
+    not part of the model): ``batch_size``, ``num_workers`` (decoding processes, None = auto),
+    ``device``, ``weights`` (a backbone file), ``progress``, ``pretrained=False`` (tests only).
 
     As a scikit-learn estimator, the constructor only stores its arguments; :meth:`fit` checks them
     and resolves ``d`` and ``sigma`` into ``params_``. Fitted attributes: ``params_``, ``scorer_``,
@@ -54,9 +53,7 @@ class Padim:
                  scales: Sequence[float] = DEFAULTS.scales, *, batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
-        args = locals()
-        for name in (*PadimParams.names(), *RUNTIME):
-            setattr(self, name, args[name])
+        self.set_params(**{name: value for name, value in locals().items() if name in (*PadimParams.names(), *RUNTIME)})
 
     def get_params(self, deep: bool = True) -> dict:
         """The constructor's arguments (scikit-learn's contract): the model's, then the runtime ones."""
@@ -65,7 +62,7 @@ class Padim:
     def set_params(self, **params) -> Padim:
         """Change constructor arguments; a fitted model keeps its fit until the next :meth:`fit`."""
         for name, value in params.items():
-            if name not in self.get_params():
+            if name not in (*PadimParams.names(), *RUNTIME):
                 raise ValueError(f"unknown parameter {name!r} of Padim")
             setattr(self, name, value)
         return self
@@ -120,8 +117,7 @@ class Padim:
         p = self.model_params()
         embedding = self.embedding(params=p)
         if stats.positions != embedding.positions:
-            h, w = p.image_size
-            raise ValueError(f"statistics have {stats.positions} positions, the {h}x{w} input at scales "
+            raise ValueError(f"statistics have {stats.positions} positions, the {p.image_size} input at scales "
                              f"{list(p.scales)} gives grids {embedding.grids}")
         stats = stats.to_layouts(embedding.layouts)  # e.g. per-position sums for a per-cell model
         scores, maps = np.empty(0), np.empty(0)
