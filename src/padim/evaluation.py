@@ -8,6 +8,7 @@ written where the user sees it (``padim.reports.run_folder`` puts the result on 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from .stages import Stages
 
 if TYPE_CHECKING:
     from .model import Padim
+
+logger = logging.getLogger(__name__)
+PROMISED_ERROR = 1e-4  # the streamed pixel metrics' largest distance from the exact ones, where the bound allows
 
 
 @dataclass
@@ -120,8 +124,11 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
             for sample, score, amap in zip(test[done:done + len(batch_scores)], batch_scores, batch_maps, strict=True):
                 mask, at = _pixel_data(sample, amap, resolution)
                 stream.add(sample.label, score, sample.defects, mask, at)
-                shown = mask if resolution == "model" or sample.mask is None else read_mask(sample.mask, size)
-                packed.append(np.packbits(shown if shown is not None else np.zeros(size, bool)))
+                if sample.mask is None:  # Evaluation.mask gives None: nothing to keep
+                    shown = np.zeros(size, bool)
+                else:  # the figures show the mask at the model's size
+                    shown = mask if resolution == "model" else read_mask(sample.mask, size)
+                packed.append(np.packbits(shown))
             masks.append(np.stack(packed))
             done += len(batch_scores)
             metric_seconds += time.perf_counter() - tick
@@ -134,6 +141,10 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
         maps.close()
         masks.close()
         raise
+    worst = max((v for v in metrics.get("pixel_metrics_max_error", {}).values() if v is not None), default=0.0)
+    if worst > PROMISED_ERROR:  # the scores crowd into few bins (ties of both classes at nearby values)
+        logger.warning("the pixel metrics are within %.2g of their exact values (pixel_metrics_max_error in "
+                       "metrics.json), more than the usual %g", worst, PROMISED_ERROR)
     vrange = map_range(model.info_.get("map_range"), np.array([low, high]))
     return Evaluation(test, all_scores, maps, model.labels(all_scores), masks, stream.has_mask, resolution, metrics,
                       curves, model.threshold_, vrange, stages)
