@@ -89,8 +89,8 @@ def main() -> None:
     parser.add_argument("--counts", default="500,5000", help="comma-separated numbers of test images")
     parser.add_argument("--tmp", type=Path, default=Path("/tmp"), help="where the linked data sets and runs go")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
-    parser.add_argument("extra", nargs="*", help="options passed to padim evaluate (after --)")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # the rest (after --): options of padim evaluate
+    args.extra = [a for a in extra if a != "--"]
     results = {}
     for n in [int(c) for c in args.counts.split(",")]:
         root = repeated_dataset(args.data, args.category, n, args.tmp / f"padim-evalmem-{n}")
