@@ -19,7 +19,7 @@ import numpy as np
 from .datasets import Sample, Split, image_size, read_mask
 from .metrics import MetricStream
 from .reports.overlay import map_range
-from .spill import SpillArray
+from .spill import SpillArray, release_freed_memory
 from .stages import Stages
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
                 packed.append(np.packbits(shown))
             masks.append(np.stack(packed))
             done += len(batch_scores)
+            release_freed_memory()
             metric_seconds += time.perf_counter() - tick
         stages.record("predict", time.perf_counter() - start - metric_seconds)
         tick = time.perf_counter()

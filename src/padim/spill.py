@@ -8,8 +8,11 @@ pages of a map count as the process's resident memory for as long as they stay m
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import tempfile
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,25 @@ class SpillArray:
     def close(self) -> None:
         """Free the file (its space on disk)."""
         self._file.close()
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A streamed evaluation frees each image's temporaries, but glibc keeps freed heap pages that
+    sit below live objects (the few bytes kept per image), so the resident size still grew with
+    the test set (2.2x from 500 to 5,000 images) without this call after each batch.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..atomic import csv_text, write_text
 from ..datasets import Sample, read_image
 from ..metrics import Group, Ranking
+from ..spill import release_freed_memory
 from .curves import save_pixel_curves
 from .figures import FivePanel, roc_figure
 from .gallery import select, write_galleries
@@ -65,8 +66,10 @@ def write_pictures(out_dir: Path, ev: Evaluation, figures: bool = True, progress
     # decoding, resizing and PNG encoding release the GIL: threads share the one figure frame; one map
     # at a time is read back from disk per thread
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        for _ in tqdm(pool.map(draw, todo), total=len(todo), desc="figures", unit="img", disable=not progress):
-            pass
+        for n, _ in enumerate(tqdm(pool.map(draw, todo), total=len(todo), desc="figures", unit="img",
+                                   disable=not progress)):
+            if n % 16 == 15:
+                release_freed_memory()
     write_galleries(out_dir, names, labels, ev.scores, [s.defect_type for s in ev.test], ev.maps, ev.threshold,
                     ev.vrange, kept.__getitem__, lambda i: f"{folder}/{names[i]}")
 
