@@ -1,37 +1,53 @@
-"""Evaluation of a fitted model on a test split: scores, maps and metrics in one result object,
-nothing written (``padim.reports.run_folder`` puts it on disk)."""
+"""Evaluation of a fitted model on a test split: scores, maps and metrics in one result object.
+
+The test images stream through: each batch's maps go to a file without a name (the maps and the
+masks the figures need, :class:`~padim.spill.SpillArray`) and into the pixel metrics' counts
+(:class:`~padim.metrics.MetricStream`), so memory does not grow with the test set. Nothing is
+written where the user sees it (``padim.reports.run_folder`` puts the result on disk).
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .datasets import Sample, Split, image_size, read_mask
-from .metrics import metrics_and_curves
+from .metrics import MetricStream
 from .reports.overlay import map_range
+from .spill import SpillArray, release_freed_memory
 from .stages import Stages
 
 if TYPE_CHECKING:
     from .model import Padim
 
+logger = logging.getLogger(__name__)
+PROMISED_ERROR = 1e-4  # the streamed pixel metrics' largest distance from the exact ones, where the bound allows
+
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate` found for each test image, and the metrics.
+    """What :func:`evaluate` found for each test image, and the metrics; :meth:`close` (or a
+    ``with`` block) frees the spilled maps and masks.
 
-    maps: (N, H, W) at the model input size; masks: the ground truth the pixel metrics used (None
-    for an anomaly without a mask), at the model input size or, with resolution 'original', at
-    each image's own size; metrics: :func:`padim.metrics.metrics_and_curves`' dict;
-    pixel_curves: the ROC and precision-recall curves of all test pixels (None when undefined).
+    maps: (N, H, W) at the model input size, on disk (index one image at a time); masks: per image,
+    its ground truth at the model input size, bit-packed on disk (read with :meth:`mask`);
+    has_mask: per image, whether the pixel metrics used it (False for an anomaly without a mask);
+    resolution: the pixel metrics' ('model' or 'original'); metrics:
+    :meth:`padim.metrics.MetricStream.result`'s dict; pixel_curves: the ROC and precision-recall
+    curves of all test pixels (None when undefined).
     """
 
     test: list[Sample]
     scores: np.ndarray
-    maps: np.ndarray
+    maps: SpillArray
     predicted: np.ndarray | None
-    masks: list[np.ndarray | None]
+    masks: SpillArray
+    has_mask: list[bool]
     resolution: str
     metrics: dict
     pixel_curves: dict | None
@@ -44,11 +60,23 @@ class Evaluation:
         """0/1 per test image."""
         return np.array([s.label for s in self.test], dtype=np.int64)
 
-    def masks_at_model_size(self) -> list[np.ndarray | None]:
-        """The masks at the maps' size (read again only where the metrics used another size)."""
-        size = self.maps.shape[1:]
-        return [m if m is None or m.shape == size else read_mask(s.mask, size)
-                for s, m in zip(self.test, self.masks, strict=True)]
+    def mask(self, i: int) -> np.ndarray | None:
+        """Test image ``i``'s ground truth at the maps' size; None where it has no mask file."""
+        if self.test[i].mask is None:
+            return None
+        h, w = self.maps.shape[1:]
+        return np.unpackbits(self.masks[i], count=h * w).reshape(h, w).astype(bool)
+
+    def close(self) -> None:
+        """Free the files of the maps and masks."""
+        self.maps.close()
+        self.masks.close()
+
+    def __enter__(self) -> Evaluation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _resize(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -59,32 +87,65 @@ def _resize(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                          align_corners=False)[0, 0].numpy()
 
 
-def _pixel_data(test: list[Sample], maps: np.ndarray, resolution: str,
-                ) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
-    """Per image: ground truth (None for an anomaly without a mask) and map, both at the model
+def _pixel_data(sample: Sample, amap: np.ndarray, resolution: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """One image's ground truth (None for an anomaly without a mask) and map, both at the model
     input size or, with resolution='original', at the image's own size."""
-    masks, out = [], []
-    for s, m in zip(test, maps, strict=True):
-        hw = tuple(m.shape) if resolution == "model" else image_size(s.path)
-        masks.append(read_mask(s.mask, hw) if (s.mask is not None or s.label == 0) else None)
-        out.append(m if hw == tuple(m.shape) else _resize(m, hw))
-    return masks, out
+    hw = tuple(amap.shape) if resolution == "model" else image_size(sample.path)
+    mask = read_mask(sample.mask, hw) if (sample.mask is not None or sample.label == 0) else None
+    return mask, (amap if hw == tuple(amap.shape) else _resize(amap, hw))
 
 
-def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stages | None = None) -> Evaluation:
+def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stages | None = None,
+             spill: Path | str | None = None) -> Evaluation:
     """Score the test split of ``split`` with ``model`` and compute the metrics (stages 'predict'
     and 'metrics').
 
     resolution: 'model' computes pixel metrics at the model input size (as anomalib does),
-    'original' upsamples each map to its image's own size.
+    'original' upsamples each map to its image's own size. spill: the folder of the maps' and
+    masks' temporary files (None: the system's temp folder).
     """
     stages = stages if stages is not None else Stages()
     test = split.test
-    with stages("predict"):
-        prediction = model.predict([s.path for s in test])
-    with stages("metrics"):
-        masks, maps = _pixel_data(test, prediction.maps, resolution)
-        metrics, curves = metrics_and_curves([s.label for s in test], prediction.scores, [s.defects for s in test],
-                                             masks, maps, model.threshold_)
-    return Evaluation(test, prediction.scores, prediction.maps, prediction.labels, masks, resolution, metrics, curves,
-                      model.threshold_, map_range(model.info_.get("map_range"), prediction.maps), stages)
+    size = tuple(model.image_size_)
+    maps = SpillArray(size, np.float32, spill)
+    masks = SpillArray(((size[0] * size[1] + 7) // 8,), np.uint8, spill)
+    stream = MetricStream()
+    scores: list[np.ndarray] = []
+    low, high = np.inf, -np.inf
+    start, metric_seconds = time.perf_counter(), 0.0
+    try:
+        done = 0
+        for batch_scores, batch_maps in model.iter_predict([s.path for s in test]):
+            tick = time.perf_counter()
+            maps.append(batch_maps)
+            scores.append(batch_scores)
+            low, high = min(low, float(batch_maps.min())), max(high, float(batch_maps.max()))
+            packed = []
+            for sample, score, amap in zip(test[done:done + len(batch_scores)], batch_scores, batch_maps, strict=True):
+                mask, at = _pixel_data(sample, amap, resolution)
+                stream.add(sample.label, score, sample.defects, mask, at)
+                if sample.mask is None:  # Evaluation.mask gives None: nothing to keep
+                    shown = np.zeros(size, bool)
+                else:  # the figures show the mask at the model's size
+                    shown = mask if resolution == "model" else read_mask(sample.mask, size)
+                packed.append(np.packbits(shown))
+            masks.append(np.stack(packed))
+            done += len(batch_scores)
+            release_freed_memory()
+            metric_seconds += time.perf_counter() - tick
+        stages.record("predict", time.perf_counter() - start - metric_seconds)
+        tick = time.perf_counter()
+        all_scores = np.concatenate(scores) if scores else np.empty(0, np.float32)
+        metrics, curves = stream.result(model.threshold_)
+        stages.record("metrics", metric_seconds + time.perf_counter() - tick)
+    except BaseException:
+        maps.close()
+        masks.close()
+        raise
+    worst = max((v for v in metrics.get("pixel_metrics_max_error", {}).values() if v is not None), default=0.0)
+    if worst > PROMISED_ERROR:  # the scores crowd into few bins (ties of both classes at nearby values)
+        logger.warning("the pixel metrics are within %.2g of their exact values (pixel_metrics_max_error in "
+                       "metrics.json), more than the usual %g", worst, PROMISED_ERROR)
+    vrange = map_range(model.info_.get("map_range"), np.array([low, high]))
+    return Evaluation(test, all_scores, maps, model.labels(all_scores), masks, stream.has_mask, resolution, metrics,
+                      curves, model.threshold_, vrange, stages)

@@ -90,7 +90,6 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
 
     if not split.test:
         raise DatasetError(f"{data.where}: the test split is empty")
-    ev = evaluate(model, split, resolution, stages)
     header = {
         "dataset": {"root": str(data.root), "category": data.category, "layout": split.layout, "split": split.name},
         "model": {"path": str(model_path) if model_path else None, "backbone": model.meta_["backbone"],
@@ -101,7 +100,9 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
     }
     from .reports.run_folder import write_run_folder  # matplotlib and jinja2: only for evaluations
 
-    return write_run_folder(out_dir, ev, header, f"{data.category} ({split.name})", figures, progress)
+    # the maps and masks wait on disk beside the run (in files without a name) for the figures
+    with evaluate(model, split, resolution, stages, spill=out_dir) as ev:
+        return write_run_folder(out_dir, ev, header, f"{data.category} ({split.name})", figures, progress)
 
 
 def collect_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:

@@ -19,7 +19,10 @@ class Stages:
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        spent = time.perf_counter() - start
+        self.record(name, time.perf_counter() - start)
+
+    def record(self, name: str, spent: float) -> None:
+        """Add ``spent`` seconds to stage ``name`` (for stages that interleave, timed apart)."""
         self.seconds[name] = self.seconds.get(name, 0.0) + spent
         if self.echo is not None:
             self.echo(f"{name:<10s}{spent:8.1f} s")

@@ -1,8 +1,10 @@
 """Metrics: AUROC, F1-max and AUPRO for images and pixels, overall and per defect type."""
 
 from .binary import auroc, confusion, f1_max
-from .evaluate import compute_metrics, metrics_and_curves
+from .binned import BinnedRanking, Bins
+from .evaluate import MetricStream, compute_metrics, metrics_and_curves
 from .pro import aupro
 from .ranks import Group, Ranking
 
-__all__ = ["Group", "Ranking", "aupro", "auroc", "compute_metrics", "confusion", "f1_max", "metrics_and_curves"]
+__all__ = ["BinnedRanking", "Bins", "Group", "MetricStream", "Ranking", "aupro", "auroc", "compute_metrics",
+           "confusion", "f1_max", "metrics_and_curves"]

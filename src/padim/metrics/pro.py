@@ -25,6 +25,15 @@ def label_regions(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
     return (np.concatenate(ids) if ids else np.empty(0, np.int32)), offset
 
 
+def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per pixel of an (H, W) mask, flat: 1 / the size of its 8-connected defect region (0 off the
+    defects), and the number of regions."""
+    labelled, count = ndimage.label(np.asarray(mask, dtype=bool), structure=EIGHT_CONNECTED)
+    weights = 1.0 / np.maximum(np.bincount(labelled.ravel(), minlength=count + 1), 1)
+    weights[0] = 0.0
+    return weights[labelled.ravel()], count
+
+
 def pixel_group(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> Group:
     """The pixels of (H, W) masks and maps (sizes may differ between images) as one scored group,
     with the defect regions AUPRO needs."""

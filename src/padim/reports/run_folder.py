@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..atomic import csv_text, write_text
 from ..datasets import Sample, read_image
 from ..metrics import Group, Ranking
+from ..spill import release_freed_memory
 from .curves import save_pixel_curves
 from .figures import FivePanel, roc_figure
 from .gallery import select, write_galleries
@@ -49,24 +50,26 @@ def write_pictures(out_dir: Path, ev: Evaluation, figures: bool = True, progress
     gallery = sorted({i for chosen in select(labels, ev.scores).values() for i in chosen})
     todo = range(len(ev.test)) if figures else gallery
     folder = FIGURES_DIR if figures else f"tiles/{FIGURES_DIR}"
-    masks = ev.masks_at_model_size()
-    panel = FivePanel(ev.maps.shape[1:], ev.threshold, ev.vrange)
     size = tuple(ev.maps.shape[1:])
+    panel = FivePanel(size, ev.threshold, ev.vrange)
     kept: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     in_gallery = set(gallery)
 
     def draw(i: int) -> None:
         s = ev.test[i]
         image = np.asarray(read_image(s.path, size))
-        mask = masks[i] if s.mask is not None else None
+        mask = ev.mask(i)
         panel.save(out_dir / folder / names[i], image, mask, ev.maps[i], figure_title(s, ev.scores[i], ev.threshold))
         if i in in_gallery:
             kept[i] = (image, mask)
 
-    # decoding, resizing and PNG encoding release the GIL: threads share the one figure frame
+    # decoding, resizing and PNG encoding release the GIL: threads share the one figure frame; one map
+    # at a time is read back from disk per thread
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        for _ in tqdm(pool.map(draw, todo), total=len(todo), desc="figures", unit="img", disable=not progress):
-            pass
+        for n, _ in enumerate(tqdm(pool.map(draw, todo), total=len(todo), desc="figures", unit="img",
+                                   disable=not progress)):
+            if n % 16 == 15:
+                release_freed_memory()
     write_galleries(out_dir, names, labels, ev.scores, [s.defect_type for s in ev.test], ev.maps, ev.threshold,
                     ev.vrange, kept.__getitem__, lambda i: f"{folder}/{names[i]}")
 
@@ -79,7 +82,7 @@ def metrics_document(ev: Evaluation, header: dict) -> dict:
         **header,
         "dataset": {**header.get("dataset", {}), "n_test": len(ev.test), "n_test_normal": int((labels == 0).sum()),
                     "n_test_anomalous": int((labels == 1).sum()),
-                    "n_pixel_images": sum(m is not None for m in ev.masks)},
+                    "n_pixel_images": sum(ev.has_mask)},
         "metrics_resolution": ev.resolution,
         "predict_seconds": round(ev.stages.seconds.get("predict", 0.0), 3),
         "timings": ev.stages.rounded(),
