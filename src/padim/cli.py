@@ -26,7 +26,7 @@ from .backbones import list_backbones
 from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
-from .params import COVARIANCE_ESTIMATORS, MODEL_FILE, TAP_RESIZE, PadimParams, check_scales
+from .params import CONFIGS, COVARIANCE_ESTIMATORS, MODEL_FILE, TAP_RESIZE, PadimParams, check_scales
 
 DEFAULTS = PadimParams()  # the model options' defaults are the estimator's
 
@@ -566,6 +566,16 @@ def _as_args(command: click.Command, values: dict) -> list[str]:
     return args
 
 
+def _config_names(ctx, param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise click.BadParameter(f"{', '.join(unknown) or 'none'}: choose from {', '.join(CONFIGS)}")
+    return names
+
+
 @main.command("benchmark")
 @click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
@@ -577,11 +587,15 @@ def _as_args(command: click.Command, values: dict) -> list[str]:
 @model_options
 @runtime_options
 @eval_options
+@click.option("--configs", default=None, metavar="NAME,...", callback=_config_names,
+              help=f"Run every category under each of these named configurations ({', '.join(CONFIGS)}; "
+                   "'plain' is plain PaDiM at anomalib's settings, its options replacing those given) into "
+                   "OUT/<config>/<data set>/<category>/, a config column in the summary.")
 @click.option("--dask", "dask_address", metavar="ADDRESS", default=None,
               help="Run the categories as tasks on a Dask cluster (tcp://host:8786 or local:N); workers must "
                    "see the data and OUT at the same paths.")
 @handle_errors
-def benchmark_cmd(roots, out, categories, dask_address, device, progress, **params):
+def benchmark_cmd(roots, out, categories, configs, dask_address, device, progress, **params):
     """Fit and evaluate every category under each ROOT (VisA, MVTec AD or plain folders) and summarize.
 
     Each category runs as 'padim run' (same options) in its own process into OUT/<data set>/<category>/;
@@ -592,7 +606,9 @@ def benchmark_cmd(roots, out, categories, dask_address, device, progress, **para
 
     _check_device(device)
     # the children's progress bars would only fill the run logs: the benchmark shows one over categories
-    args = _as_args(run_cmd, {**params, "device": device, "progress": False})
+    runtime = {"device": device, "progress": False}
+    args = (_as_args(run_cmd, {**params, **runtime}) if configs is None else
+            {name: _as_args(run_cmd, {**params, **CONFIGS[name], **runtime}) for name in configs})
     wanted = None if categories is None else [c.strip() for c in categories.split(",")]
     rows = benchmark(roots, out, args, wanted, dask_address, progress, click.echo)
     click.echo(f"wrote {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.json'}, {out / 'index.html'}")

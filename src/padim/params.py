@@ -14,6 +14,15 @@ TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
 
+# The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
+# (by parameter name, parsed form) that replace the command's own. 'plain' is plain PaDiM at
+# anomalib's settings (256 px square, a random 100 channels, one scale, no pooling, max image score),
+# the reference every default is held against.
+CONFIGS: dict[str, dict[str, object]] = {
+    "default": {},
+    "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1},
+}
+
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     """Validated pyramid scales: each in (0, 1], no repeats."""
