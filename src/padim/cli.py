@@ -26,7 +26,7 @@ from .backbones import list_backbones
 from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
-from .params import CONFIGS, COVARIANCE_ESTIMATORS, MODEL_FILE, TAP_RESIZE, PadimParams, check_scales
+from .params import CONFIGS, COVARIANCE_ESTIMATORS, IMAGE_SCORES, MODEL_FILE, TAP_RESIZE, PadimParams, check_scales
 
 DEFAULTS = PadimParams()  # the model options' defaults are the estimator's
 
@@ -109,7 +109,11 @@ def model_options(func):
                      help="Input scales of the feature pyramid, comma-separated in (0, 1]: one Gaussian per "
                           "position of each, maps averaged (1 = plain PaDiM)."),
         click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True,
-                     help="Image score = mean of the K largest map values (1 = max)."),
+                     help="Image score = mean of the K largest values (1 = max)."),
+        click.option("--image-score", type=click.Choice(IMAGE_SCORES), default=DEFAULTS.image_score,
+                     show_default=True,
+                     help="What the image score ranks: 'map', the anomaly map (blurred, pyramid levels averaged); "
+                          "'levels', each level's own unblurred distances, averaged over the levels."),
         click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
                      default=DEFAULTS.calibration_fraction, show_default=True,
                      help="Share of training images held out to set the threshold (normal images only)."),

@@ -13,6 +13,9 @@ MAX_IMAGE_SIDE = 4096
 TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
+# what the image score ranks: 'map' the smoothed, averaged anomaly map (PaDiM); 'levels' each
+# pyramid level's own distances, unsmoothed, averaged over the levels
+IMAGE_SCORES = ("map", "levels")
 
 # The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
 # (by parameter name, parsed form) that replace the command's own. 'plain' is plain PaDiM at
@@ -83,9 +86,14 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
     "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
     "top_k": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "image_score": (lambda v: v in IMAGE_SCORES, " or ".join(IMAGE_SCORES)),
     "scales": (lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(is_number(x) and 0 < x <= 1 for x in v)
                and len(set(v)) == len(v), "distinct numbers in (0, 1]"),
 }
+
+
+# parameters added after the first model files, with the value that gives an older file's behaviour
+OLDER_FILES: dict[str, object] = {"image_score": "map"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,7 @@ class PadimParams:
     covariance: str = "eps"
     top_k: int = 1
     scales: tuple[float, ...] = (1.0, 0.7)
+    image_score: str = "map"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -145,6 +154,7 @@ class PadimParams:
     def from_state(cls, state: dict) -> PadimParams:
         """The resolved parameters of a :meth:`to_state` dict (other keys ignored); ValueError
         names a missing or bad one."""
+        state = {**OLDER_FILES, **state}
         missing = [n for n in cls.names() if n not in state]
         if missing:
             raise ValueError(f"parameter(s) {', '.join(missing)} missing")

@@ -83,6 +83,8 @@ class Padim:
         or 'float32'; scoring runs in float32 either way (see docs/model-size.md).
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
     top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
+    image_score: what the image score ranks: 'map' (the smoothed, averaged map, PaDiM) or 'levels'
+        (each pyramid level's unsmoothed distances, averaged over the levels); see AnomalyMaps.
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
         scales averaged (default (1.0, 0.7): the coarser level sees more context per patch, which
         helps large defects; (1.0,) = plain PaDiM).
@@ -105,7 +107,8 @@ class Padim:
                  threshold_quantile: float = DEFAULTS.threshold_quantile, pool: int = DEFAULTS.pool,
                  tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
                  covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k,
-                 scales: Sequence[float] = DEFAULTS.scales, *, batch_size: int = 16, num_workers: int | None = None,
+                 scales: Sequence[float] = DEFAULTS.scales, image_score: str = DEFAULTS.image_score,
+                 *, batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
         self.backbone = backbone
@@ -122,6 +125,7 @@ class Padim:
         self.covariance = covariance
         self.top_k = top_k
         self.scales = scales
+        self.image_score = image_score
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.device = device
@@ -294,7 +298,7 @@ class Padim:
                 p: PadimParams) -> PadimScorer:
         factors = whitening_factors(stats, p.eps, p.covariance)  # chunk by chunk into the whitening
         return build_scorer(embedding, stats.mean(), ((part, stored_factor(f, p.factor_dtype)) for part, f in factors),
-                            p.sigma, p.top_k)
+                            p.sigma, p.top_k, p.image_score)
 
     def _calibrate(self, scores: np.ndarray, maps: np.ndarray, n_train: int, quantile: float) -> None:
         self.threshold_ = float(np.quantile(scores, quantile)) if scores.size else None
@@ -380,7 +384,8 @@ class Padim:
                 raise ValueError(f"grids {meta['grids']} do not match the {embedding.grids} of image size "
                                  f"{list(p.image_size)}")
             model.scorer_ = PadimScorer.from_state(embedding, tensors, meta["storage"],
-                                                   getattr(torch, p.factor_dtype), p.sigma, p.top_k)
+                                                   getattr(torch, p.factor_dtype), p.sigma, p.top_k,
+                                                   p.image_score)
         except ValueError as exc:
             raise ModelFileError(f"{path}: {exc}; the file was altered or damaged; re-run 'padim fit'") from exc
         model.params_ = p

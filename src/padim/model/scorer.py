@@ -68,13 +68,19 @@ class GaussianBlur(nn.Module):
 class AnomalyMaps(nn.Module):
     """(B, P) distances on the ``grids`` of the scales -> (maps (B, H, W), scores (B,)): each scale's
     distances upsampled bilinearly to ``image_size`` and blurred with a Gaussian of ``sigma`` pixels,
-    the maps of all scales averaged; image score = max of the map, or the mean of its ``top_k``
-    largest values."""
+    the maps of all scales averaged. Image score (``score``): 'map', the max of the map, or the mean
+    of its ``top_k`` largest values; 'levels', the same of each scale's own distances (not
+    upsampled, not blurred), averaged over the scales: the blur and the pyramid's average, which
+    serve the pixel map, spread a small defect's peak over its surroundings."""
 
-    def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1):
+    def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
+                 score: str = "map"):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if score not in ("map", "levels"):
+            raise ValueError(f"score must be 'map' or 'levels', got {score!r}")
+        self.score = score
         self.grids = [(int(h), int(w)) for h, w in grids]
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.positions = sum(h * w for h, w in self.grids)
@@ -88,13 +94,18 @@ class AnomalyMaps(nn.Module):
                              f"{self.positions}; images must have the model's input size")
         maps = None
         start = 0
+        levels = []
         for h, w in self.grids:
-            level = self.smooth(dist[:, start:start + h * w].reshape(-1, h, w))
+            distances = dist[:, start:start + h * w]
+            if self.score == "levels":
+                levels.append(image_scores(distances, min(self.top_k, h * w)))
+            level = self.smooth(distances.reshape(-1, h, w))
             maps = level if maps is None else maps.add_(level)  # in place: each is a fresh (B, H, W) map
             start += h * w
         if len(self.grids) > 1:
             maps.div_(len(self.grids))
-        return maps, image_scores(maps, self.top_k)
+        scores = image_scores(maps, self.top_k) if self.score == "map" else torch.stack(levels).mean(dim=0)
+        return maps, scores
 
     def smooth(self, distances: torch.Tensor) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to the image size and blur them (see smoothing_matrix)."""
@@ -117,7 +128,7 @@ class PadimScorer(nn.Module):
     distances to each position's Gaussian (the whitening), anomaly maps and image scores."""
 
     def __init__(self, embedding: PositionEmbedding, whitening: PositionWhitening | CellWhitening,
-                 sigma: float, top_k: int = 1):
+                 sigma: float, top_k: int = 1, score: str = "map"):
         super().__init__()
         if tuple(whitening.mean.shape) != (embedding.positions, embedding.dim):
             raise ValueError(f"a whitening of {tuple(whitening.mean.shape)} (positions, channels) for embeddings "
@@ -125,7 +136,7 @@ class PadimScorer(nn.Module):
         self.embedding = embedding
         self.extractor = embedding.extractor
         self.whitening = whitening
-        self.maps = AnomalyMaps(embedding.grids, embedding.size, sigma, top_k)
+        self.maps = AnomalyMaps(embedding.grids, embedding.size, sigma, top_k, score)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -156,7 +167,7 @@ class PadimScorer(nn.Module):
 
     @classmethod
     def from_state(cls, embedding: PositionEmbedding, tensors: dict[str, torch.Tensor], storage: str,
-                   dtype: torch.dtype, sigma: float, top_k: int = 1) -> PadimScorer:
+                   dtype: torch.dtype, sigma: float, top_k: int = 1, score: str = "map") -> PadimScorer:
         """The scorer of :meth:`state`'s tensors, stored as ``storage``, for ``embedding`` (whose
         extractor must keep the same channels); ValueError names a missing, extra or bad tensor."""
         channels = expect_tensor(tensors, "channels", (embedding.dim,), torch.int64)
@@ -174,16 +185,16 @@ class PadimScorer(nn.Module):
         if extra:
             raise ValueError(f"unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
         stored.load_state(tensors, dtype)
-        return cls(embedding, embedding.adopt(stored), sigma, top_k)
+        return cls(embedding, embedding.adopt(stored), sigma, top_k, score)
 
 
 def build_scorer(embedding: PositionEmbedding, mean: torch.Tensor,
                  factor: torch.Tensor | Iterable[tuple[slice, torch.Tensor]], sigma: float, top_k: int = 1,
-                 ) -> PadimScorer:
+                 score: str = "map") -> PadimScorer:
     """The scorer of a (P, d) ``mean`` and whitening factor W (P, d, d), or W's (positions, (p, d, d)
     chunk) pieces in order, so that all of it never has to exist at once; kept in the form of
     ``embedding`` (cell by cell, W must then have the block structure a fit on its embeddings gives)."""
     whitening = embedding.whitening()
     pieces = [(slice(0, mean.shape[0]), factor)] if isinstance(factor, torch.Tensor) else factor
     fill_whitening(whitening, pieces, mean)
-    return PadimScorer(embedding, whitening, sigma, top_k)
+    return PadimScorer(embedding, whitening, sigma, top_k, score)
