@@ -113,7 +113,8 @@ def model_options(func):
         click.option("--image-score", type=click.Choice(IMAGE_SCORES), default=DEFAULTS.image_score,
                      show_default=True,
                      help="What the image score ranks: 'map', the anomaly map (blurred, pyramid levels averaged); "
-                          "'levels', each level's own unblurred distances, averaged over the levels."),
+                          "'levels', each level's own unblurred distances over 2x2 positions, averaged over the "
+                          "levels."),
         click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
                      default=DEFAULTS.calibration_fraction, show_default=True,
                      help="Share of training images held out to set the threshold (normal images only)."),

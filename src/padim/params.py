@@ -14,7 +14,7 @@ TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
 # what the image score ranks: 'map' the smoothed, averaged anomaly map (PaDiM); 'levels' each
-# pyramid level's own distances, unsmoothed, averaged over the levels
+# pyramid level's own distances, unsmoothed, over 2x2 positions, averaged over the levels
 IMAGE_SCORES = ("map", "levels")
 
 # The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
@@ -23,7 +23,8 @@ IMAGE_SCORES = ("map", "levels")
 # the reference every default is held against.
 CONFIGS: dict[str, dict[str, object]] = {
     "default": {},
-    "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1},
+    "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1,
+              "image_score": "map"},
 }
 
 
@@ -116,7 +117,7 @@ class PadimParams:
     covariance: str = "eps"
     top_k: int = 1
     scales: tuple[float, ...] = (1.0, 0.7)
-    image_score: str = "map"
+    image_score: str = "levels"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
