@@ -3,8 +3,6 @@ the estimator's scikit-learn contract around it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -49,8 +47,9 @@ def test_state_round_trips_through_json_values_and_names_a_bad_field():
     with pytest.raises(ValueError, match="pool"):
         PadimParams.from_state({**state, "pool": True})
     old = {k: v for k, v in state.items() if k != "image_score"}  # a model file from before the option
-    assert PadimParams.from_state(old) == replace(p, image_score="map")  # an older file keeps its score
-    assert p.image_score == "levels"
+    assert PadimParams.from_state(old) == p and p.image_score == "map"  # an older file keeps its score
+    levels = PadimParams(image_size=(64, 96), image_score="levels").resolved()
+    assert PadimParams.from_state(levels.to_state()).image_score == "levels"
     del state["eps"]
     with pytest.raises(ValueError, match="eps missing"):
         PadimParams.from_state(state)
@@ -76,7 +75,7 @@ def test_the_estimator_stores_its_arguments_and_resolves_them_in_fit(rng):
 
 def test_the_image_score_is_kept_in_the_model_file(rng, tmp_path):
     images = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
-    model = Padim(image_size=64, d=8, scales=(1.0, 0.5), image_score="map").fit(images)
+    model = Padim(image_size=64, d=8, scales=(1.0, 0.5), image_score="levels").fit(images)
     loaded = Padim.load(model.save(tmp_path / "model.safetensors"))
-    assert loaded.params_.image_score == "map" and loaded.scorer_.maps.score == "map"
+    assert loaded.params_.image_score == "levels" and loaded.scorer_.maps.score == "levels"
     np.testing.assert_allclose(loaded.predict(images).scores, model.predict(images).scores, rtol=1e-5)

@@ -25,6 +25,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "default": {},
     "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1,
               "image_score": "map"},
+    # the defaults with the image score from each level's unblurred distances (issue 28's candidate)
+    "levels": {"image_score": "levels"},
 }
 
 
@@ -117,7 +119,7 @@ class PadimParams:
     covariance: str = "eps"
     top_k: int = 1
     scales: tuple[float, ...] = (1.0, 0.7)
-    image_score: str = "levels"
+    image_score: str = "map"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

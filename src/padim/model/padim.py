@@ -83,9 +83,9 @@ class Padim:
         or 'float32'; scoring runs in float32 either way (see docs/model-size.md).
     covariance: 'eps' (sample covariance + eps*I, PaDiM) or 'oas' (OAS shrinkage + eps*I).
     top_k: image score = mean of the top_k largest map values (1 = max, PaDiM).
-    image_score: what the image score ranks: 'levels' (default: each pyramid level's unsmoothed
-        distances over 2x2 positions, averaged over the levels) or 'map' (the smoothed, averaged
-        map, PaDiM); see AnomalyMaps.
+    image_score: what the image score ranks: 'map' (default: the smoothed, averaged map, PaDiM) or
+        'levels' (each pyramid level's unsmoothed distances over 2x2 positions, averaged over the
+        levels; the stored threshold is then in its units, not the map's); see AnomalyMaps.
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
         scales averaged (default (1.0, 0.7): the coarser level sees more context per patch, which
         helps large defects; (1.0,) = plain PaDiM).
