@@ -124,7 +124,8 @@ def test_summary_has_a_row_per_category_means_and_the_failure(bench):
     assert categories == [("visa", "widget"), ("plant", "broken"), ("plant", "widget")]
     assert [m["category"] for m in bench["summary"]["means"]] == ["mean"] * 3
     md = bench["md"]
-    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 6 and "| plant | widget | 10 | 6 |" in md
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 6
+    assert "| default | plant | widget | 10 | 6 |" in md
     assert "plant/broken: " in md and "need at least" in md
     # the run folder is what 'padim run' writes, and records its command
     marker = json.loads((out / "plant" / "widget" / "benchmark.json").read_text())
@@ -185,9 +186,10 @@ def test_index_renders_in_headless_chromium(bench, driver):
     assert table.is_displayed() and table.size["width"] > 600
     rows = driver.find_elements(By.CSS_SELECTOR, "#summary-table tr.category, #summary-table tr.mean")
     cells = [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
-    assert [c[:2] for c in cells] == [["visa", "widget"], ["visa", "mean"], ["plant", "broken"],
+    assert {c[0] for c in cells} == {"default"}
+    assert [c[1:3] for c in cells] == [["visa", "widget"], ["visa", "mean"], ["plant", "broken"],
                                       ["plant", "widget"], ["plant", "mean"], ["all", "mean"]]
-    assert cells[3][2:5] == ["10", "6", "1.000"]  # train, test, image AUROC of plant/widget
+    assert cells[3][3:6] == ["10", "6", "1.000"]  # train, test, image AUROC of plant/widget
     errors = driver.find_elements(By.CSS_SELECTOR, "tr.error")
     assert len(errors) == 1 and "need at least" in errors[0].text
     assert driver.find_element(By.CSS_SELECTOR, "tr.failed a.log").text == "failed"
@@ -212,7 +214,8 @@ def test_dask_runs_categories_as_cluster_tasks(tmp_path):
     result = invoke("benchmark", visa, "--out", tmp_path / "out", "--dask", "local:1", *FAST)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
-    assert [(r["category"], r["status"]) for r in rows] == [("widget", "ok"), ("mean", "1/1 ok"), ("mean", "1/1 ok")]
+    assert [(r["config"], r["category"], r["status"]) for r in rows] == [
+        ("default", "widget", "ok"), ("default", "mean", "1/1 ok"), ("default", "mean", "1/1 ok")]
     assert (tmp_path / "out" / "visa" / "widget" / "report.html").is_file()
 
 
@@ -238,3 +241,45 @@ def test_seed_split_gives_the_metrics_of_padim_run(tmp_path):
         assert bench["overall"][key] == (value if value is None else pytest.approx(value, rel=1e-5)), key
     rows = list(csv.DictReader((tmp_path / "bench" / "summary.csv").open()))
     assert rows[0]["image_auroc"] == "" and float(rows[0]["pixel_auroc"]) == round(run["overall"]["pixel_auroc"], 4)
+
+
+def test_configs_run_each_category_under_each_named_configuration(tmp_path):
+    from padim.params import CONFIGS
+
+    visa, _ = make_roots(tmp_path)
+    out = tmp_path / "out"
+    first = invoke("benchmark", visa, "--out", out, "--configs", "default,plain", *FAST)
+    assert first.exit_code == 0, first.output
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["config"], r["dataset"], r["category"], r["status"]) for r in rows] == [
+        ("default", "visa", "widget", "ok"), ("default", "visa", "mean", "1/1 ok"),
+        ("default", "all", "mean", "1/1 ok"),
+        ("plain", "visa", "widget", "ok"), ("plain", "visa", "mean", "1/1 ok"), ("plain", "all", "mean", "1/1 ok")]
+    # each configuration has its own run folder; plain's options replace the command's own
+    default, plain = (json.loads((out / c / "visa" / "widget" / "metrics.json").read_text())["model"]
+                      for c in ("default", "plain"))
+    assert default["image_size"] == [64, 64] and default["d"] == 16
+    assert plain["image_size"] == [256, 256] and plain["d"] == 100 and plain["scales"] == [1.0]
+    command = json.loads((out / "plain" / "visa" / "widget" / "benchmark.json").read_text())["command"]
+    options = {command[i]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+    assert (options["--pool"], options["--top-k"], options["--aspect"]) == ("1", "1", "square")
+    assert options["--out"] == str((out / "plain" / "visa" / "widget").absolute()) and CONFIGS["plain"]["pool"] == 1
+    assert float(rows[3]["image_auroc"]) == round(json.loads(
+        (out / "plain" / "visa" / "widget" / "metrics.json").read_text())["overall"]["image_auroc"], 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["configs"]) == {"default", "plain"} and "--pool" in summary["configs"]["plain"]
+    assert [r["config"] for r in summary["categories"]] == ["default", "plain"]
+    assert "| plain | visa | widget | " in (out / "summary.md").read_text()
+    page = (out / "index.html").read_text()
+    assert 'href="plain/visa/widget/report.html"' in page and 'data-config="plain"' in page
+    # a rerun reuses both; one configuration alone reuses its own folder
+    again = invoke("benchmark", visa, "--out", out, "--configs", "plain,default", *FAST)
+    assert "reusing 2 complete run folder(s): plain/visa/widget, default/visa/widget" in again.output
+    alone = invoke("benchmark", visa, "--out", out, "--configs", "plain", *FAST)
+    assert alone.exit_code == 0 and "reusing 1 complete run folder(s): plain/visa/widget" in alone.output
+    assert [r["config"] for r in csv.DictReader((out / "summary.csv").open())] == ["plain"] * 3
+
+
+def test_unknown_config_is_a_usage_error(tmp_path):
+    result = invoke("benchmark", tmp_path, "--out", tmp_path / "out", "--configs", "default,fancy")
+    assert result.exit_code == 2 and "fancy" in result.output and "plain" in result.output

@@ -29,6 +29,7 @@ def test_resolved_fills_the_derived_defaults_and_keeps_what_was_given():
     ({"covariance": "ledoit"}, "covariance"),
     ({"factor_dtype": "int8"}, "factor_dtype"),
     ({"top_k": 0}, "top_k"),
+    ({"image_score": "mean"}, "image_score must be map or levels"),
     ({"scales": (1.0, 1.0)}, "scales"),
     ({"d": 500}, "d must be in 1..152"),
     ({"image_size": (4, 4)}, "image_size"),
@@ -45,6 +46,10 @@ def test_state_round_trips_through_json_values_and_names_a_bad_field():
     assert PadimParams.from_state({**state, "threshold": 3.0}) == p  # other fields of a model file are ignored
     with pytest.raises(ValueError, match="pool"):
         PadimParams.from_state({**state, "pool": True})
+    old = {k: v for k, v in state.items() if k != "image_score"}  # a model file from before the option
+    assert PadimParams.from_state(old) == p and p.image_score == "map"  # an older file keeps its score
+    levels = PadimParams(image_size=(64, 96), image_score="levels").resolved()
+    assert PadimParams.from_state(levels.to_state()).image_score == "levels"
     del state["eps"]
     with pytest.raises(ValueError, match="eps missing"):
         PadimParams.from_state(state)
@@ -66,3 +71,11 @@ def test_the_estimator_stores_its_arguments_and_resolves_them_in_fit(rng):
         model.set_params(depth=3)
     with pytest.raises(BackboneError, match="unknown backbone"):
         Padim(backbone="vgg").fit([])  # checked when fitting, not when constructed
+
+
+def test_the_image_score_is_kept_in_the_model_file(rng, tmp_path):
+    images = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    model = Padim(image_size=64, d=8, scales=(1.0, 0.5), image_score="levels").fit(images)
+    loaded = Padim.load(model.save(tmp_path / "model.safetensors"))
+    assert loaded.params_.image_score == "levels" and loaded.scorer_.maps.score == "levels"
+    np.testing.assert_allclose(loaded.predict(images).scores, model.predict(images).scores, rtol=1e-5)

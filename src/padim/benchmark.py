@@ -4,7 +4,9 @@
 Each category runs in its own process so that its peak RSS is its own and a crash or an
 out-of-memory kill in one category cannot take the others down. A category's run folder gets a
 small marker (``benchmark.json``) written atomically after the run succeeded; a later benchmark with
-the same options skips the categories whose run folder is complete.
+the same options skips the categories whose run folder is complete. With named configurations
+(``--configs``, :data:`padim.params.CONFIGS`) every category runs under each, into
+``OUT/<config>/<data set>/<category>/``, and the summary has a row per configuration and category.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,30 +37,40 @@ METRICS_FILE = "metrics.json"
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.json", "index.html")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 SECONDS = ("fit_s", "predict_s", "total_s", "wall_s")
-CSV_COLUMNS = ("dataset", "category", "status", "n_train", "n_test", *METRICS, *SECONDS, "peak_rss_mib", "report",
-               "error")
+CSV_COLUMNS = ("config", "dataset", "category", "status", "n_train", "n_test", *METRICS, *SECONDS, "peak_rss_mib",
+               "report", "error")
 # (heading, row key, digits) of the tables in summary.md and index.html
-TABLE = (("data set", "dataset", None), ("category", "category", None), ("train", "n_train", 0),
-         ("test", "n_test", 0), ("image AUROC", "image_auroc", 3), ("pixel AUROC", "pixel_auroc", 3),
-         ("AUPRO", "aupro", 3), ("F1-max", "image_f1_max", 3), ("fit s", "fit_s", 1), ("predict s", "predict_s", 1),
-         ("total s", "total_s", 1), ("peak RSS MiB", "peak_rss_mib", 0), ("status", "status", None))
+TABLE = (("config", "config", None), ("data set", "dataset", None), ("category", "category", None),
+         ("train", "n_train", 0), ("test", "n_test", 0), ("image AUROC", "image_auroc", 3),
+         ("pixel AUROC", "pixel_auroc", 3), ("AUPRO", "aupro", 3), ("F1-max", "image_f1_max", 3), ("fit s", "fit_s", 1),
+         ("predict s", "predict_s", 1), ("total s", "total_s", 1), ("peak RSS MiB", "peak_rss_mib", 0),
+         ("status", "status", None))
 
 
 @dataclass(frozen=True)
 class Job:
-    """One category to benchmark: the data set's name (its root folder's), root, category, layout."""
+    """One category to benchmark: the data set's name (its root folder's), root, category, layout,
+    and the named configuration it runs under; ``folder`` is that configuration's subfolder of the
+    output ('' when the benchmark runs one unnamed configuration)."""
 
     dataset: str
     root: Path
     category: str
     layout: str
+    config: str = "default"
+    folder: str = ""
+
+    @property
+    def path(self) -> str:
+        """The run folder relative to the output folder, '/'-separated."""
+        return "/".join(p for p in (self.folder, self.dataset, self.category) if p)
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}/{self.category}"
+        return self.path
 
     def run_dir(self, out: Path) -> Path:
-        return Path(out) / self.dataset / self.category
+        return Path(out) / self.path
 
 
 def visa_categories(root: Path) -> list[str] | None:
@@ -147,9 +159,9 @@ def completed(run_dir: Path, command: Sequence[str]) -> dict | None:
 
 
 def _row(job: Job, status: str, **values) -> dict:
-    row = {"dataset": job.dataset, "category": job.category, "status": status, "n_train": None, "n_test": None,
-           **dict.fromkeys(METRICS), **dict.fromkeys(SECONDS), "peak_rss_mib": None, "report": "",
-           "log": f"{job.dataset}/{job.category}/{LOG_FILE}", "error": "", "exit_code": 0}
+    row = {"config": job.config, "dataset": job.dataset, "category": job.category, "status": status, "n_train": None,
+           "n_test": None, **dict.fromkeys(METRICS), **dict.fromkeys(SECONDS), "peak_rss_mib": None, "report": "",
+           "log": f"{job.path}/{LOG_FILE}", "error": "", "exit_code": 0}
     row.update(values)
     return row
 
@@ -163,7 +175,7 @@ def result_row(job: Job, run_dir: Path, marker: dict, status: str) -> dict:
                 # fit = the training statistics and the calibration (threshold, final factor), as 'padim fit' says
                 fit_s=round(timings.get("fit", 0.0) + timings.get("calibrate", 0.0), 3),
                 predict_s=timings.get("predict"), total_s=timings.get("total"), wall_s=marker.get("wall_s"),
-                peak_rss_mib=marker.get("peak_rss_mib"), report=f"{job.dataset}/{job.category}/{REPORT_FILE}")
+                peak_rss_mib=marker.get("peak_rss_mib"), report=f"{job.path}/{REPORT_FILE}")
 
 
 def _failure(log: Path, code: int) -> str:
@@ -235,28 +247,38 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _config(row: dict) -> str:
+    return row.get("config", "default")
+
+
 def mean_rows(rows: list[dict]) -> list[dict]:
-    """A mean row per data set and one over all categories: the metrics, seconds and peak RSS
-    averaged over the categories that succeeded (undefined values left out); status 'k/n ok'."""
+    """Per configuration, a mean row per data set and one over all its categories: the metrics,
+    seconds and peak RSS averaged over the categories that succeeded (undefined values left out);
+    status 'k/n ok'."""
     out = []
-    groups = {r["dataset"]: [] for r in rows}
-    for r in rows:
-        groups[r["dataset"]].append(r)
-    for dataset, group in [*groups.items(), ("all", rows)]:
-        ok = sum(r["status"] != "failed" for r in group)
-        out.append({"dataset": dataset, "category": "mean", "status": f"{ok}/{len(group)} ok", "n_train": None,
-                    "n_test": None, **{k: _mean(group, k) for k in (*METRICS, *SECONDS, "peak_rss_mib")},
-                    "report": "", "log": "", "error": "", "exit_code": 0})
+    for config in dict.fromkeys(map(_config, rows)):
+        mine = [r for r in rows if _config(r) == config]
+        groups = {r["dataset"]: [] for r in mine}
+        for r in mine:
+            groups[r["dataset"]].append(r)
+        for dataset, group in [*groups.items(), ("all", mine)]:
+            ok = sum(r["status"] != "failed" for r in group)
+            out.append({"config": config, "dataset": dataset, "category": "mean", "status": f"{ok}/{len(group)} ok",
+                        "n_train": None, "n_test": None,
+                        **{k: _mean(group, k) for k in (*METRICS, *SECONDS, "peak_rss_mib")},
+                        "report": "", "log": "", "error": "", "exit_code": 0})
     return out
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
-    """The rows in table order: each data set's categories followed by its mean, then the overall mean."""
-    means = mean_rows(rows)
+    """The rows in table order: per configuration, each data set's categories followed by its mean,
+    then the configuration's overall mean."""
     ordered = []
-    for mean in means[:-1]:
-        ordered += [r for r in rows if r["dataset"] == mean["dataset"]] + [mean]
-    return ordered + [means[-1]]
+    for mean in mean_rows(rows):
+        if mean["dataset"] != "all":
+            ordered += [r for r in rows if _config(r) == mean["config"] and r["dataset"] == mean["dataset"]]
+        ordered.append(mean)
+    return ordered
 
 
 def fmt(value, digits: int | None) -> str:
@@ -286,26 +308,36 @@ def summary_markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
-        lines += ["", "Failed:", ""] + [f"- {r['dataset']}/{r['category']}: {r['error']} (see {r['log']})"
+        lines += ["", "Failed:", ""] + [f"- {r['log'].removesuffix('/' + LOG_FILE)}: {r['error']} (see {r['log']})"
                                         for r in failed]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, rows: list[dict], options: Sequence[str]) -> list[Path]:
-    """Write summary.csv, summary.md, summary.json and index.html into ``out``; returns their paths."""
+def config_args(args: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The ``padim run`` options of each configuration: a plain list is the one 'default'."""
+    if isinstance(args, Mapping):
+        return {name: list(a) for name, a in args.items()}
+    return {"default": list(args)}
+
+
+def write_summary(out: Path, rows: list[dict], options: Sequence[str] | Mapping[str, Sequence[str]]) -> list[Path]:
+    """Write summary.csv, summary.md, summary.json and index.html into ``out``; returns their paths.
+    ``options``: the ``padim run`` options, or those of each named configuration."""
     out = Path(out)
     ordered = table_rows(rows)
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     write_text(out / "summary.csv", csv_text(CSV_COLUMNS, [[_csv_value(r[c]) for c in CSV_COLUMNS] for r in ordered]))
     write_text(out / "summary.md", summary_markdown(rows))
-    document = {"generated_at": generated, "version": __version__, "options": list(options), "categories": rows,
-                "means": mean_rows(rows)}
+    configs = config_args(options)
+    document = {"generated_at": generated, "version": __version__,
+                "options": configs["default"] if not isinstance(options, Mapping) else None, "configs": configs,
+                "categories": rows, "means": mean_rows(rows)}
     write_text(out / "summary.json", json.dumps(document, indent=2))
     write_text(out / "index.html", render_index(ordered, options, generated))
     return [out / name for name in SUMMARY_FILES]
 
 
-def render_index(ordered: list[dict], options: Sequence[str], generated: str) -> str:
+def render_index(ordered: list[dict], options: Sequence[str] | Mapping[str, Sequence[str]], generated: str) -> str:
     """index.html: the summary table on one self-contained page, each category linking its report."""
     import jinja2  # only when a summary is written: the command line stays light
 
@@ -317,23 +349,34 @@ def render_index(ordered: list[dict], options: Sequence[str], generated: str) ->
     return env.get_template("benchmark.html.j2").render(
         headings=[h for h, _, _ in TABLE], numeric=[d is not None for _, _, d in TABLE], rows=rows,
         n=len(cats), n_failed=sum(r["status"] == "failed" for r in cats),
-        datasets=list(dict.fromkeys(r["dataset"] for r in cats)), options=shlex.join(options),
+        datasets=list(dict.fromkeys(r["dataset"] for r in cats)), link=[k for _, k, _ in TABLE].index("category"),
+        configs={name: shlex.join(a) for name, a in config_args(options).items()},
+        nested=isinstance(options, Mapping),
         generated=generated.replace("T", " ").replace("+00:00", " UTC"), version=__version__)
 
 
-def benchmark(roots: Sequence[Path], out: Path, args: Sequence[str], categories: Iterable[str] | None = None,
-              dask_address: str | None = None, progress: bool = True,
+def benchmark(roots: Sequence[Path], out: Path, args: Sequence[str] | Mapping[str, Sequence[str]],
+              categories: Iterable[str] | None = None, dask_address: str | None = None, progress: bool = True,
               echo: Callable[[str], None] = print) -> list[dict]:
     """Run (or reuse) every category under ``roots`` with the ``padim run`` options ``args`` and
-    write the summary files into ``out`` after each category; returns the category rows."""
+    write the summary files into ``out`` after each category; returns the category rows.
+
+    ``args`` as a mapping {configuration name: options} runs every category under each, into
+    ``out/<name>/``; a list runs them once, into ``out``."""
     from tqdm.auto import tqdm
 
     out = Path(out)
-    jobs = discover(roots, categories)
+    found = discover(roots, categories)
+    if isinstance(args, Mapping):
+        options = {name: list(a) for name, a in args.items()}
+        jobs = [replace(job, config=name, folder=name) for name in options for job in found]
+    else:
+        options, jobs = {"default": list(args)}, found
+    args_of = {job: options[job.config] for job in jobs}
     rows: dict[Job, dict] = {}
     todo = []
     for job in jobs:
-        marker = completed(job.run_dir(out), run_command(job, out, args))
+        marker = completed(job.run_dir(out), run_command(job, out, args_of[job]))
         if marker is None:
             todo.append(job)
         else:
@@ -356,11 +399,11 @@ def benchmark(roots: Sequence[Path], out: Path, args: Sequence[str], categories:
 
     try:
         if dask_address and todo:
-            _run_on_cluster(todo, out, args, dask_address, finished, bar)
+            _run_on_cluster(todo, out, args_of, dask_address, finished, bar)
         else:
             for job in todo:
                 bar.set_postfix_str(job.name)
-                finished(job, run_category(job, out, args))
+                finished(job, run_category(job, out, args_of[job]))
     finally:
         bar.close()
     result = [rows[j] for j in jobs]
@@ -368,7 +411,7 @@ def benchmark(roots: Sequence[Path], out: Path, args: Sequence[str], categories:
     return result
 
 
-def _run_on_cluster(jobs: list[Job], out: Path, args: Sequence[str], address: str,
+def _run_on_cluster(jobs: list[Job], out: Path, args_of: Mapping[Job, Sequence[str]], address: str,
                     finished: Callable[[Job, dict], None], bar) -> None:
     """One task per category on the Dask cluster at ``address``; each runs :func:`run_category` on a
     worker (which must see the data and ``out`` at the same paths)."""
@@ -379,7 +422,8 @@ def _run_on_cluster(jobs: list[Job], out: Path, args: Sequence[str], address: st
     with connect(address) as client:
         prepare(client, probe=jobs[0].root)
         # pure=False: a rerun must run again; retries=0: a failure is recorded, not repeated
-        futures = {client.submit(run_category, job, out, list(args), pure=False, retries=0): job for job in jobs}
+        futures = {client.submit(run_category, job, out, list(args_of[job]), pure=False, retries=0): job
+                   for job in jobs}
         bar.set_postfix_str(f"{len(jobs)} task(s) on {address}")
         for future in as_completed(futures):
             job = futures[future]

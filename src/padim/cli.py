@@ -28,7 +28,9 @@ from .datasets import LAYOUTS
 from .datasets.visa import VISA_SHA256, VISA_URL
 from .errors import exit_code
 from .params import (
+    CONFIGS,
     COVARIANCE_ESTIMATORS,
+    IMAGE_SCORES,
     MAX_IMAGE_SIDE,
     MIN_IMAGE_SIDE,
     MODEL_FILE,
@@ -120,7 +122,12 @@ def model_options(func):
                      help="Input scales of the feature pyramid, comma-separated in (0, 1]: one Gaussian per "
                           "position of each, maps averaged (1 = plain PaDiM)."),
         click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True,
-                     help="Image score = mean of the K largest map values (1 = max)."),
+                     help="Image score = mean of the K largest values (1 = max)."),
+        click.option("--image-score", type=click.Choice(IMAGE_SCORES), default=DEFAULTS.image_score,
+                     show_default=True,
+                     help="What the image score ranks: 'map', the anomaly map (blurred, pyramid levels averaged); "
+                          "'levels', each level's own unblurred distances over 2x2 positions, averaged over the "
+                          "levels."),
         click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
                      default=DEFAULTS.calibration_fraction, show_default=True,
                      help="Share of training images held out to set the threshold (normal images only)."),
@@ -621,6 +628,16 @@ def _as_args(command: click.Command, values: dict) -> list[str]:
     return args
 
 
+def _config_names(ctx, param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise click.BadParameter(f"{', '.join(unknown) or 'none'}: choose from {', '.join(CONFIGS)}")
+    return names
+
+
 @main.command("benchmark")
 @click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
@@ -632,11 +649,15 @@ def _as_args(command: click.Command, values: dict) -> list[str]:
 @model_options
 @runtime_options
 @eval_options
+@click.option("--configs", default=None, metavar="NAME,...", callback=_config_names,
+              help=f"Run every category under each of these named configurations ({', '.join(CONFIGS)}; "
+                   "'plain' is plain PaDiM at anomalib's settings, its options replacing those given) into "
+                   "OUT/<config>/<data set>/<category>/, a config column in the summary.")
 @click.option("--dask", "dask_address", metavar="ADDRESS", default=None,
               help="Run the categories as tasks on a Dask cluster (tcp://host:8786 or local:N); workers must "
                    "see the data and OUT at the same paths.")
 @handle_errors
-def benchmark_cmd(roots, out, categories, dask_address, device, progress, **params):
+def benchmark_cmd(roots, out, categories, configs, dask_address, device, progress, **params):
     """Fit and evaluate every category under each ROOT (VisA, MVTec AD or plain folders) and summarize.
 
     Each category runs as 'padim run' (same options) in its own process into OUT/<data set>/<category>/;
@@ -647,7 +668,9 @@ def benchmark_cmd(roots, out, categories, dask_address, device, progress, **para
 
     _check_device(device)
     # the children's progress bars would only fill the run logs: the benchmark shows one over categories
-    args = _as_args(run_cmd, {**params, "device": device, "progress": False})
+    runtime = {"device": device, "progress": False}
+    args = (_as_args(run_cmd, {**params, **runtime}) if configs is None else
+            {name: _as_args(run_cmd, {**params, **CONFIGS[name], **runtime}) for name in configs})
     wanted = None if categories is None else [c.strip() for c in categories.split(",")]
     rows = benchmark(roots, out, args, wanted, dask_address, progress, click.echo)
     click.echo(f"wrote {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.json'}, {out / 'index.html'}")

@@ -13,6 +13,21 @@ MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 4096  # 32: the deepest tap of a 4-tap back
 TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
+# what the image score ranks: 'map' the smoothed, averaged anomaly map (PaDiM); 'levels' each
+# pyramid level's own distances, unsmoothed, over 2x2 positions, averaged over the levels
+IMAGE_SCORES = ("map", "levels")
+
+# The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
+# (by parameter name, parsed form) that replace the command's own. 'plain' is plain PaDiM at
+# anomalib's settings (256 px square, a random 100 channels, one scale, no pooling, max image score),
+# the reference every default is held against.
+CONFIGS: dict[str, dict[str, object]] = {
+    "default": {},
+    "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1,
+              "image_score": "map"},
+    # the defaults with the image score from each level's unblurred distances (issue 28's candidate)
+    "levels": {"image_score": "levels"},
+}
 
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
@@ -74,6 +89,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
     "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
     "top_k": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "image_score": (lambda v: v in IMAGE_SCORES, " or ".join(IMAGE_SCORES)),
     "scales": (lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(is_number(x) and 0 < x <= 1 for x in v)
                and len(set(v)) == len(v), "distinct numbers in (0, 1]"),
 }
@@ -84,6 +100,10 @@ def check_param(name: str, value) -> None:
     check, expected = CHECKS[name]
     if not check(value):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+# parameters added after the first model files, with the value that gives an older file's behaviour
+OLDER_FILES: dict[str, object] = {"image_score": "map"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,9 @@ class PadimParams:
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
         scales averaged ((1.0, 0.7) by default: the coarser level sees more context per patch,
         which helps large defects; (1.0,) = plain PaDiM).
+    image_score: what the image score ranks: 'map' (the smoothed, averaged map, PaDiM) or 'levels'
+        (each pyramid level's own distances, 2x2-averaged, the max, averaged over the levels; the
+        stored threshold is then in its units, not the map's); see AnomalyMaps.
     """
 
     backbone: str = "mobilenet_v2"
@@ -133,6 +156,7 @@ class PadimParams:
     covariance: str = "eps"
     top_k: int = 1
     scales: tuple[float, ...] = (1.0, 0.7)
+    image_score: str = "map"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -168,6 +192,7 @@ class PadimParams:
     def from_state(cls, state: dict) -> PadimParams:
         """The resolved parameters of a :meth:`to_state` dict (other keys ignored); ValueError
         names a missing or bad one."""
+        state = {**OLDER_FILES, **state}
         missing = [n for n in cls.names() if n not in state]
         if missing:
             raise ValueError(f"parameter(s) {', '.join(missing)} missing")

@@ -50,7 +50,8 @@ class Padim:
                  threshold_quantile: float = DEFAULTS.threshold_quantile, pool: int = DEFAULTS.pool,
                  tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
                  covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k,
-                 scales: Sequence[float] = DEFAULTS.scales, *, batch_size: int = 16, num_workers: int | None = None,
+                 scales: Sequence[float] = DEFAULTS.scales, image_score: str = DEFAULTS.image_score,
+                 *, batch_size: int = 16, num_workers: int | None = None,
                  device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
                  pretrained: bool = True):
         self.set_params(**{name: value for name, value in locals().items() if name in (*PadimParams.names(), *RUNTIME)})

@@ -71,13 +71,20 @@ class GaussianBlur(nn.Module):
 class AnomalyMaps(nn.Module):
     """(B, P) distances on the ``grids`` of the scales -> (scores (B,), maps (B, H, W)): each scale's
     distances upsampled bilinearly to ``image_size`` and blurred with a Gaussian of ``sigma`` pixels,
-    the maps of all scales averaged; image score = max of the map, or the mean of its ``top_k``
-    largest values."""
+    the maps of all scales averaged. Image score (``score``): 'map', the max of the map, or the mean
+    of its ``top_k`` largest values; 'levels', the same of each scale's own distances (not
+    upsampled, not blurred) averaged over 2x2 neighbouring positions, then averaged over the
+    scales: the blur and the pyramid's average serve the pixel map and spread a small defect's
+    peak over its surroundings; the 2x2 mean keeps one noisy position from deciding alone."""
 
-    def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1):
+    def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
+                 score: str = "map"):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if score not in ("map", "levels"):
+            raise ValueError(f"score must be 'map' or 'levels', got {score!r}")
+        self.score = score
         self.grids = [(int(h), int(w)) for h, w in grids]
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.positions = sum(h * w for h, w in self.grids)
@@ -91,13 +98,19 @@ class AnomalyMaps(nn.Module):
                              f"{self.positions}; images must have the model's input size")
         maps = None
         start = 0
+        levels = []
         for h, w in self.grids:
-            level = self.smooth(dist[:, start:start + h * w].reshape(-1, h, w))
+            distances = dist[:, start:start + h * w]
+            if self.score == "levels":
+                pooled = F.avg_pool2d(distances.reshape(-1, 1, h, w), (min(2, h), min(2, w)), stride=1).flatten(1)
+                levels.append(image_scores(pooled, min(self.top_k, pooled.shape[1])))
+            level = self.smooth(distances.reshape(-1, h, w))
             maps = level if maps is None else maps.add_(level)  # in place: each is a fresh (B, H, W) map
             start += h * w
         if len(self.grids) > 1:
             maps.div_(len(self.grids))
-        return image_scores(maps, self.top_k), maps
+        scores = image_scores(maps, self.top_k) if self.score == "map" else torch.stack(levels).mean(dim=0)
+        return scores, maps
 
     def smooth(self, distances: torch.Tensor) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to the image size and blur them (see smoothing_matrix)."""
@@ -119,14 +132,14 @@ class PadimScorer(nn.Module):
     """What a fitted model runs on images: uint8 (B, 3, H, W) -> its embeddings, their Mahalanobis
     distances to each position's Gaussian (the whitening), image scores and anomaly maps."""
 
-    def __init__(self, embedding: Embedding, whitening: Whitening, sigma: float, top_k: int = 1):
+    def __init__(self, embedding: Embedding, whitening: Whitening, sigma: float, top_k: int = 1, score: str = "map"):
         super().__init__()
         if whitening.layouts != embedding.layouts:
             raise ValueError("the whitening's layout is not the embedding's")
         self.embedding = embedding
         self.extractor = embedding.extractor
         self.whitening = whitening
-        self.maps = AnomalyMaps(embedding.grids, embedding.size, sigma, top_k)
+        self.maps = AnomalyMaps(embedding.grids, embedding.size, sigma, top_k, score)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -172,7 +185,7 @@ class PadimScorer(nn.Module):
         if extra:
             raise ValueError(f"unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
         stored.load_state(tensors, getattr(torch, p.factor_dtype))
-        return cls(embedding, stored, p.sigma, p.top_k)
+        return cls(embedding, stored, p.sigma, p.top_k, p.image_score)
 
     @classmethod
     def fit(cls, embedding: Embedding, stats: GaussianStats, p: PadimParams) -> PadimScorer:
@@ -183,4 +196,4 @@ class PadimScorer(nn.Module):
         for s, i, cells, rows in factor_rows(stats.to_layouts(embedding.layouts), p.eps, p.covariance):
             whitening.set_rows(s, i, cells, rows.to(dtype))
         whitening.finish(stats.mean())
-        return cls(embedding, whitening, p.sigma, p.top_k)
+        return cls(embedding, whitening, p.sigma, p.top_k, p.image_score)
