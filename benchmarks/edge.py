@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--model", nargs=3, action="append", required=True, metavar=("MODEL", "DATA_ROOT", "CATEGORY"),
                         help="a fitted model and its data set (repeatable; the first one is also timed)")
     parser.add_argument("--work", type=Path, required=True, help="folder for the exports and predict outputs")
-    parser.add_argument("--calibration-images", type=int, default=64)
+    parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--quant-format", default="qdq")
     parser.add_argument("--per-tensor", action="store_true")

@@ -33,7 +33,8 @@ def tiny(tmp_path_factory):
     calibration = [write_png(folder / "calibration" / f"{i}.png", image) for i, image in enumerate(train[:6])]
     onnx_path = export_onnx(model, folder / "model.onnx", source=path)
     test = [write_png(folder / "test" / f"{i}.png", texture(rng, defect=i % 2 == 1)) for i in range(6)]
-    return path, onnx_path, calibration, test
+    int8_path = quantize_onnx(onnx_path, folder / "model.int8.onnx", calibration, method="minmax")
+    return path, onnx_path, calibration, test, int8_path
 
 
 def invoke(*args):
@@ -42,8 +43,7 @@ def invoke(*args):
 
 def test_only_the_backbone_is_quantized_and_the_metadata_says_how(tiny, tmp_path):
     onnx = require("onnx")
-    _, float_path, calibration, test = tiny
-    out = quantize_onnx(float_path, tmp_path / "m.int8.onnx", calibration, method="minmax")
+    _, _, calibration, test, out = tiny
     proto = onnx.load(str(out))
     weights = {i.name: i for i in proto.graph.initializer}
     consumers = {}
@@ -72,7 +72,7 @@ def test_only_the_backbone_is_quantized_and_the_metadata_says_how(tiny, tmp_path
 
 
 def test_cli_int8_export_then_predict(tiny, tmp_path):
-    path, _, calibration, test = tiny
+    path, _, calibration, test, _ = tiny
     result = invoke("export", "--model", path, "--out", tmp_path / "m.int8.onnx", "--int8", "--calibration",
                     calibration[0].parent, "--calibration-images", 4)
     assert result.exit_code == 0, result.output
@@ -91,8 +91,7 @@ def test_openvino_float_and_int8_match_their_onnx_graphs(tiny, tmp_path):
     require("openvino")
     from padim.export.openvino import OpenVinoModel, export_openvino
 
-    path, float_path, calibration, test = tiny
-    int8_path = quantize_onnx(float_path, tmp_path / "m.int8.onnx", calibration)
+    path, float_path, _, test, int8_path = tiny
     files = [str(p) for p in test]
     native = Padim.load(path).predict(files)
     for source, name in ((float_path, "m.xml"), (int8_path, "m.int8.xml")):
@@ -111,8 +110,7 @@ def test_openvino_float_and_int8_match_their_onnx_graphs(tiny, tmp_path):
 
 def test_files_of_another_model_and_broken_files_are_model_errors(tiny, tmp_path):
     onnx = require("onnx")
-    _, float_path, calibration, test = tiny
-    int8 = quantize_onnx(float_path, tmp_path / "m.int8.onnx", calibration)
+    *_, test, int8 = tiny
     proto = onnx.load(str(int8))
     props = {p.key: p.value for p in proto.metadata_props}
     meta = json.loads(props["padim"])
@@ -142,7 +140,7 @@ def test_broken_openvino_files_are_model_errors(tiny, tmp_path):
     require("openvino")
     from padim.export.openvino import export_openvino
 
-    _, float_path, _, test = tiny
+    _, float_path, _, test, _ = tiny
     good = export_openvino(float_path, tmp_path / "m.xml")
     garbage = tmp_path / "garbage.xml"
     garbage.write_text("<net>not a model")

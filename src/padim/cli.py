@@ -499,7 +499,7 @@ def report_cmd(run_dir):
               help="Quantize the backbone to INT8 (static, calibrated on --calibration); the scoring stays float.")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True), multiple=True,
               help="Normal images (files or folders, repeatable) to calibrate --int8 on, e.g. the training images.")
-@click.option("--calibration-images", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--calibration-images", type=click.IntRange(1), default=32, show_default=True,
               help="Calibrate on at most this many of them (a fixed, evenly drawn sample).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="How activation ranges are set from the calibration images.")

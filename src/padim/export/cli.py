@@ -42,7 +42,7 @@ def self_check(model: Padim, exported: ExportedModel, images=None, n: int = 2) -
 
 
 def export_command(model_path: Path, out: Path, batch: str, opset: int, weights: Path | None, fmt: str = "onnx",
-                   int8: bool = False, calibration: tuple[Path, ...] = (), calibration_images: int = 64,
+                   int8: bool = False, calibration: tuple[Path, ...] = (), calibration_images: int = 32,
                    method: str = "minmax", quant_format: str = "qdq", per_channel: bool = True) -> str:
     """Export ``model_path`` to ``out`` (ONNX or OpenVINO IR, float or with an INT8 backbone
     calibrated on ``calibration`` images); returns the line to print."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -66,9 +67,24 @@ def _quiet():
         root.setLevel(level)
 
 
-def backbone_nodes(proto, op_types: Sequence[str] = QUANTIZED_OPS) -> list[str]:
-    """Names of the feature network's nodes of ``op_types`` in an exported graph."""
-    return [n.name for n in proto.graph.node if n.name.startswith(BACKBONE_PREFIX) and n.op_type in op_types]
+def backbone_nodes(proto, op_types: Sequence[str] = QUANTIZED_OPS, depthwise: bool = True,
+                   blocks: int | None = None, skip_blocks: int = 0) -> list[str]:
+    """Names of the feature network's nodes of ``op_types`` in an exported graph; without the
+    depthwise (grouped) convolutions unless ``depthwise``; only those of its blocks K (named
+    ``/net/blocks.K...``) with skip_blocks <= K < blocks (blocks None: to the end)."""
+    out = []
+    for n in proto.graph.node:
+        if not n.name.startswith(BACKBONE_PREFIX) or n.op_type not in op_types:
+            continue
+        if not depthwise and n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute):
+            continue
+        block = re.match(rf"{BACKBONE_PREFIX}blocks\.(\d+)", n.name)
+        k = int(block.group(1)) if block else None
+        limited = blocks is not None or skip_blocks > 0
+        if limited and (k is None or k < skip_blocks or (blocks is not None and k >= blocks)):
+            continue
+        out.append(n.name)
+    return out
 
 
 def _float_outside_backbone(proto) -> None:
@@ -87,6 +103,20 @@ def _float_outside_backbone(proto) -> None:
                 node.input[k] = q.input[0]
 
 
+def tap_nodes(proto, depth: int) -> set[str]:
+    """The backbone nodes within ``depth`` steps upstream of a feature tap (a backbone output that a
+    node outside the backbone reads): the nodes whose rounding reaches the features most directly."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    frontier = {producers[i].name: producers[i] for n in proto.graph.node if not n.name.startswith(BACKBONE_PREFIX)
+                for i in n.input if i in producers and producers[i].name.startswith(BACKBONE_PREFIX)}
+    found: set[str] = set()
+    for _ in range(depth):
+        found |= set(frontier)
+        frontier = {producers[i].name: producers[i] for n in frontier.values() for i in n.input
+                    if i in producers and producers[i].name.startswith(BACKBONE_PREFIX)}
+    return found
+
+
 def sample_paths(paths: Sequence[Path | str], limit: int, seed: int = 0) -> list[Path]:
     """At most ``limit`` of ``paths``, an evenly spread, fixed sample (sorted order kept)."""
     paths = [Path(p) for p in paths]
@@ -98,10 +128,12 @@ def sample_paths(paths: Sequence[Path | str], limit: int, seed: int = 0) -> list
 
 def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str], method: str = "minmax",
                   quant_format: str = "qdq", per_channel: bool = True, op_types: Sequence[str] = QUANTIZED_OPS,
-                  activation: str = "uint8") -> Path:
+                  activation: str = "uint8", float_taps: int = 0, depthwise: bool = True,
+                  blocks: int | None = None, skip_blocks: int = 0) -> Path:
     """Write ``float_path`` (an exported float graph) with its backbone quantized to INT8, calibrated on
     the ``calibration`` image files, to ``out`` (atomically). Its ``padim`` metadata gains a
-    ``quantization`` record: what was quantized, how, and on how many images."""
+    ``quantization`` record: what was quantized, how, and on how many images. float_taps: how many
+    backbone nodes deep, counted back from each feature tap, stay float (0: none)."""
     onnx = import_optional("onnx")
     q = import_optional("onnxruntime.quantization")
     if method not in METHODS or quant_format not in FORMATS:
@@ -114,7 +146,8 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     meta = json.loads(props[META_KEY])
     if meta.get("quantization"):
         raise ModelFileError(f"{float_path}: already quantized; quantize the float export")
-    nodes = backbone_nodes(proto, op_types)
+    kept_float = tap_nodes(proto, float_taps)
+    nodes = [n for n in backbone_nodes(proto, op_types, depthwise, blocks, skip_blocks) if n not in kept_float]
     if not backbone_nodes(proto, ("Conv",)):
         raise ModelFileError(f"{float_path}: no backbone convolutions named {BACKBONE_PREFIX}... in the graph")
     del proto
@@ -124,8 +157,14 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     with (atomic_path(out) as tmp, _quiet(),
           tempfile.TemporaryDirectory(prefix=".padim-quantize-", dir=out.parent) as scratch):
         staged = Path(scratch) / out.name
+        # the quantizer writes its shape-inferred copy beside its input: a link in the scratch folder
+        # keeps that out of the float model's folder (and two quantizations of one file apart)
+        source = Path(scratch) / "float" / float_path.name
+        source.parent.mkdir()
+        for part in onnx_files(float_path):
+            (source.parent / part.name).symlink_to(part.resolve())
         q.quantize_static(
-            str(float_path), str(staged), reader,
+            str(source), str(staged), reader,
             quant_format=q.QuantFormat.QDQ if quant_format == "qdq" else q.QuantFormat.QOperator,
             nodes_to_quantize=nodes, per_channel=per_channel,
             activation_type=q.QuantType.QUInt8 if activation == "uint8" else q.QuantType.QInt8,
@@ -133,8 +172,8 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
             calibrate_method={"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                               "entropy": q.CalibrationMethod.Entropy}[method],
             use_external_data_format=external,
-            # statistics folded in every few batches, so calibration memory does not grow with the sample
-            extra_options={"CalibMaxIntermediateOutputs": 4},
+            # no CalibMaxIntermediateOutputs: onnxruntime 1.32 drops (does not fold) what it collected
+            # each time that count is reached; MinMax keeps only per-batch minima and maxima anyway
         )
         quantized = onnx.load(str(staged))
         _float_outside_backbone(quantized)
@@ -147,6 +186,9 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
             "calibration_method": method,
             "calibration_images": len(reader.paths),
             "quantized": f"backbone ({'/'.join(op_types)} nodes named {BACKBONE_PREFIX}...), {len(nodes)} nodes",
+            "float_taps": float_taps,
+            "depthwise": depthwise,
+            "blocks": [skip_blocks, blocks],
             "float": "input normalization, pyramid resizing, tap pooling, Mahalanobis distance, upsampling, blur",
             "source_model_id": meta.get("model_id"),
         }
