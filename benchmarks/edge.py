@@ -64,10 +64,10 @@ def file_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in [path, *extra] if p.is_file()) / 1e6
 
 
-def accuracy(files: dict[str, Path], root: Path, category: str) -> dict[str, dict]:
+def accuracy(files: dict[str, Path], root: Path, category: str, arms: list[str]) -> dict[str, dict]:
     split = load_split(root, category)
     out = {}
-    for arm in ARMS:
+    for arm in arms:
         model = open_model(files[arm])
         model.progress = False
         overall = evaluate(model, split).metrics["overall"]
@@ -118,7 +118,9 @@ def process(model: Path, images: list[str], out: Path) -> tuple[float, float]:
     return wall, rss
 
 
-def processes(files: dict[str, Path], root: Path, category: str, work: Path, repeats: int) -> dict[str, dict]:
+def processes(files: dict[str, Path], root: Path, category: str, work: Path, repeats: int,
+              whole: list[str]) -> dict[str, dict]:
+    """Cold start (one image) of every arm, and the whole test split for the arms in ``whole``."""
     test = [str(s.path) for s in load_split(root, category).test]
     out: dict[str, dict] = {arm: {"cold": [], "cold_rss": [], "all": [], "all_rss": []} for arm in ARMS}
     for _ in range(repeats):
@@ -126,10 +128,11 @@ def processes(files: dict[str, Path], root: Path, category: str, work: Path, rep
             wall, rss = process(files[arm], test[:1], work / "predict-one")
             out[arm]["cold"].append(wall)
             out[arm]["cold_rss"].append(rss)
-            wall, rss = process(files[arm], test, work / "predict-all")
-            out[arm]["all"].append(wall)
-            out[arm]["all_rss"].append(rss)
-    return {arm: {k: statistics.median(v) for k, v in r.items()} for arm, r in out.items()}
+            if arm in whole:
+                wall, rss = process(files[arm], test, work / "predict-all")
+                out[arm]["all"].append(wall)
+                out[arm]["all_rss"].append(rss)
+    return {arm: {k: statistics.median(v) if v else None for k, v in r.items()} for arm, r in out.items()}
 
 
 def main() -> None:
@@ -144,6 +147,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the model calls")
     parser.add_argument("--process-repeats", type=int, default=2, help="rounds of fresh predict processes")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--accuracy-arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--whole-arms", nargs="+", default=["onnx", "onnx-int8"], choices=ARMS,
+                        help="arms whose predict of the whole test split is timed as a process")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -157,10 +163,11 @@ def main() -> None:
         files = export_all(Path(model), root, category, args.work / category, args.calibration_images, options)
         entry = {"size_mb": {arm: file_mb(files[arm]) for arm in ARMS}}
         if not args.no_accuracy:
-            entry["accuracy"] = accuracy(files, root, category)
+            entry["accuracy"] = accuracy(files, root, category, args.accuracy_arms)
         if i == 0 and not args.no_speed:
             entry["throughput"] = throughput(files, root, category, args.repeats)
-            entry["process"] = processes(files, root, category, args.work / category, args.process_repeats)
+            entry["process"] = processes(files, root, category, args.work / category, args.process_repeats,
+                                         args.whole_arms)
         results[category] = entry
         print_table(category, entry)
     print(f"load avg at the end {os.getloadavg()[0]:.1f}")
