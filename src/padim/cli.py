@@ -502,7 +502,8 @@ def report_cmd(run_dir):
 @click.option("--calibration-images", type=click.IntRange(1), default=32, show_default=True,
               help="Calibrate on at most this many of them (a fixed, evenly drawn sample).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
-              show_default=True, help="How activation ranges are set from the calibration images.")
+              show_default=True, help="How activation ranges are set from the calibration images (percentile and "
+                                       "entropy hold every activation of the sample in memory: many GB).")
 @click.option("--quant-format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
               help="INT8 graph form: QuantizeLinear/DequantizeLinear pairs (QDQ; OpenVINO reads it) or "
                    "QLinear operators.")
