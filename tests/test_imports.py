@@ -92,3 +92,38 @@ def test_predicting_with_an_exported_model_runs_without_torch(tmp_path):
                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True)
     assert "LOADED [] 0" in out.stdout, (out.stdout[-300:], out.stderr[-2000:])
     assert (tmp_path / "out" / "heatmaps" / "one.png").is_file()
+
+
+def test_int8_and_openvino_models_predict_and_serve_without_torch(tmp_path):
+    # an INT8 ONNX file and an OpenVINO IR are opened as the float ONNX file is: by predict and by
+    # the service's model loader, in fresh processes that never import torch
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from conftest import texture, write_png
+    from padim import Padim
+    from padim.export import export_onnx
+    from padim.export.openvino import export_openvino
+    from padim.export.quantize import quantize_onnx
+
+    rng = np.random.default_rng(0)
+    train = [texture(rng) for _ in range(6)]
+    model = Padim(image_size=64, d=16, num_workers=0, progress=False).fit(np.stack(train))
+    float_path = export_onnx(model, tmp_path / "model.onnx")
+    calibration = [write_png(tmp_path / "cal" / f"{i}.png", image) for i, image in enumerate(train[:2])]
+    int8 = quantize_onnx(float_path, tmp_path / "model.int8.onnx", calibration)
+    files = [int8, export_openvino(float_path, tmp_path / "model.xml"), export_openvino(int8, tmp_path / "int8.xml")]
+    image = write_png(tmp_path / "one.png", texture(rng, defect=True))
+    loaded = "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'torchvision'}), code)"
+    predict = ("import sys\nfrom padim.cli import main\n"
+               "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n" + loaded)
+    serve = ("import sys\nfrom padim.serve.inspector import Inspector, decode\n"
+             "inspector = Inspector.open(sys.argv[1])\n"
+             "array = decode(open(sys.argv[2], 'rb').read(), 'one.png', inspector.image_size, inspector.limits)[0]\n"
+             "code = inspector.format + str(inspector.score([array])[0].shape)\n" + loaded)
+    for path in files:
+        out = subprocess.run([sys.executable, "-c", predict, "predict", "--model", str(path), str(image), "--out",
+                              str(tmp_path / path.stem), "--no-progress"], capture_output=True, text=True)
+        assert "LOADED [] 0" in out.stdout, (path.name, out.stdout[-300:], out.stderr[-2000:])
+        out = subprocess.run([sys.executable, "-c", serve, str(path), str(image)], capture_output=True, text=True)
+        expected = "onnx(1,)" if path.suffix == ".onnx" else "openvino(1,)"
+        assert f"LOADED [] {expected}" in out.stdout, (path.name, out.stdout[-300:], out.stderr[-2000:])

@@ -416,7 +416,7 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
 
 @main.command("predict")
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Model file written by 'padim fit' (.safetensors) or 'padim export' (.onnx).")
+              help="Model file written by 'padim fit' (.safetensors) or 'padim export' (.onnx, .xml).")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Backbone weights file, if the model was fitted with --weights.")
@@ -440,8 +440,9 @@ def predict_cmd(model_path, paths, weights, device, batch_size, workers, progres
         click.echo(f"scored {len(result['rows'])} images in {result['shards']} shards ({result['reused']} reused "
                    f"from {out / 'parts'}), {flagged} above the threshold; wrote {out / 'scores.csv'}")
         return
-    if model_path.suffix.lower() == ".onnx" and device != "cpu":
-        raise click.BadParameter("ONNX models run on the CPU (onnxruntime); use --device cpu", param_hint="--device")
+    if model_path.suffix.lower() in (".onnx", ".xml") and device != "cpu":
+        raise click.BadParameter("exported models (.onnx, .xml) run on the CPU; use --device cpu",
+                                 param_hint="--device")
     from .export import open_model
     from .runs import predict_files
 
@@ -547,26 +548,43 @@ def report_cmd(run_dir):
 @main.command("export")
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Model file written by 'padim fit'.")
-@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
-              help="Export format.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino"]), default="onnx", show_default=True,
+              help="Export format: ONNX (onnxruntime) or OpenVINO IR (NAME.xml + NAME.bin, the openvino extra).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Output file, e.g. model.onnx.")
+              help="Output file, e.g. model.onnx, model.int8.onnx or model.xml.")
 @click.option("--batch", "batch", default="dynamic", show_default=True,
               help="'dynamic' (any batch size) or a fixed number of images per call.")
 @click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Backbone weights file, if the model was fitted with --weights.")
+@click.option("--int8", is_flag=True,
+              help="Quantize the backbone to INT8 (static, calibrated on --calibration); the scoring stays float.")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True), multiple=True,
+              help="Normal images (files or folders, repeatable) to calibrate --int8 on, e.g. the training images.")
+@click.option("--calibration-images", type=click.IntRange(1), default=32, show_default=True,
+              help="Calibrate on at most this many of them (a fixed, evenly drawn sample).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="How activation ranges are set from the calibration images (percentile and "
+                                       "entropy hold every activation of the sample in memory: many GB).")
+@click.option("--quant-format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+              help="INT8 graph form: QuantizeLinear/DequantizeLinear pairs (QDQ; OpenVINO reads it) or "
+                   "QLinear operators.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True,
+              help="One INT8 weight scale per output channel, or one per tensor.")
 @handle_errors
-def export_cmd(model_path, fmt, out, batch, opset, weights):
-    """Export the whole scoring pipeline (uint8 images -> maps, scores) as one ONNX graph."""
+def export_cmd(model_path, fmt, out, batch, opset, weights, int8, calibration, calibration_images,
+               calibration_method, quant_format, per_channel):
+    """Export the whole scoring pipeline (uint8 images -> maps, scores) as one ONNX graph or OpenVINO IR."""
     from .export.cli import export_command
 
-    click.echo(export_command(model_path, out, batch, opset, weights))
+    click.echo(export_command(model_path, out, batch, opset, weights, fmt=fmt, int8=int8, calibration=calibration,
+                              calibration_images=calibration_images, method=calibration_method,
+                              quant_format=quant_format, per_channel=per_channel))
 
 
 @main.command("serve")
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Model file: .safetensors (native) or .onnx (onnxruntime).")
+              help="Model file: .safetensors (native), .onnx (onnxruntime) or .xml (OpenVINO).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on. Any but loopback (127.0.0.0/8, ::1, localhost) needs a token.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")

@@ -20,7 +20,7 @@ from .reports.overlay import map_range, save_overlay
 from .stages import Stages
 
 if TYPE_CHECKING:  # the jobs get a model; scoring with an ONNX one needs no torch
-    from .export import OnnxModel
+    from .export import ExportedModel
     from .model import Padim
 
 __all__ = ["MODEL_FILE", "DataArgs", "Stages", "check_training_set", "collect_images", "csv_text",
@@ -129,7 +129,7 @@ def collect_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
 PREDICT_HEADER = ("path", "score", "predicted_label")
 
 
-def score_files(model: Padim | OnnxModel, files: Sequence[tuple[Path | str, str]], heatmap_dir: Path | None,
+def score_files(model: Padim | ExportedModel, files: Sequence[tuple[Path | str, str]], heatmap_dir: Path | None,
                 ) -> list[tuple]:
     """Score (path, output name) pairs; write a heat-map overlay PNG per image into ``heatmap_dir``
     (None: none). Returns one (path, score, predicted label) row per image."""
@@ -151,7 +151,8 @@ def score_files(model: Padim | OnnxModel, files: Sequence[tuple[Path | str, str]
     return rows
 
 
-def predict_files(model: Padim | OnnxModel, paths: Sequence[Path], out_dir: Path, heatmaps: bool = True) -> list[tuple]:
+def predict_files(model: Padim | ExportedModel, paths: Sequence[Path], out_dir: Path,
+                  heatmaps: bool = True) -> list[tuple]:
     """Score images; write scores.csv and a heat-map overlay PNG per image. Returns the CSV rows."""
     rows = score_files(model, collect_images(paths), out_dir / "heatmaps" if heatmaps else None)
     write_text(out_dir / "scores.csv", csv_text(PREDICT_HEADER, rows))

@@ -38,72 +38,79 @@ def model_id(sha256: str) -> str:
     return sha256[:12]
 
 
-def import_optional(name: str):
-    """The module ``name`` of the optional ONNX extra (onnx to write a file, onnxruntime to run
-    one); ModelFileError says how to install it."""
+EXTRAS = {"onnx": "onnx and onnxruntime", "openvino": "openvino"}
+
+
+def import_optional(name: str, extra: str = "onnx"):
+    """The module ``name`` of an optional extra (``onnx``: onnx to write a file, onnxruntime to run
+    one; ``openvino``); ModelFileError says how to install it."""
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         raise ModelFileError(
-            f"ONNX support needs the optional packages onnx and onnxruntime ({exc.name} missing); "
-            "install them with: pip install 'visa-padim[onnx]'"
+            f"{'ONNX' if extra == 'onnx' else 'OpenVINO'} support needs the optional packages {EXTRAS[extra]} "
+            f"({exc.name} missing); install them with: pip install 'visa-padim[{extra}]'"
         ) from None
 
 
-class OnnxModel:
-    """An exported model run by onnxruntime on the CPU, with :class:`padim.Padim`'s predict surface
-    (``iter_predict``, ``predict``, ``labels``, ``image_size_``, ``threshold_``, ``info_``, ``meta_``)."""
+def parse_meta(path: Path, raw: str | None) -> dict:
+    """The ``padim`` metadata JSON of an exported file, checked for its format; ModelFileError if not."""
+    if raw is None:
+        raise ModelFileError(f"{path}: exported file without padim metadata; export it with 'padim export'")
+    try:
+        meta = json.loads(raw)
+        fmt = meta.get("onnx_format")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelFileError(f"{path}: corrupt padim metadata ({exc!r})") from None
+    if fmt != ONNX_FORMAT:
+        raise ModelFileError(f"{path}: ONNX model format {fmt!r}, this version reads {ONNX_FORMAT!r}; re-export it")
+    return meta
 
-    def __init__(self, path: Path, session, meta: dict, batch_size: int = 16, num_workers: int | None = None,
+
+def check_graph(path: Path, meta: dict, input_shape: list, names: tuple[list[str], list[str]]) -> None:
+    """The graph's inputs, outputs and image size are the ones its metadata describes (a file whose
+    metadata belongs to another model, or whose quantization record names another model, is refused)."""
+    if names != (["images"], ["maps", "scores"]):
+        raise ModelFileError(f"{path}: graph has inputs/outputs {names}, expected images -> maps, scores")
+    size = [int(v) for v in meta["image_size"]]
+    dims = [d if isinstance(d, int) else None for d in input_shape[2:]]
+    if len(input_shape) != 4 or dims != size:
+        raise ModelFileError(f"{path}: graph input {input_shape} does not match the metadata's image size "
+                             f"{size}: the file's metadata belongs to another model; re-export it")
+    quantization = meta.get("quantization")
+    if quantization is not None and quantization.get("source_model_id") != meta.get("model_id"):
+        raise ModelFileError(f"{path}: quantized for model {quantization.get('source_model_id')!r} but labelled "
+                             f"{meta.get('model_id')!r}; quantize this model's own export")
+
+
+class ExportedModel:
+    """An exported model run without torch, with :class:`padim.Padim`'s predict surface
+    (``iter_predict``, ``predict``, ``labels``, ``image_size_``, ``threshold_``, ``info_``, ``meta_``);
+    a runtime supplies ``_call`` (one graph call) and ``fixed_batch`` (None: any batch size)."""
+
+    fixed_batch: int | None = None
+
+    def __init__(self, path: Path, meta: dict, batch_size: int = 16, num_workers: int | None = None,
                  progress: bool = False):
         self.path = path
-        self.session = session
         self.meta_ = meta
         self.backbone = meta.get("backbone")
         self.image_size_ = (int(meta["image_size"][0]), int(meta["image_size"][1]))
         self.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
         self.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
-        fixed = session.get_inputs()[0].shape[0]
-        self.fixed_batch = fixed if isinstance(fixed, int) else None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
 
-    @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, progress: bool = False) -> OnnxModel:
-        """Open a file written by :func:`export_onnx`; ModelFileError when it is not one."""
-        ort = import_optional("onnxruntime")  # not onnx: its import costs more than opening a model
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: model file not found")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelFileError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
-        raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        if raw is None:
-            raise ModelFileError(f"{path}: ONNX file without padim metadata; export it with 'padim export'")
-        try:
-            meta = json.loads(raw)
-            if meta.get("onnx_format") != ONNX_FORMAT:
-                raise ModelFileError(f"{path}: ONNX model format {meta.get('onnx_format')!r}, this version reads "
-                                     f"{ONNX_FORMAT!r}; re-export it")
-            model = cls(path, session, meta, progress=progress)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise ModelFileError(f"{path}: corrupt padim metadata ({exc!r})") from None
-        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-        if names != (["images"], ["maps", "scores"]):
-            raise ModelFileError(f"{path}: graph has inputs/outputs {names}, expected images -> maps, scores")
-        return model
+    def _call(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, 3, H, W) -> (maps (B, H, W), scores (B,)): one run of the graph."""
+        raise NotImplementedError
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (B, 3, H, W) -> (scores (B,), maps (B, H, W)); pads to a fixed graph batch."""
         n = batch.shape[0]
         if self.fixed_batch is None:
-            maps, scores = self.session.run(None, {"images": batch})
+            maps, scores = self._call(batch)
             return scores, maps
         parts = []
         for start in range(0, n, self.fixed_batch):
@@ -111,7 +118,7 @@ class OnnxModel:
             pad = self.fixed_batch - chunk.shape[0]
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            maps, scores = self.session.run(None, {"images": chunk})
+            maps, scores = self._call(chunk)
             parts.append((scores[: len(chunk) - pad], maps[: len(chunk) - pad]))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -157,3 +164,42 @@ class OnnxModel:
     def labels(self, scores: np.ndarray) -> np.ndarray | None:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
         return threshold_labels(scores, self.threshold_)
+
+
+class OnnxModel(ExportedModel):
+    """An exported model run by onnxruntime on the CPU (see :class:`ExportedModel`)."""
+
+    def __init__(self, path: Path, session, meta: dict, **kwargs):
+        super().__init__(path, meta, **kwargs)
+        self.session = session
+        fixed = session.get_inputs()[0].shape[0]
+        self.fixed_batch = fixed if isinstance(fixed, int) else None
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, progress: bool = False) -> OnnxModel:
+        """Open a file written by :func:`export_onnx` (float or INT8); ModelFileError when it is not one."""
+        ort = import_optional("onnxruntime")  # not onnx: its import costs more than opening a model
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its graph-optimizer notes (unused initializers) are noise
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelFileError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0]})") from None
+        meta = parse_meta(path, session.get_modelmeta().custom_metadata_map.get(META_KEY))
+        try:
+            check_graph(path, meta, session.get_inputs()[0].shape,
+                        ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]))
+            return cls(path, session, meta, progress=progress)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, ModelFileError):
+                raise
+            raise ModelFileError(f"{path}: corrupt padim metadata ({exc!r})") from None
+
+    def _call(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(None, {"images": batch})
+        return maps, scores

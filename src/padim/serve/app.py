@@ -80,7 +80,7 @@ class Limits(BaseModel):
 
 class ModelInfo(BaseModel):
     model_id: str = Field(description="first 12 hex digits of the fitted model file's sha256")
-    format: Literal["safetensors", "onnx"]
+    format: Literal["safetensors", "onnx", "openvino"]
     file: str
     source_sha256: str | None
     backbone: str | None

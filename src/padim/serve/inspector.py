@@ -10,17 +10,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
 from ..checksums import sha256_of
 from ..datasets.images import draft_jpeg, read_image, swaps_sides
-from ..export import OnnxModel, model_id, open_model
-from ..model import Padim
-from ..reports.figures import overlay
+from ..export import ExportedModel, OnnxModel, model_id, open_model
+from ..reports.overlay import overlay
+
+if TYPE_CHECKING:
+    from ..model import Padim
 
 
 class ImageRejected(ValueError):
@@ -90,13 +92,14 @@ class Inspector:
     """A loaded model (native or ONNX) with its id; ``score`` runs one model call at a time, so
     concurrent requests never share or interleave a call."""
 
-    def __init__(self, model: Padim | OnnxModel, path: Path, limits: Limits = Limits()):
+    def __init__(self, model: Padim | ExportedModel, path: Path, limits: Limits = Limits()):
         self.model = model
         self.path = path
         self.limits = limits
-        self.format = "onnx" if isinstance(model, OnnxModel) else "safetensors"
+        self.format = ("onnx" if isinstance(model, OnnxModel) else "openvino" if isinstance(model, ExportedModel)
+                       else "safetensors")
         meta = model.meta_
-        if self.format == "onnx" and meta.get("model_id"):
+        if self.format != "safetensors" and meta.get("model_id"):
             self.model_id = meta["model_id"]  # the id of the fitted model it was exported from
             self.source_sha256 = meta.get("source_sha256")
         else:
@@ -107,7 +110,7 @@ class Inspector:
 
     @classmethod
     def open(cls, path: str | Path, limits: Limits = Limits(), weights: str | Path | None = None) -> Inspector:
-        """Load a .safetensors or .onnx model file."""
+        """Load a .safetensors, .onnx or .xml (OpenVINO) model file."""
         path = Path(path)
         return cls(open_model(path, weights=weights), path, limits)
 
@@ -140,7 +143,11 @@ class Inspector:
 
     def score(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, float]:
         """uint8 (h, w, 3) images at the model size -> (scores, maps, seconds waited, seconds computed)."""
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        batch = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+        if not isinstance(self.model, ExportedModel):  # an exported model runs without torch
+            import torch
+
+            batch = torch.from_numpy(batch)
         asked = time.perf_counter()
         with self._lock:
             start = time.perf_counter()
