@@ -78,15 +78,15 @@ def test_levels_image_score_ranks_each_levels_own_distances_not_the_blurred_map(
     fine[0, 1, 1], fine[0, 1, 2] = 12.0, 4.0
     coarse = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
     dist = torch.cat([fine.flatten(1), coarse], dim=1)
-    maps, by_map = AnomalyMaps([(4, 4), (2, 2)], (8, 8), 1.0)(dist)
-    levels_maps, by_levels = AnomalyMaps([(4, 4), (2, 2)], (8, 8), 1.0, score="levels")(dist)
+    by_map, maps = AnomalyMaps([(4, 4), (2, 2)], (8, 8), 1.0)(dist)
+    by_levels, levels_maps = AnomalyMaps([(4, 4), (2, 2)], (8, 8), 1.0, score="levels")(dist)
     torch.testing.assert_close(levels_maps, maps)  # the same pixel map
     # each level's largest 2x2 mean of its own distances ((12 + 4) / 4 and (1 + 2 + 3 + 6) / 4), averaged
     assert by_levels.item() == pytest.approx((16 / 4 + 12 / 4) / 2)
     assert by_map.item() == pytest.approx(maps.max().item()) and by_map.item() != pytest.approx(by_levels.item())
-    _, top2 = AnomalyMaps([(4, 4), (2, 2)], (8, 8), 1.0, top_k=2, score="levels")(dist)
+    top2, _ = AnomalyMaps([(4, 4), (2, 2)], (8, 8), 1.0, top_k=2, score="levels")(dist)
     assert top2.item() == pytest.approx((16 / 4 + 12 / 4) / 2)  # the coarse level has one 2x2 window
-    _, one_row = AnomalyMaps([(1, 3)], (4, 12), 0.0, score="levels")(torch.tensor([[1.0, 5.0, 2.0]]))
+    one_row, _ = AnomalyMaps([(1, 3)], (4, 12), 0.0, score="levels")(torch.tensor([[1.0, 5.0, 2.0]]))
     assert one_row.item() == pytest.approx(3.5)  # a one-row grid: 1x2 windows
     with pytest.raises(ValueError, match="score"):
         AnomalyMaps([(4, 4)], (8, 8), 1.0, score="mean")
