@@ -106,12 +106,13 @@ def model_options(func):
                      help="Average each feature tap over a pool x pool neighbourhood (odd; 1 = plain PaDiM)."),
         click.option("--tap-resize", type=click.Choice(TAP_RESIZE), default=DEFAULTS.tap_resize,
                      show_default=True,
-                     help="How deeper feature taps are resized to the stride-4 grid (nearest = plain PaDiM; on CPU "
-                          "fit and predict work once per deep cell and the model file stores its factor per cell: "
+                     help="How deeper feature taps are resized to the stride-4 grid (nearest = plain PaDiM; fit "
+                          "and predict then work once per deep cell and the model file stores its factor per cell: "
                           "faster and ~4x smaller, see docs/model-size.md)."),
         click.option("--covariance", type=click.Choice(COVARIANCE_ESTIMATORS), default=DEFAULTS.covariance,
                      show_default=True,
-                     help="Covariance estimator: sample covariance + eps*I (PaDiM) or OAS shrinkage + eps*I."),
+                     help="Covariance estimator: sample covariance + eps*I (PaDiM) or OAS shrinkage + eps*I "
+                          "(its coefficient differs at every position: fitted and scored per position)."),
         click.option("--eps", type=click.FloatRange(0, min_open=True), default=DEFAULTS.eps, show_default=True,
                      help="Added to each covariance diagonal."),
         click.option("--sigma", type=click.FloatRange(0), default=None,
