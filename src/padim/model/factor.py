@@ -18,58 +18,9 @@ import torch
 
 from ..params import COVARIANCE_ESTIMATORS
 from .cells import row_steps, spread, ungrouped
-from .stats import GaussianStats
+from .stats import GaussianStats, check_count, check_finite, oas
 
 FACTOR_TOP_CELLS = 32  # deepest cells per step: its temporaries stay within tens of MB
-
-
-def covariance(outer: torch.Tensor, sums: torch.Tensor, count: int, eps: float, estimator: str = "eps",
-               ) -> torch.Tensor:
-    """(p, D, D) covariances plus ``eps`` on the diagonal from float64 (p, D, D) sums of c c^T and
-    (p, D) sums of c over ``count`` samples, c = x - shift for any shift.
-
-    estimator 'eps': the unbiased sample covariance (1/(N-1)), PaDiM's choice; 'oas': the same
-    shrunk towards a scaled identity by the Oracle Approximating Shrinkage coefficient (Chen et
-    al., 2010), which needs only the sample covariance, so it works on merged statistics.
-    """
-    if estimator not in COVARIANCE_ESTIMATORS:
-        raise ValueError(f"covariance estimator must be one of {COVARIANCE_ESTIMATORS}, got {estimator!r}")
-    check_count(count)
-    n = count
-    cov = torch.baddbmm(outer, sums.unsqueeze(2), sums.unsqueeze(1), beta=1 / (n - 1), alpha=-1 / (n * (n - 1)))
-    if estimator == "oas":
-        trace, squares = cov.diagonal(dim1=1, dim2=2).sum(dim=1), cov.square().sum(dim=(1, 2))
-        keep, target = oas(trace, squares, cov.shape[-1], n)
-        cov = cov * keep.view(-1, 1, 1)
-        cov.diagonal(dim1=1, dim2=2).add_(target.unsqueeze(1))
-    cov.diagonal(dim1=1, dim2=2).add_(eps)
-    check_finite(cov)
-    return cov
-
-
-def oas(trace: torch.Tensor, squares: torch.Tensor, dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The OAS estimate as scikit-learn's ``OAS`` computes it from an unbiased covariance C of ``n``
-    samples, given per position its ``trace`` and sum of ``squares`` of all entries: (a, b) such
-    that the estimate is a C + b I (the maximum-likelihood C (n-1)/n shrunk towards mu I)."""
-    ml = (n - 1) / n
-    mu = trace * ml / dim
-    alpha = squares * ml * ml / (dim * dim)
-    num = alpha + mu.square()
-    den = (n + 1) * (alpha - mu.square() / dim)
-    shrink = torch.where(den > 0, (num / den.clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(den))
-    return (1 - shrink) * ml, shrink * mu
-
-
-def check_count(count: int) -> None:
-    """A clear error for fewer than 2 samples, which have no covariance."""
-    if count < 2:
-        raise ValueError(f"need at least 2 training images for a covariance, got {count}")
-
-
-def check_finite(x: torch.Tensor) -> None:
-    """One reduction instead of a boolean copy of a large tensor: NaN and inf propagate to the sum."""
-    if not bool(torch.isfinite(x.sum())):
-        raise FloatingPointError("the accumulated statistics hold NaN or inf")
 
 
 def whitening_factor(cov: torch.Tensor, first: int = 0) -> torch.Tensor:
