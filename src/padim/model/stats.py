@@ -75,8 +75,11 @@ class GaussianStats:
             steps = list(row_steps(layout, STATS_TOP_CELLS))
             centred = [x.new_empty(steps[0][i].stop, b, x.shape[2]) for i, x in enumerate(xs)]
             side = [x.new_empty(steps[0][-1].stop * b * x.shape[2]) for x in xs]
-            product = xs[0].new_empty(max((steps[0][j].stop - steps[0][j].start) * p.shape[1] * p.shape[2]
-                                          for row in pairs for j, p in enumerate(row)))
+            size = max((steps[0][j].stop - steps[0][j].start) * p.shape[1] * p.shape[2]
+                       for row in pairs for j, p in enumerate(row))
+            # the float32 product widened in a float64 scratch before the add: a mixed-type add runs
+            # several times slower than the copy and the add
+            product, wide = xs[0].new_empty(size), pairs[0][0].new_empty(size)
             for parts in steps:
                 c = [torch.sub(x[p], s[p].unsqueeze(1), out=buf[:p.stop - p.start])
                      for x, s, p, buf in zip(xs, shifts, parts, centred, strict=True)]
@@ -89,8 +92,8 @@ class GaussianStats:
                             cells = side_by_side(ci, layout, i, j).permute(0, 1, 3, 4, 5, 2)
                             lhs = side[i][:ci.numel()].view(cells.shape).copy_(cells).view(c[j].shape[0], -1, b)
                         target = pairs[i][j][parts[j]]
-                        out = product[:target.numel()].view(target.shape)
-                        target += torch.bmm(lhs, c[j], out=out)
+                        out = torch.bmm(lhs, c[j], out=product[:target.numel()].view(target.shape))
+                        target += wide[:target.numel()].view(target.shape).copy_(out)
 
     def _check(self, blocks: Blocks) -> None:
         """A clear error, before any sum changes, for blocks of the wrong shape or holding NaN or inf."""
