@@ -68,10 +68,11 @@ class Whitening(nn.Module):
         """How a model file keeps the factor: 'positions' for the trivial layout, else 'cells'."""
         return "positions" if all(lv.ratio == 1 for lay in self.layouts for lv in lay.levels) else "cells"
 
-    def set_rows(self, s: int, i: int, cells: slice, rows: torch.Tensor) -> None:
-        """Keep the (n, C_i, channels of taps <= i) rows of W of tap-i ``cells`` of scale ``s``."""
+    def set_rows(self, s: int, i: int, cells: slice | torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep the (n, C_i, channels of taps <= i) rows of W of tap-i ``cells`` (a slice or an
+        index tensor) of scale ``s``."""
         layout, channels = self.layouts[s], tap_channels(self.layouts[s])
-        index = torch.arange(cells.start, cells.stop, device=rows.device)
+        index = torch.arange(cells.start, cells.stop, device=rows.device) if isinstance(cells, slice) else cells
         width = layout.levels[i].grid[1]
         for j in range(i + 1):
             above, sub = layout.under(i, j, index // width, index % width)
@@ -85,15 +86,10 @@ class Whitening(nn.Module):
             f = factor[rows]
             fine = torch.arange(local.start, local.stop, device=f.device)
             for i, level in enumerate(layout.levels):
-                row, col = layout.cell_of(i, fine)
                 first = (fine // layout.levels[-1].grid[1] % level.ratio == 0) & (fine % level.ratio == 0)
-                if not bool(first.any()):
-                    continue
-                row, col, end = row[first], col[first], channels[i].stop
-                w = f[first][:, channels[i], :end].float()  # (n, C_i, channels of taps <= i)
-                for j in range(i + 1):
-                    above, sub = layout.under(i, j, row, col)
-                    self._weight(s, i, j)[above, :, sub] = w[:, :, channels[j]].transpose(1, 2)
+                if bool(first.any()):
+                    row, col = layout.cell_of(i, fine[first])
+                    self.set_rows(s, i, row * level.grid[1] + col, f[first][:, channels[i], :channels[i].stop])
 
     def finish(self, mean: torch.Tensor) -> None:
         """Keep the (P, d) ``mean`` (all scales) and set W mean per cell, once the weights are filled."""
