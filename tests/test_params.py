@@ -22,8 +22,8 @@ def test_resolved_fills_the_derived_defaults_and_keeps_what_was_given():
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
-    ({"calibration_fraction": 1.0}, "calibration_fraction must be a number in \\[0, 1\\)"),
-    ({"threshold_quantile": 0.0}, "threshold_quantile"),
+    ({"target_fpr": 1.0}, "target_fpr must be a number in \\(0, 1\\)"),
+    ({"calibration_images": -1}, "calibration_images"),
     ({"pool": 2}, "pool must be an odd integer"),
     ({"tap_resize": "cubic"}, "tap_resize must be nearest or bilinear"),
     ({"covariance": "ledoit"}, "covariance"),

@@ -33,7 +33,7 @@ def test_small_fit_detects_real_fryum_defects(visa_root):
     split = load_split(visa_root, "fryum")
     normal = [s for s in split.test if s.label == 0][:10]
     anomalous = [s for s in split.test if s.label == 1][:20]
-    model = Padim(image_size=128, calibration_fraction=0.1).fit([s.path for s in split.train[:40]])
+    model = Padim(image_size=128).fit([s.path for s in split.train[:40]])
     pred = model.predict([s.path for s in normal + anomalous])
     labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
     masks = np.stack([read_mask(s.mask, model.image_size_) for s in normal + anomalous])
@@ -90,7 +90,7 @@ def test_cell_by_cell_fit_on_real_fryum_equals_the_position_by_position_one(visa
     train = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.train[:30]])
     test = torch.stack([to_tensor(read_image(s.path, (128, 128))) for s in split.test[45:55]])
     # float32 factor: this compares the arithmetic of the two forms (float16 rounding is pinned in test_cells)
-    model = Padim(image_size=128, tap_resize="nearest", calibration_fraction=0, factor_dtype="float32").fit(train)
+    model = Padim(image_size=128, tap_resize="nearest", calibration_images=0, factor_dtype="float32").fit(train)
     assert model.scorer_.storage == "cells"  # 128 px and its 96 px level: every tap grid nests
     positions = embedding_for(model.feature_extractor(), model.image_size_, storage="positions")
     stats = positions.stats()

@@ -149,7 +149,7 @@ def test_per_defect_detection_rate_matches_scores_csv(run_dir):
 
 def test_report_of_seed_split_without_threshold_says_what_is_undefined(tmp_path):
     data = make_visa_dataset(tmp_path / "data", np.random.default_rng(2), n_normal=12, n_anomaly=3)
-    result = invoke("run", data, "--category", "widget", "--split", "seed", "--calibration-fraction", "0",
+    result = invoke("run", data, "--category", "widget", "--split", "seed", "--calibration-images", "0",
                     "--out", tmp_path / "run", "--no-figures", *FAST)
     assert result.exit_code == 0, result.output
     html = (tmp_path / "run" / "report.html").read_text()

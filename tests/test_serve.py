@@ -28,7 +28,7 @@ def served(tmp_path_factory):
     require("fastapi")
     require("onnxruntime")
     rng = np.random.default_rng(0)
-    model = Padim(image_size=64, d=16, sigma=4.0, calibration_fraction=0.25, num_workers=0).fit(
+    model = Padim(image_size=64, d=16, sigma=4.0, num_workers=0).fit(
         [texture(rng) for _ in range(16)])
     folder = tmp_path_factory.mktemp("served")
     path = model.save(folder / "model.safetensors")

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     require("fastapi")
     require("prometheus_client")
     rng = np.random.default_rng(0)
-    model = Padim(image_size=64, d=16, sigma=4.0, calibration_fraction=0.25, num_workers=0).fit(
+    model = Padim(image_size=64, d=16, sigma=4.0, num_workers=0).fit(
         [texture(rng) for _ in range(16)])
     path = model.save(tmp_path_factory.mktemp("auth") / "model.safetensors")
     return path, [texture(rng), texture(rng), texture(rng, defect=True), texture(rng, defect=True)]

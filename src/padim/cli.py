@@ -101,7 +101,7 @@ def model_options(func):
                      help="Feature channels kept (fixed random subset) [default: all of a backbone with at most "
                           "200 (mobilenet_v2: 152), else 100]."),
         click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
-                     help="Seed of the channel subset and the calibration hold-out."),
+                     help="Seed of the channel subset and of the sample that sets the threshold."),
         click.option("--pool", type=click.IntRange(1), default=DEFAULTS.pool, show_default=True, callback=_odd,
                      help="Average each feature tap over a pool x pool neighbourhood (odd; 1 = plain PaDiM)."),
         click.option("--tap-resize", type=click.Choice(TAP_RESIZE), default=DEFAULTS.tap_resize,
@@ -129,12 +129,14 @@ def model_options(func):
                      help="What the image score ranks: 'map', the anomaly map (blurred, pyramid levels averaged); "
                           "'levels', each level's own unblurred distances over 2x2 positions, averaged over the "
                           "levels."),
-        click.option("--calibration-fraction", type=click.FloatRange(0, 1, max_open=True),
-                     default=DEFAULTS.calibration_fraction, show_default=True,
-                     help="Share of training images held out to set the threshold (normal images only)."),
-        click.option("--threshold-quantile", type=click.FloatRange(0, 1, min_open=True),
-                     default=DEFAULTS.threshold_quantile, show_default=True,
-                     help="Threshold = this quantile of held-out normal image scores."),
+        click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=DEFAULTS.target_fpr, show_default=True,
+                     help="False-alarm rate the stored threshold aims at on new normal images; set from "
+                          "out-of-fold scores of the training images (metrics.json states the interval)."),
+        click.option("--calibration-images", type=click.IntRange(0), default=DEFAULTS.calibration_images,
+                     show_default=True,
+                     help="Training images (at most; a random sample beyond) scored out of fold to set the "
+                          "threshold (0 = no threshold)."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -347,22 +349,26 @@ def _new_model(device: str, workers: int | None, split, aspect: str, image_size:
 @runtime_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder; the model is written to OUT/{MODEL_FILE}.")
+@click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
+              help="Also write the fit's statistics beside the model (model.stats.safetensors, float32 sums, "
+                   "about twice the model's size) so that 'padim update' and 'padim merge' can add images later.")
 @dask_options
 @handle_errors
-def fit_cmd(data_root, category, split, layout, device, workers, out, dask_address, shard_size, **params):
+def fit_cmd(data_root, category, split, layout, device, workers, out, keep_stats, dask_address, shard_size,
+            **params):
     """Fit a model on the normal training images of a category."""
     data, loaded = _load(data_root, category, split, layout)
     model = _new_model(device, workers, loaded, **params)
     if dask_address:
         dist = _distributed()
         _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE,
-                                     params["progress"], click.echo)
+                                     params["progress"], click.echo, keep_stats)
         seconds, n_train = info["fit_seconds"], info["n_train"]
     else:
         from .runs import fit_job
 
         stages = _stages()
-        path = fit_job(data, loaded, out, model, stages)
+        path = fit_job(data, loaded, out, model, stages, keep_stats)
         seconds, n_train = stages.seconds["fit"] + stages.seconds["calibrate"], len(loaded.train)
     click.echo(f"fitted on {n_train} images in {seconds:.1f} s; wrote {path} (threshold {model.threshold_})")
 
@@ -400,8 +406,12 @@ def evaluate_cmd(data_root, category, split, layout, model_path, weights, device
 @eval_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder for {MODEL_FILE}, metrics.json, scores.csv and figures.")
+@click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
+              help="Also write the fit's statistics beside the model (model.stats.safetensors, float32 sums, "
+                   "about twice the model's size) so that 'padim update' and 'padim merge' can add images later.")
 @handle_errors
-def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, **params):
+def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, keep_stats,
+            **params):
     """Fit, then evaluate: the whole job in one command."""
     from .runs import fit_job
 
@@ -409,7 +419,7 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
     stages = _stages()
     data, loaded = _load(data_root, category, split, layout, stages)
     model = _new_model(device, workers, loaded, **params)
-    path = fit_job(data, loaded, out, model, stages)
+    path = fit_job(data, loaded, out, model, stages, keep_stats)
     click.echo(f"fitted on {len(loaded.train)} images; wrote {path}")
     _evaluate(model, path, data, loaded, out, metrics_resolution, figures, params["progress"], stages)
     click.echo(f"total {time.perf_counter() - start:.1f} s")

@@ -82,8 +82,8 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "eps": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
     "sigma": (lambda v: is_number(v) and 0 <= v <= MAX_IMAGE_SIDE, f"a number in 0..{MAX_IMAGE_SIDE}"),
     "seed": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
-    "calibration_fraction": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "threshold_quantile": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "target_fpr": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "calibration_images": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "pool": (lambda v: is_int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "tap_resize": (lambda v: v in TAP_RESIZE, " or ".join(TAP_RESIZE)),
     "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
@@ -103,7 +103,11 @@ def check_param(name: str, value) -> None:
 
 
 # parameters added after the first model files, with the value that gives an older file's behaviour
-OLDER_FILES: dict[str, object] = {"image_score": "map"}
+OLDER_FILES: dict[str, object] = {"image_score": "map", "target_fpr": 0.01, "calibration_images": 0}
+# parameters that only set the threshold: a recalibration may change them
+THRESHOLD_PARAMS = ("target_fpr", "calibration_images")
+# parameters of older files that no longer exist (their threshold was a hold-out's quantile)
+RETIRED = ("calibration_fraction", "threshold_quantile")
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,12 @@ class PadimParams:
     eps: added to each covariance diagonal; keeps it invertible with few images.
     sigma: Gaussian blur of the upsampled map, in input pixels (0 = none); None scales PaDiM's 4 px
         at 256 px with the input: 4 * shorter side / 256.
-    seed: fixes the channel subset and the calibration hold-out.
-    calibration_fraction: share of the training images held out to set the threshold; they are
-        scored by the model fit without them, then merged into the final statistics.
-    threshold_quantile: the threshold is this quantile of the held-out normal image scores.
+    seed: fixes the channel subset and which training images set the threshold.
+    target_fpr: the false-alarm rate the stored threshold aims at on new normal images like the
+        training ones (see :mod:`padim.model.calibration`).
+    calibration_images: training images (at most; a random sample of them beyond) whose
+        out-of-fold scores set the threshold: each is scored by the model of all the others, in
+        closed form from the one fit (0 = no threshold).
     pool: average each feature tap over a pool x pool neighbourhood (1 = plain PaDiM).
     tap_resize: 'nearest' (PaDiM's) or 'bilinear' resizing of the deeper taps to the stride-4 grid.
         With 'nearest', where each deeper grid divides the finest evenly (320x480 and its 0.7 level
@@ -148,8 +154,8 @@ class PadimParams:
     eps: float = 0.01
     sigma: float | None = None
     seed: int = 0
-    calibration_fraction: float = 0.1
-    threshold_quantile: float = 0.99
+    target_fpr: float = 0.01
+    calibration_images: int = 512
     pool: int = 3
     tap_resize: str = "nearest"
     factor_dtype: str = "float16"
@@ -182,6 +188,11 @@ class PadimParams:
         if out.d > total:
             raise ValueError(f"d must be in 1..{total} for backbone {self.backbone!r}, got {out.d}")
         return out
+
+    def model_state(self) -> dict:
+        """:meth:`to_state` without the threshold's parameters: what two fits must share for their
+        statistics to add up and their models to score alike."""
+        return {k: v for k, v in self.to_state().items() if k not in THRESHOLD_PARAMS}
 
     def to_state(self) -> dict:
         """The parameters as JSON values (lists for tuples), as a model file stores them."""

@@ -48,32 +48,36 @@ class DataArgs:
         return self.root / self.category
 
 
-def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: Stages | None = None) -> Path:
-    """Fit ``model`` on the training images and write ``out_dir/model.safetensors``; returns its path.
+def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: Stages | None = None,
+            keep_stats: bool = True) -> Path:
+    """Fit ``model`` on the training images and write ``out_dir/model.safetensors`` (and, with
+    ``keep_stats``, the statistics beside it, for ``padim update``); returns the model's path.
 
-    Stages: 'fit' (the statistics of the training images), 'calibrate' (the held-out normal images
-    scored for the threshold, then merged in, and the final factor), 'save': ``model.fit`` in
-    its two steps.
+    Stages: 'fit' (the statistics of the training images and the factor), 'calibrate' (the
+    out-of-fold scores that set the threshold), 'save'.
     """
+    from .model.calibration import KeptEmbeddings, calibration_sample
+
     stages = stages if stages is not None else Stages()
     paths = [s.path for s in split.train]
     check_training_set(data, len(paths), model)
-    fit_idx, cal_idx = model.calibration_split(len(paths))
+    kept = KeptEmbeddings(calibration_sample(len(paths), model.model_params().calibration_images, model.seed))
     with stages("fit"):
-        stats = model.accumulate([paths[i] for i in fit_idx])
+        model.fit_from_stats(model.accumulate(paths, kept=kept))
     with stages("calibrate"):
-        model.fit_from_stats(stats, [paths[i] for i in cal_idx], n_train=len(paths))
+        model.set_threshold(*model.out_of_fold(kept))
+    del kept
     with stages("save"):
-        return model.save(out_dir / MODEL_FILE)
+        path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
+    model.stats_ = None  # the sums are on disk: free them before the test images are scored
+    return path
 
 
 def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
     """Refuse too few training images for ``model`` (naming the data); warn when there are no more
     images than feature channels."""
-    try:
-        model.calibration_split(n)
-    except ValueError as exc:
-        raise DatasetError(f"{data.where}: {exc}; add normal training images") from exc
+    if n < 3:
+        raise DatasetError(f"{data.where}: {n} training image(s); a model needs at least 3 normal images")
     p = model.model_params()
     if n <= p.d:
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "

@@ -68,17 +68,20 @@ def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, 
                     retries: int = RETRIES, progress: bool = False) -> Padim:
     """Fit ``model`` on image files read by the cluster's workers; equals ``model.fit(images)``.
 
-    The hold-out of :meth:`Padim.calibration_split` is kept out of the shards; the client scores it
-    with the model from the summed statistics and merges it in, exactly as :meth:`Padim.fit`.
+    The workers sum the statistics of all images; the client factors them and scores the sample of
+    :func:`~padim.model.calibration.calibration_sample` out of fold, as :meth:`Padim.fit` does.
     """
+    from ..model.calibration import calibration_sample
+
     images = [str(p) for p in images]
-    fit_idx, cal_idx = model.calibration_split(len(images))
-    stats = accumulate_distributed(model, [images[i] for i in fit_idx], client, shard_size, retries, progress)
-    return model.fit_from_stats(stats, [images[i] for i in cal_idx], n_train=len(images))
+    stats = accumulate_distributed(model, images, client, shard_size, retries, progress)
+    sample = calibration_sample(len(images), model.model_params().calibration_images, model.seed)
+    return model.fit_from_stats(stats, [images[i] for i in sample])
 
 
 def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_size: int = FIT_SHARD_SIZE,
-            progress: bool = True, log: Callable[[str], None] = print) -> tuple[Padim, Path, dict]:
+            progress: bool = True, log: Callable[[str], None] = print, keep_stats: bool = True,
+            ) -> tuple[Padim, Path, dict]:
     """``padim fit --dask``: fit on the cluster at ``address`` and write ``out_dir/model.safetensors``."""
     split = data.load()
     paths = [s.path for s in split.train]
@@ -89,5 +92,5 @@ def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_siz
         start = time.perf_counter()
         fit_distributed(model, paths, client, shard_size, progress=progress)
         seconds = time.perf_counter() - start
-    path = model.save(out_dir / MODEL_FILE)
+    path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
     return model, path, {"fit_seconds": seconds, "n_train": len(split.train), "split": split}

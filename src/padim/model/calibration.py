@@ -1,60 +1,133 @@
-"""The threshold of a fitted model and what it says of its training images: a hold-out of the
-training images, scored by the model fitted without them, sets the threshold and the heat-map
-colour range."""
+"""The stored threshold and what it promises.
+
+A threshold is set from normal images' scores for a target false-alarm rate: the k-th largest of n
+scores, k = floor(target (n + 1)) (at least 1). For a new normal image exchangeable with those n,
+the chance its score exceeds that order statistic is Beta(k, n + 1 - k) distributed over the draw of
+the n images (mean k / (n + 1) <= target): the stated interval is its 5% and 95% quantiles, with no
+assumption on the scores' distribution.
+
+At fit time the n scores are out of fold: each training image of a sample is scored by the model of
+all the other training images. For the 'eps' covariance that model follows in closed form from the
+one fit (Sherman-Morrison; :func:`leave_one_out`), so no image is held out and nothing is refitted.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from ..datasets.images import ImageSource
-from .batches import image_batches
+from .cells import Blocks
 from .scorer import PadimScorer
-from .stats import GaussianStats
+
+HISTORY = 20  # calibrations a model file remembers
+INTERVAL = (0.05, 0.95)  # the stated false-alarm interval: a 90% interval
+MAP_SAMPLE = 4  # every 4th pixel in each direction of the normal maps gives the colour scale's low end
 
 
-def calibration_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (fit, calibration) of ``n`` training images; the hold-out is fixed by ``seed``."""
-    n_cal = int(round(fraction * n)) if fraction > 0 else 0
-    if fraction > 0 and n >= 3:
-        n_cal = max(n_cal, 1)
-    if n - n_cal < 2:
-        raise ValueError(f"need at least {n_cal + 2} training images, got {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_cal:]), np.sort(order[:n_cal])
+def calibration_sample(n: int, max_images: int, seed: int) -> np.ndarray:
+    """Sorted indices of the training images scored out of fold: all ``n`` up to ``max_images``,
+    else a random sample of that many, fixed by ``seed``."""
+    if n <= max_images:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max_images])
 
 
-def calibrate(scores: np.ndarray, maps: np.ndarray, n_train: int, quantile: float) -> tuple[float | None, dict]:
-    """(threshold, info) from the held-out images' ``scores`` and ``maps``: the threshold is the
-    ``quantile`` of the scores; info has the training counts, the held-out scores' summary and the
-    heat-map colour range (the median normal pixel at the bottom, the threshold mid-scale)."""
-    threshold = float(np.quantile(scores, quantile)) if scores.size else None
-    low = float(np.median(maps)) if maps.size else None
-    high = None
-    if threshold is not None and low is not None:
-        high = threshold + max(threshold - low, 1e-6)
-    info = {
-        "n_train": n_train,
+class KeptEmbeddings:
+    """The embedding blocks of chosen images of a stream of batches, kept (about the statistics'
+    shift, where float16 keeps their digits) until the model is factored."""
+
+    def __init__(self, indices: np.ndarray | None = None):
+        self.indices = None if indices is None else np.asarray(indices)
+        self.parts: list[tuple[Blocks, Blocks]] = []
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return sum(part[0][0].shape[1] for part, _ in self.parts)
+
+    def offer(self, blocks: Blocks, shift: Blocks) -> None:
+        """Keep the chosen ones of the next B images of the stream (all of them with no indices)."""
+        b = blocks[0][0].shape[1]
+        if self.indices is None:
+            rows = torch.arange(b)
+        else:
+            chosen = self.indices[(self.indices >= self.seen) & (self.indices < self.seen + b)] - self.seen
+            rows = torch.as_tensor(chosen, dtype=torch.long)
+        self.seen += b
+        if len(rows):
+            rows = rows.to(blocks[0][0].device)
+            kept = [[(x.index_select(1, rows) - s.unsqueeze(1)).half() for x, s in zip(scale, shifts, strict=True)]
+                    for scale, shifts in zip(blocks, shift, strict=True)]
+            self.parts.append((kept, shift))
+
+    def batches(self, size: int) -> Iterator[Blocks]:
+        """The kept blocks back in float32, up to ``size`` images at a time."""
+        for kept, shift in self.parts:
+            for start in range(0, kept[0][0].shape[1], size):
+                yield [[x[:, start:start + size].float().add_(s.unsqueeze(1)) for x, s in zip(scale, shifts,
+                                                                                            strict=True)]
+                       for scale, shifts in zip(kept, shift, strict=True)]
+
+
+def leave_one_out(distances: torch.Tensor, count: float) -> torch.Tensor:
+    """Distances of training images (of a model of ``count`` images) -> their distances to the
+    model of the other ``count - 1``. With the covariance S / (n - 1) + eps I, removing image x
+    gives (n - 1) / (n - 2) (cov - n / (n - 1)^2 d d^T), d = x - mean, when its eps is scaled by
+    (n - 1) / (n - 2) alike (one part in n - 2), and mean' = mean - d / (n - 1); Sherman-Morrison
+    turns g = d^T cov^-1 d into g' = (n / (n - 1))^2 (n - 2) / (n - 1) g / (1 - n g / (n - 1)^2).
+    Under 'oas' the shrinkage is taken as none here, which can only raise g' (a stricter threshold)."""
+    n = float(count)
+    if n < 3:
+        raise ValueError(f"out-of-fold scores need at least 3 training images, got {count}")
+    g = distances.square()
+    rest = (1 - (n / (n - 1) ** 2) * g).clamp_min_(1e-6)  # > 0 in exact arithmetic: the rest is positive definite
+    return (g.div_(rest).mul_((n / (n - 1)) ** 2 * (n - 2) / (n - 1))).sqrt_()
+
+
+def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings, count: float, batch_size: int) -> tuple[np.ndarray, float]:
+    """(scores, median map value) of the ``kept`` training images, each scored by the model of the
+    other ``count - 1`` images (see :func:`leave_one_out`)."""
+    scores, pixels = [], []
+    for blocks in kept.batches(batch_size):
+        batch_scores, maps = scorer.maps(leave_one_out(scorer.whitening.distances(blocks), count))
+        scores.append(batch_scores.cpu().numpy())
+        pixels.append(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE].cpu().numpy().ravel())
+    return np.concatenate(scores), float(np.median(np.concatenate(pixels)))
+
+
+def operating_point(scores: np.ndarray, target_fpr: float) -> dict:
+    """The threshold for ``target_fpr`` from normal images' ``scores`` and what it promises: the
+    k-th largest score, the false-alarm rate expected on new normal images, k / (n + 1), and its
+    90% interval (see the module's docstring)."""
+    from scipy.special import betaincinv
+
+    n = int(scores.size)
+    k = max(1, math.floor(target_fpr * (n + 1)))
+    low, high = (float(betaincinv(k, n + 1 - k, q)) for q in INTERVAL)
+    return {"threshold": float(np.sort(scores)[n - k]), "target_fpr": float(target_fpr), "n": n, "rank": k,
+            "expected_fpr": k / (n + 1), "fpr_interval": [low, high]}
+
+
+def calibration_info(scores: np.ndarray, median_pixel: float | None, target_fpr: float, method: str,
+                     history: list | None = None, at: str | None = None) -> tuple[float | None, dict]:
+    """(threshold, info) from normal images' ``scores`` (none: no threshold) set by ``method``
+    ('out-of-fold', 'normal images', ...): the operating point, the scores kept (a later merge
+    thresholds on them), the heat-map colour range (the median normal pixel at the bottom, the
+    threshold mid-scale) and the calibration history, newest last (this one dated ``at``)."""
+    if scores.size == 0:
+        return None, {"n_calibration": 0, "calibration_scores": None, "map_range": None, "calibration": None,
+                      "calibration_history": list(history or [])}
+    point = operating_point(scores, target_fpr)
+    threshold = point["threshold"]
+    entry = {**({"at": at} if at else {}), "method": method, "n": point["n"], "target_fpr": target_fpr,
+             "threshold": threshold}
+    return threshold, {
         "n_calibration": int(scores.size),
-        "calibration_scores": {
-            "min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max()),
-        } if scores.size else None,
-        "map_range": [low, high] if high is not None else None,
+        "calibration_scores": {"min": float(scores.min()), "median": float(np.median(scores)),
+                               "max": float(scores.max())},
+        "map_range": None if median_pixel is None else [median_pixel, threshold + max(threshold - median_pixel, 1e-6)],
+        "calibration": {"method": method, **point, "scores": [float(s) for s in np.sort(scores)]},
+        "calibration_history": [*(history or []), entry][-HISTORY:],
     }
-    return threshold, info
-
-
-def score_and_add(scorer: PadimScorer, stats: GaussianStats, images: Sequence[ImageSource] | torch.Tensor,
-                  batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, maps) of held-out ``images`` by ``scorer`` (fitted without them), each batch added to
-    ``stats`` once scored. ``scorer`` is released on return, before the caller builds the final one."""
-    embedding, parts = scorer.embedding, []
-    # decoded here: with forked decoders alive, each page the update writes would first be copied
-    for batch, out in image_batches(images, embedding, batch_size, desc="calibrate", progress=progress, fork=False):
-        blocks = embedding(batch, out)
-        parts.append([t.cpu().numpy() for t in scorer.score(blocks)])
-        stats.update(blocks)
-    del scorer
-    return tuple(np.concatenate(part) for part in zip(*parts, strict=True))

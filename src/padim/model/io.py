@@ -5,7 +5,10 @@ same file. Reading never unpickles anything and checks every metadata field; the
 Compatibility policy: a file is read when its ``format`` is the one this version writes and the
 package version that wrote it is not newer (by major.minor) than this one; anything else is
 refused with a message saying to upgrade or re-fit. The file holds no timestamp, so the same fit
-gives the same bytes.
+gives the same bytes (only a calibration after the fit is dated).
+
+The sufficient statistics of a fit (for ``padim update`` and ``padim merge``) go to a sidecar file
+beside the model, ``<stem>.stats.safetensors`` (:func:`write_stats_file`), in float32.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from .. import __version__
-from ..atomic import write_bytes
+from ..atomic import atomic_path, write_bytes
 from ..backbones.registry import get_spec
 from ..errors import BackboneError, ModelFileError
-from ..params import CHECKS, PadimParams, is_int, is_number
+from ..params import CHECKS, RETIRED, PadimParams, is_int, is_number
 
 # 2: feature pyramid (scales, grids); 3: channels deepest tap first; 4: the factor per cell where
 # scoring runs cell by cell, float16 by default
 FORMAT = "visa-padim/4"
 STORAGE = ("cells", "positions")
+STATS_FORMAT = "visa-padim-stats/1"
+# what a fitted model says of its training and its threshold (Padim.info_)
+INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history")
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +114,13 @@ FILE_FIELDS: dict[str, tuple[Callable, str]] = {
     "calibration_scores": (_scores, "null or {min, median, max} in order"),
     "map_range": (lambda v: v is None or _pair(is_number)(v), "null or [low, high]"),
 }
+
+
+def _calibration(v) -> bool:
+    keys = {"method", "threshold", "target_fpr", "n", "rank", "expected_fpr", "fpr_interval", "scores"}
+    return v is None or (isinstance(v, dict) and set(v) == keys and is_int(v["n"]) and is_int(v["rank"])
+                         and 1 <= v["rank"] <= v["n"] == len(v["scores"]) and all(is_number(x) for x in v["scores"])
+                         and _pair(is_number)(v["fpr_interval"]) and is_number(v["threshold"]))
 FIELDS = {**{name: CHECKS[name] for name in PadimParams.names()}, **FILE_FIELDS}
 
 
@@ -140,6 +154,10 @@ def _weights(v) -> bool:
 # fields checked when present: files written before them still load
 CHECKED_OPTIONAL: dict[str, tuple[Callable, str]] = {
     "backbone_weights": (_weights, "null or [{file, sha256}, ...]"),
+    "calibration": (_calibration, "null or {method, threshold, target_fpr, n, rank, expected_fpr, fpr_interval, "
+                                  "scores}"),
+    "calibration_history": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
+                            "a list of {method, n, target_fpr, threshold}"),
 }
 
 
@@ -160,7 +178,7 @@ def check_metadata(path: Path, meta: dict) -> None:
         if not ok(meta[name]):
             raise ModelFileError(f"{path}: metadata field {name!r} is {meta[name]!r}, expected {expected}; "
                                  "the file was altered or damaged; re-run 'padim fit'")
-    unknown = sorted(set(meta) - set(FIELDS) - set(CHECKED_OPTIONAL))
+    unknown = sorted(set(meta) - set(FIELDS) - set(CHECKED_OPTIONAL) - set(RETIRED))
     if unknown:
         logger.warning("%s: ignoring unknown metadata field(s) %s", path, ", ".join(unknown))
     try:
@@ -179,6 +197,36 @@ def check_metadata(path: Path, meta: dict) -> None:
     if len(meta["grids"]) != len(meta["scales"]):
         raise ModelFileError(f"{path}: {len(meta['grids'])} grids for {len(meta['scales'])} scales; the file was "
                              "altered; re-run 'padim fit'")
-    if meta["n_calibration"] >= meta["n_train"]:
-        raise ModelFileError(f"{path}: n_calibration {meta['n_calibration']} >= n_train {meta['n_train']}; "
-                             "the file was altered; re-run 'padim fit'")
+
+
+def stats_path(model_path: Path) -> Path:
+    """The statistics sidecar of a model file: ``model.safetensors`` -> ``model.stats.safetensors``."""
+    return model_path.with_name(f"{model_path.stem}.stats.safetensors")
+
+
+def write_stats_file(path: Path, params: PadimParams, count: float, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a fit's statistics (:meth:`GaussianStats.state`) for ``params`` atomically; returns ``path``."""
+    meta = {"format": STATS_FORMAT, "package_version": __version__, "count": count, "params": params.model_state()}
+    with atomic_path(path) as tmp:  # written tensor by tensor: no second copy of the sums in memory
+        save_file(tensors, str(tmp), metadata={"padim": json.dumps(meta)})
+    return path
+
+
+def read_stats_file(path: Path, params: PadimParams) -> tuple[float, dict[str, torch.Tensor]]:
+    """(count, tensors) of a statistics file written for a model of ``params``; ModelFileError
+    names a missing, foreign or mismatched file."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: statistics file not found; 'padim fit' writes it beside the model "
+                             "(unless --no-stats); re-run 'padim fit'")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("padim", "null"))
+            if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
+                raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                                 f"expected {STATS_FORMAT!r}")
+            if meta.get("params") != params.model_state():
+                raise ValueError("written for a model of other parameters")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise ModelFileError(f"{path}: not the statistics of this model ({exc}); re-run 'padim fit'") from exc
+    return meta["count"], tensors

@@ -15,9 +15,9 @@ from ..errors import ModelFileError
 from ..params import PadimParams
 from ..prediction import Prediction, gather_prediction, threshold_labels
 from .batches import embedding_groups, image_batches
-from .calibration import calibrate, calibration_split, score_and_add
+from .calibration import KeptEmbeddings, calibration_info, calibration_sample, out_of_fold
 from .embedding import Embedding, embedding_for
-from .io import model_metadata, read_model_file, write_model_file
+from .io import INFO_FIELDS, model_metadata, read_model_file, stats_path, write_model_file, write_stats_file
 from .scorer import PadimScorer
 from .stats import GaussianStats
 
@@ -46,8 +46,8 @@ class Padim:
 
     def __init__(self, backbone: str = DEFAULTS.backbone, image_size: int | Sequence[int] = DEFAULTS.image_size,
                  d: int | None = DEFAULTS.d, eps: float = DEFAULTS.eps, sigma: float | None = DEFAULTS.sigma,
-                 seed: int = DEFAULTS.seed, calibration_fraction: float = DEFAULTS.calibration_fraction,
-                 threshold_quantile: float = DEFAULTS.threshold_quantile, pool: int = DEFAULTS.pool,
+                 seed: int = DEFAULTS.seed, target_fpr: float = DEFAULTS.target_fpr,
+                 calibration_images: int = DEFAULTS.calibration_images, pool: int = DEFAULTS.pool,
                  tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
                  covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k,
                  scales: Sequence[float] = DEFAULTS.scales, image_score: str = DEFAULTS.image_score,
@@ -89,48 +89,69 @@ class Padim:
         p = params or self.model_params()
         return embedding_for(self.feature_extractor(p), size or p.image_size, p.covariance)
 
-    def calibration_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (fit, calibration) of ``n`` training images; the hold-out is fixed by ``seed``."""
-        return calibration_split(n, self.model_params().calibration_fraction, self.seed)
-
     def fit(self, images: Images) -> Padim:
-        """Fit on normal images."""
-        fit_idx, cal_idx = self.calibration_split(len(images))
-        return self.fit_from_stats(self.accumulate(_take(images, fit_idx)), _take(images, cal_idx), len(images))
+        """Fit on normal images; the threshold from out-of-fold scores of (a sample of) them."""
+        kept = KeptEmbeddings(calibration_sample(len(images), self.model_params().calibration_images, self.seed))
+        return self.fit_from_stats(self.accumulate(images, kept=kept), kept)
 
     @torch.inference_mode()
-    def accumulate(self, images: Images, desc: str = "fit") -> GaussianStats:
-        """The statistics of ``images``; partial results of disjoint shards add up (``a + b``)."""
+    def accumulate(self, images: Images, desc: str = "fit", kept: KeptEmbeddings | None = None) -> GaussianStats:
+        """The statistics of ``images``; partial results of disjoint shards add up (``a + b``).
+        ``kept`` keeps the embeddings of the images it names, to score them once fitted."""
         size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None
         embedding = self.embedding(size)
         stats = embedding.stats()
         for blocks in embedding_groups(images, embedding, self.batch_size, self.num_workers, desc, self.progress):
             stats.update(blocks)
+            if kept is not None:
+                kept.offer(blocks, stats.shift)
         if stats.count == 0:
             raise ValueError("no training images")
         return stats
 
     @torch.inference_mode()
-    def fit_from_stats(self, stats: GaussianStats, calibration: Images = (), n_train: int | None = None) -> Padim:
-        """Finish a fit from accumulated statistics (e.g. summed over shards), updated in place: the
-        ``calibration`` images are scored by the model of ``stats`` alone (they set the threshold),
-        then added to ``stats`` before the final factor is computed."""
+    def fit_from_stats(self, stats: GaussianStats, calibration: KeptEmbeddings | Images = (),
+                       history: list | None = None, method: str = "out-of-fold", at: str | None = None) -> Padim:
+        """Finish a fit from the statistics of all training images (e.g. summed over shards, or
+        :mod:`padim.model.line`'s update); the threshold from the out-of-fold scores of
+        ``calibration``: training images counted in ``stats``, or their kept embeddings.
+        ``history``, ``method``, ``at``: earlier calibrations of the model, this one's (see
+        :meth:`set_threshold`)."""
         p = self.model_params()
         embedding = self.embedding(params=p)
         if stats.positions != embedding.positions:
             raise ValueError(f"statistics have {stats.positions} positions, the {p.image_size} input at scales "
                              f"{list(p.scales)} gives grids {embedding.grids}")
-        stats = stats.to_layouts(embedding.layouts)  # e.g. per-position sums for a per-cell model
-        scores, maps = np.empty(0), np.empty(0)
-        if len(calibration):
-            scores, maps = score_and_add(PadimScorer.fit(embedding, stats, p), stats, calibration, self.batch_size,
-                                         self.progress)
         self.scorer_ = None  # a refit frees the previous factor before the new one is built
-        self.scorer_ = PadimScorer.fit(embedding, stats, p)
-        self.params_ = p
-        self.threshold_, self.info_ = calibrate(scores, maps, n_train or stats.count, p.threshold_quantile)
-        self.meta_ = model_metadata(p, embedding.grids, self.scorer_.storage, embedding.extractor.weights_files,
-                                    self.threshold_, self.info_)
+        self.stats_ = stats = stats.to_layouts(embedding.layouts)  # e.g. per-position sums for a per-cell model
+        self.scorer_, self.params_ = PadimScorer.fit(embedding, stats, p), p
+        self.info_ = {"calibration_history": list(history or [])}
+        return self.set_threshold(*self.out_of_fold(calibration), method, at)
+
+    @torch.inference_mode()
+    def out_of_fold(self, calibration: KeptEmbeddings | Images) -> tuple[np.ndarray, float | None]:
+        """(scores, median map value) of training images counted in the fit (or their kept
+        embeddings), each scored by the model of all the others (no scores: no threshold)."""
+        if not isinstance(calibration, KeptEmbeddings):
+            kept, embedding = KeptEmbeddings(), self.scorer_.embedding
+            for batch, out in image_batches(calibration, embedding, self.batch_size, desc="calibrate", fork=False):
+                kept.offer(embedding(batch, out), self.stats_.shift)
+            calibration = kept
+        if not len(calibration):
+            return np.empty(0), None
+        return out_of_fold(self.scorer_, calibration, self.stats_.count, self.batch_size)
+
+    def set_threshold(self, scores: np.ndarray, median_pixel: float | None, method: str = "out-of-fold",
+                      at: str | None = None) -> Padim:
+        """Set the threshold for the target false-alarm rate from normal images' ``scores`` (see
+        :mod:`padim.model.calibration`), their median map value setting the heat-map range; the
+        history records ``method`` and the time ``at`` (none for a fit: the same fit, the same file)."""
+        p, stats = self.params_, getattr(self, "stats_", None)
+        self.threshold_, info = calibration_info(scores, median_pixel, p.target_fpr, method,
+                                                 self.info_.get("calibration_history"), at)
+        self.info_ = {"n_train": self.info_["n_train"] if stats is None else round(stats.count), **info}
+        self.meta_ = model_metadata(p, self.scorer_.embedding.grids, self.scorer_.storage,
+                                    self.scorer_.extractor.weights_files, self.threshold_, self.info_)
         return self
 
     def check_fitted(self) -> PadimScorer:
@@ -160,10 +181,15 @@ class Padim:
         """1 where a score exceeds the stored threshold, else 0 (None without a threshold)."""
         return threshold_labels(scores, self.threshold_)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted model to a .safetensors file (atomically); returns the path."""
+    def save(self, path: str | Path, stats: bool = True) -> Path:
+        """Write the fitted model to a .safetensors file, and with ``stats`` the statistics it was
+        fitted from (if it holds them) beside it (:func:`~padim.model.io.stats_path`), each file
+        atomically; returns the model's path."""
         tensors = self.check_fitted().state(getattr(torch, self.params_.factor_dtype))
-        return write_model_file(Path(path), self.meta_, tensors)
+        path = write_model_file(Path(path), self.meta_, tensors)
+        if stats and getattr(self, "stats_", None) is not None:
+            write_stats_file(stats_path(path), self.params_, self.stats_.count, self.stats_.state())
+        return path
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", weights: str | Path | None = None,
@@ -178,7 +204,7 @@ class Padim:
             model.scorer_ = PadimScorer.from_state(model.feature_extractor(p), p, meta, tensors)
         except ValueError as exc:
             raise ModelFileError(f"{path}: {exc}; the file was altered or damaged; re-run 'padim fit'") from exc
-        model.params_, model.meta_ = p, meta
+        model.params_, model.meta_, model.stats_ = p, meta, None
         model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
-        model.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
+        model.info_ = {k: meta.get(k) for k in INFO_FIELDS}
         return model

@@ -174,6 +174,56 @@ class GaussianStats:
                      for scale, src, dst in zip(self.shift, self.layouts, layouts, strict=True)]
         return out
 
+    def scale(self, factor: float) -> GaussianStats:
+        """Weigh every image so far by ``factor`` (in place): a drifting line's older images count
+        less. The count becomes an effective count (a real number)."""
+        if not 0 < factor <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {factor}")
+        self.count *= factor
+        for t in [*(x for row in self.total for x in row), *(p for lay in self.pairs for row in lay for p in row)]:
+            t.mul_(factor)
+        return self
+
+    # ----------------------------------------------------------------- file state
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sums as float32 tensors (``shift{s}_{i}``, ``total{s}_{i}``, ``pairs{s}_{i}_{j}``):
+        one rounding of float64 sums about a shift, a relative 6e-8 of each, whatever the count."""
+        if self.shift is None:
+            raise ValueError("no samples accumulated")
+        out = {}
+        for s, (shift, total, pairs) in enumerate(zip(self.shift, self.total, self.pairs, strict=True)):
+            for i, row in enumerate(pairs):
+                out[f"shift{s}_{i}"], out[f"total{s}_{i}"] = shift[i].float().cpu(), total[i].float().cpu()
+                out.update({f"pairs{s}_{i}_{j}": p.float().cpu().contiguous() for j, p in enumerate(row)})
+        return out
+
+    @classmethod
+    def from_state(cls, layouts: list[ScaleLayout], count: float, tensors: dict[str, torch.Tensor],
+                   device: torch.device | str = "cpu") -> GaussianStats:
+        """The statistics of :meth:`state`'s ``tensors`` and their ``count``; ValueError names a
+        missing, extra or misshapen tensor."""
+        out = cls(layouts, device)
+        if not (isinstance(count, int | float) and count >= 2):
+            raise ValueError(f"count {count!r} is not a number >= 2")
+        out.count, out.shift = count, [[None] * len(lay.levels) for lay in layouts]
+        names = set()
+        for s, lay in enumerate(layouts):
+            for i in range(len(lay.levels)):
+                for name, like, target in [(f"shift{s}_{i}", out.total[s][i], out.shift[s]),
+                                           (f"total{s}_{i}", out.total[s][i], out.total[s]),
+                                           *[(f"pairs{s}_{i}_{j}", p, out.pairs[s][i]) for j, p in
+                                             enumerate(out.pairs[s][i])]]:
+                    t = tensors.get(name)
+                    if t is None or tuple(t.shape) != tuple(like.shape) or not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"tensor {name!r} missing, not of shape {tuple(like.shape)} or not finite")
+                    index = i if not name.startswith("pairs") else int(name.rsplit("_", 1)[1])
+                    target[index] = t.to(device, torch.float32 if name.startswith("shift") else torch.float64)
+                    names.add(name)
+        extra = sorted(set(tensors) - names)
+        if extra:
+            raise ValueError(f"unexpected tensor(s) {', '.join(extra)}")
+        return out
+
     # ----------------------------------------------------------------- per position (tests, references)
     def mean(self) -> torch.Tensor:
         """(P, d) float64 sample mean."""
