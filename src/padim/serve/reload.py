@@ -96,7 +96,7 @@ class ModelSlot:
                 new.warm_up()
             except Exception as exc:  # whatever a bad file raises, the old model keeps serving
                 self._rejected, self.failures = seen, self.failures + 1
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].removeprefix(f"{self.path}: ")
                 log.warning("%s: not reloaded, still serving model %s: %s", self.path, old.model_id, reason)
                 return False
             self.loaded = Loaded(new, seen, time.time())  # the swap: one reference assignment

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,12 +77,14 @@ def serve(model_path: Path, host: str, port: int, max_bytes: int, max_pixels: in
     slot = ModelSlot(inspector, seen=seen)
     scheme = "https" if security.ssl_certfile else "http"
     auth = "bearer token required" if security.token else "no authentication"
-    watching = f"every {reload_interval:g} s and on SIGHUP" if reload_interval > 0 else "on SIGHUP"
+    watching = (f"when replaced (checked every {reload_interval:g} s) or on SIGHUP" if reload_interval > 0
+                else "on SIGHUP")
     click.echo(f"model {inspector.model_id} ({inspector.format}, {model_path}, reloaded {watching}); {auth}; "
                f"page at {scheme}://{host}:{port}/, API schema at {scheme}://{host}:{port}/openapi.json, "
                f"metrics at {scheme}://{host}:{port}/metrics")
     app = create_app(slot, token=security.token, window=window)
-    previous = reload_on_sighup(slot)
+    on_main = threading.current_thread() is threading.main_thread()  # only there can a signal handler be set
+    previous = reload_on_sighup(slot) if on_main else None
     slot.watch(reload_interval)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info",
@@ -91,4 +94,5 @@ def serve(model_path: Path, host: str, port: int, max_bytes: int, max_pixels: in
                     timeout_graceful_shutdown=shutdown_timeout)
     finally:
         slot.stop()
-        signal.signal(signal.SIGHUP, previous)
+        if on_main:
+            signal.signal(signal.SIGHUP, previous)
