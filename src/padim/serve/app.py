@@ -220,8 +220,12 @@ def create_app(model: Inspector | ModelSlot, token: str | None = None, window: i
     slot = model if isinstance(model, ModelSlot) else ModelSlot(model)
     limits = slot.current.limits  # a reload opens the file with the same limits
     recent = ScoreWindow(window, target_fpr(slot.current.meta), slot.current.model_id)
-    slot.listeners.append(lambda old, new: recent.reset(new.model_id, target_fpr(new.meta))
-                          if new.model_id != old.model_id else None)
+
+    def new_model(old: Inspector, new: Inspector) -> None:
+        if new.model_id != old.model_id:  # another model's scores and threshold: not comparable
+            recent.reset(new.model_id, target_fpr(new.meta))
+
+    slot.listeners.append(new_model)
     metrics = ServeMetrics(slot, recent)
     app.state.metrics, app.state.window, app.state.slot = metrics, recent, slot
 
