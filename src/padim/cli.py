@@ -616,13 +616,22 @@ def export_cmd(model_path, fmt, out, batch, opset, weights, int8, calibration, c
               help="TLS private key (PEM, unencrypted), with --ssl-certfile.")
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="On SIGTERM, seconds to let requests in flight finish before cancelling them.")
+@click.option("--reload-interval", type=click.FloatRange(0), default=2.0, show_default=True, metavar="SECONDS",
+              help="Check the model file this often and load it again when it was replaced; 0: only on SIGHUP.")
+@click.option("--window", type=click.IntRange(50), default=500, show_default=True, metavar="N",
+              help="The last N scored images make /metrics' flagged share and score quantiles, and the drift "
+                   "warning.")
 @handle_errors
 def serve_cmd(model_path, host, port, max_upload_mb, max_pixels, weights, token_file, allow_unauthenticated,
-              ssl_certfile, ssl_keyfile, shutdown_timeout):
+              ssl_certfile, ssl_keyfile, shutdown_timeout, reload_interval, window):
     """Run the inspection service: HTTP API + a page at / to try images.
 
     The bearer token comes from $PADIM_SERVE_TOKEN or --token-file. Exit code 2 when the start is
     refused (reachable host without a token, unusable token or TLS files).
+
+    A replaced model file (or SIGHUP) is loaded in the background and swapped in without dropping a
+    request; a file that does not load leaves the old model serving, with a warning. The log warns
+    when the flagged share of the last N images is far above the model's target false-alarm rate.
     """
     # checked before the model loads or the web framework is imported, so a refusal is immediate
     from .serve.security import ServeConfigError, resolve_security
@@ -634,7 +643,7 @@ def serve_cmd(model_path, host, port, max_upload_mb, max_pixels, weights, token_
     from .serve.run import serve
 
     serve(model_path, host, port, int(max_upload_mb * 1024 * 1024), max_pixels, weights, security,
-          shutdown_timeout)
+          shutdown_timeout, reload_interval, window)
 
 
 def _as_args(command: click.Command, values: dict) -> list[str]:

@@ -5,6 +5,7 @@ POST /predict takes one image as a multipart upload (field ``file``) or as the r
 Errors are JSON ``{"detail": "..."}`` with a 4xx status; nothing answers with a stack trace.
 With a token, every route but ``/`` (the page) and ``/health`` needs ``Authorization: Bearer <token>``
 (else 401). ``/metrics`` is the Prometheus text format. Every answer carries an ``X-Request-ID``.
+A request is answered by the model served when it started, also when the model file is reloaded meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Annotated, Literal
 
@@ -28,7 +30,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from .inspector import ImageRejected, Inspector, decode
 from .metrics import ServeMetrics
+from .reload import ModelSlot
 from .security import bearer_token, token_matches
+from .window import ScoreWindow, target_fpr
 
 log = logging.getLogger("padim.serve")
 access_log = logging.getLogger("padim.serve.access")
@@ -91,6 +95,9 @@ class ModelInfo(BaseModel):
     model_package_version: str | None
     server_version: str
     limits: Limits
+    loaded_at: str = Field(description="when this model was loaded (UTC, ISO 8601)")
+    file_fingerprint: str = Field(description="mtime_ns:size:inode of the model file when it was loaded")
+    reloads: int = Field(description="model reloads since the service started (the file replaced, or SIGHUP)")
 
 
 class Error(BaseModel):
@@ -201,24 +208,26 @@ class Gate:
             }})
 
 
-def _model_labels(inspector: Inspector) -> dict[str, str]:
-    h, w = inspector.image_size
-    threshold = inspector.threshold
-    return {"model_id": inspector.model_id, "format": inspector.format,
-            "threshold": "none" if threshold is None else repr(float(threshold)),
-            "image_size": f"{h}x{w}", "server_version": __version__}
-
-
-def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
-    """The FastAPI application serving ``inspector``'s model; with ``token``, all routes but the page
-    and /health need it as a bearer token. Metrics go to the app's own registry (``app.state.metrics``)."""
+def create_app(model: Inspector | ModelSlot, token: str | None = None, window: int = 500) -> FastAPI:
+    """The FastAPI application serving ``model`` (an inspector, or a slot whose model can be replaced);
+    with ``token``, all routes but the page and /health need it as a bearer token. Metrics go to the
+    app's own registry (``app.state.metrics``); ``window`` images make the recent window
+    (``app.state.window``), started over when a reload brings another model."""
     # no /docs or /redoc: they load their scripts from a CDN and the service must work offline;
     # the schema itself is at /openapi.json
     app = FastAPI(title="VisA-PaDiM inspection service", version=__version__, docs_url=None, redoc_url=None,
                   description="Anomaly score, verdict and heat map for an image of a part. " + (__doc__ or ""))
-    limits = inspector.limits
-    metrics = ServeMetrics(_model_labels(inspector))
-    app.state.metrics = metrics
+    slot = model if isinstance(model, ModelSlot) else ModelSlot(model)
+    limits = slot.current.limits  # a reload opens the file with the same limits
+    recent = ScoreWindow(window, target_fpr(slot.current.meta), slot.current.model_id)
+
+    def new_model(old: Inspector, new: Inspector) -> None:
+        if new.model_id != old.model_id:  # another model's scores and threshold: not comparable
+            recent.reset(new.model_id, target_fpr(new.meta))
+
+    slot.listeners.append(new_model)
+    metrics = ServeMetrics(slot, recent)
+    app.state.metrics, app.state.window, app.state.slot = metrics, recent, slot
 
     @app.middleware("http")
     async def refuse_oversized(request: Request, call_next):
@@ -236,7 +245,7 @@ def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
         log.exception("internal error on %s", request.url.path)
         return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
-    async def _score(request: Request, uploads: list[tuple[str | None, bytes]],
+    async def _score(request: Request, inspector: Inspector, uploads: list[tuple[str | None, bytes]],
                      with_overlay: bool) -> tuple[list[dict], Timing]:
         start = time.perf_counter()
         decoded = []
@@ -255,6 +264,7 @@ def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
         labels = [r["label"] for r in results]
         metrics.scored(labels)
         request.state.scores, request.state.labels = [r["score"] for r in results], labels
+        recent.add(inspector.model_id, request.state.scores, [None if x is None else x == "anomaly" for x in labels])
         timing = Timing(decode_ms=1000 * (decoded_at - start), queue_ms=1000 * waited, inference_ms=1000 * computed,
                         total_ms=1000 * (time.perf_counter() - start))
         return results, timing
@@ -265,11 +275,15 @@ def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
 
     @app.get("/health", response_model=Health, summary="Liveness: the model is loaded")
     def health() -> dict:
-        return {"status": "ok", "model_id": inspector.model_id}
+        return {"status": "ok", "model_id": slot.current.model_id}
 
     @app.get("/model", response_model=ModelInfo, summary="The served model's metadata and the upload limits")
     def model_info() -> dict:
-        return inspector.info()
+        loaded = slot.loaded
+        stamp = loaded.fingerprint[0]
+        return {**loaded.inspector.info(), "reloads": slot.reloads,
+                "loaded_at": datetime.fromtimestamp(loaded.at, UTC).isoformat(timespec="milliseconds"),
+                "file_fingerprint": "missing" if stamp is None else ":".join(map(str, stamp))}
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY,
               summary="Score one image (multipart field 'file', or the raw image bytes as the body)")
@@ -284,7 +298,7 @@ def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
             name, data = upload.filename, await upload.read(limits.max_bytes + 1)
         else:
             name, data = None, await _read_limited(request, limits.max_bytes)
-        results, timing = await _score(request, [(name, data)], overlay)
+        results, timing = await _score(request, slot.current, [(name, data)], overlay)
         return {**results[0], "timing": timing}
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=ERRORS,
@@ -294,7 +308,8 @@ def create_app(inspector: Inspector, token: str | None = None) -> FastAPI:
         if len(files) > limits.max_batch:
             raise HTTPException(413, f"{len(files)} images, the limit per batch is {limits.max_batch}")
         uploads = [(f.filename, await f.read(limits.max_bytes + 1)) for f in files]
-        results, timing = await _score(request, uploads, overlay)
+        inspector = slot.current  # this request's model, from decoding to the answer
+        results, timing = await _score(request, inspector, uploads, overlay)
         return {"model_id": inspector.model_id, "results": results, "timing": timing}
 
     @app.get("/metrics", include_in_schema=False)

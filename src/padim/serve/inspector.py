@@ -92,10 +92,12 @@ class Inspector:
     """A loaded model (native or ONNX) with its id; ``score`` runs one model call at a time, so
     concurrent requests never share or interleave a call."""
 
-    def __init__(self, model: Padim | ExportedModel, path: Path, limits: Limits = Limits()):
+    def __init__(self, model: Padim | ExportedModel, path: Path, limits: Limits = Limits(),
+                 weights: str | Path | None = None):
         self.model = model
         self.path = path
         self.limits = limits
+        self.weights = weights
         self.format = ("onnx" if isinstance(model, OnnxModel) else "openvino" if isinstance(model, ExportedModel)
                        else "safetensors")
         meta = model.meta_
@@ -112,7 +114,19 @@ class Inspector:
     def open(cls, path: str | Path, limits: Limits = Limits(), weights: str | Path | None = None) -> Inspector:
         """Load a .safetensors, .onnx or .xml (OpenVINO) model file."""
         path = Path(path)
-        return cls(open_model(path, weights=weights), path, limits)
+        return cls(open_model(path, weights=weights), path, limits, weights)
+
+    def reopen(self) -> Inspector:
+        """The file at the same path loaded again, with the same limits and backbone weights."""
+        return Inspector.open(self.path, self.limits, self.weights)
+
+    def warm_up(self) -> None:
+        """Score one blank image: a model that loads but cannot score fails here, not on a request
+        (and the first request does not pay a runtime's first-call set-up)."""
+        h, w = self.image_size
+        scores, _, _, _ = self.score([np.zeros((h, w, 3), np.uint8)])
+        if scores.shape != (1,) or not np.isfinite(scores).all():
+            raise ValueError(f"{self.path}: scoring a blank image gave {scores!r}, not one finite score")
 
     @property
     def image_size(self) -> tuple[int, int]:
