@@ -235,10 +235,20 @@ def _print_table(report: dict) -> None:
         n = m["n_anomalous"] + (m["n_normal"] if name == "overall" else 0)
         click.echo(f"{name[:28]:28s} {fmt(m['image_auroc']):>9s} {fmt(m['pixel_auroc']):>9s} "
                    f"{fmt(m['aupro']):>7s} {fmt(m['image_f1_max']):>7s} {n:4d}")
+    point = report.get("model", {}).get("operating_point")
+    if point:
+        low, high = point["fpr_interval"]
+        click.echo(f"stored threshold {point['threshold']:.3f}: target {point['target_fpr']:.1%} false alarms on new "
+                   f"normal images, expected {point['expected_fpr']:.2%} (90% interval {low:.2%}..{high:.2%}), "
+                   f"from {point['n']} {point['method']} scores")
     if "at_threshold" in report:
         t = report["at_threshold"]
-        click.echo(f"at stored threshold {t['threshold']:.3f}: TP {t['tp']}  FP {t['fp']}  TN {t['tn']}  FN {t['fn']}"
-                   f"  F1 {fmt(t['f1'])}")
+        click.echo(f"on this test set: false alarms {t['fp']}/{t['fp'] + t['tn']}, defects caught {t['tp']}/"
+                   f"{t['tp'] + t['fn']}  (TP {t['tp']}  FP {t['fp']}  TN {t['tn']}  FN {t['fn']}  F1 {fmt(t['f1'])})")
+    recall = overall.get("recall_at_fpr") or {}
+    if any(v is not None for v in recall.values()):
+        click.echo("recall at " + ", ".join(f"{float(k):.0%} false alarms {fmt(v)}" for k, v in recall.items())
+                   + " (thresholds from the test labels: for evaluation only)")
     for note in report["notes"]:
         click.echo(f"note: {note}")
 
@@ -462,6 +472,67 @@ def predict_cmd(model_path, paths, weights, device, batch_size, workers, progres
     rows = predict_files(model, paths, out, heatmaps)
     flagged = sum(1 for r in rows if r[2] == "anomaly")
     click.echo(f"scored {len(rows)} images, {flagged} above the threshold; wrote {out / 'scores.csv'}")
+
+
+def _runtime(device: str, batch_size: int, workers: int | None, progress: bool) -> dict:
+    """The runtime options of a job that loads a model."""
+    _check_device(device)
+    return {"device": device, "progress": progress, "batch_size": batch_size, "num_workers": workers}
+
+
+_MODEL = click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
+                      help="Model file written by 'padim fit' (.safetensors).")
+_MODEL_OUT = click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                          help="Write the new model here [default: replace --model, atomically].")
+
+
+@main.command("calibrate")
+@_MODEL
+@click.option("--normal", type=click.Path(path_type=Path, exists=True), multiple=True, required=True,
+              help="Normal images of the line today (files or folders; repeat the option for more).")
+@click.option("--defective", type=click.Path(path_type=Path, exists=True), multiple=True,
+              help="Defective images: report how many the new threshold flags (they do not set it).")
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="False-alarm rate to aim at [default: the model's].")
+@_MODEL_OUT
+@runtime_options
+@handle_errors
+def calibrate_cmd(model_path, normal, defective, target_fpr, out, device, batch_size, workers, progress):
+    """Re-set a model's threshold from normal images, without refitting."""
+    from .line_jobs import calibrate_job
+
+    click.echo(calibrate_job(model_path, normal, defective, out, target_fpr,
+                             **_runtime(device, batch_size, workers, progress)))
+
+
+@main.command("update")
+@_MODEL
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Weigh the images the model has seen so far by this factor (< 1 for a drifting line).")
+@_MODEL_OUT
+@runtime_options
+@handle_errors
+def update_cmd(model_path, paths, decay, out, device, batch_size, workers, progress):
+    """Add new normal images (files or folders) to a fitted model, without the old images; the
+    threshold is re-set from the new images' out-of-fold scores."""
+    from .line_jobs import update_job
+
+    click.echo(update_job(model_path, paths, out, decay, **_runtime(device, batch_size, workers, progress)))
+
+
+@main.command("merge")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="The merged model file.")
+@runtime_options
+@handle_errors
+def merge_cmd(models, out, device, batch_size, workers, progress):
+    """Join models fitted apart with the same settings into the model of all their images."""
+    from .line_jobs import merge_job
+
+    if len(models) < 2:
+        raise click.BadParameter("give at least two model files", param_hint="MODELS")
+    click.echo(merge_job(models, out, **_runtime(device, batch_size, workers, progress)))
 
 
 @main.group("download")

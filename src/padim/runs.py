@@ -73,6 +73,11 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     return path
 
 
+def operating_point(calibration: dict | None) -> dict | None:
+    """What the stored threshold promises (the model's calibration without its scores)."""
+    return None if calibration is None else {k: v for k, v in calibration.items() if k != "scores"}
+
+
 def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
     """Refuse too few training images for ``model`` (naming the data); warn when there are no more
     images than feature channels."""
@@ -99,6 +104,7 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
         "model": {"path": str(model_path) if model_path else None, "backbone": model.meta_["backbone"],
                   "image_size": list(model.image_size_), "scales": list(model.meta_["scales"]),
                   "d": model.meta_["d"], "threshold": model.threshold_, "n_train": model.info_.get("n_train"),
+                  "operating_point": operating_point(model.info_.get("calibration")),
                   "weights": model.meta_.get("backbone_weights")},
         "notes": list(split.notes),
     }

@@ -20,6 +20,18 @@ from .pro import pixel_group, region_weights
 from .ranks import Group, Ranking
 
 FPR_LIMIT = 0.3
+RECALL_AT_FPR = (0.01, 0.05)  # false-alarm rates at which the recall on the test set is reported
+
+
+def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:
+    """Share of the anomalous images scored above the highest threshold that flags at most ``fpr``
+    of the normal ones (test labels: an evaluation figure, never a threshold to store)."""
+    labels = np.asarray(labels).astype(bool)
+    normal, anomalous = np.sort(scores[~labels]), scores[labels]
+    if normal.size == 0 or anomalous.size == 0:
+        return None
+    allowed = int(np.floor(fpr * normal.size))  # normal images that may score above the threshold
+    return float(np.mean(anomalous > normal[normal.size - 1 - allowed]))
 
 
 def _block(images: Ranking, pixels: Ranking | None) -> dict:
@@ -60,6 +72,7 @@ def _table(labels: np.ndarray, scores: np.ndarray, defects: Sequence[Sequence[st
 
     everything = sorted(image_groups)
     result = {"overall": block(everything), "fpr_limit": FPR_LIMIT}
+    result["overall"]["recall_at_fpr"] = {f"{f:g}": recall_at_fpr(labels, scores, f) for f in RECALL_AT_FPR}
     types = sorted({t for d in defects for t in d})
     normal = [k for k in everything if k[0] == 0]
     result["per_defect_type"] = {
@@ -70,7 +83,10 @@ def _table(labels: np.ndarray, scores: np.ndarray, defects: Sequence[Sequence[st
             name: max((b[name] for b in bounds if b[name] is not None), default=None)
             for name in ("pixel_auroc", "pixel_f1_max", "aupro")}
     if threshold is not None:
-        result["at_threshold"] = {"threshold": threshold, **confusion(labels, scores > threshold)}
+        counts = confusion(labels, scores > threshold)
+        normals = counts["fp"] + counts["tn"]
+        result["at_threshold"] = {"threshold": threshold, **counts,
+                                  "false_alarm_rate": counts["fp"] / normals if normals else None}
     curves = rank(list(pixel_groups.values())).curves() if pixel_groups else None
     return result, curves
 

@@ -57,6 +57,7 @@ def recalibrate(model: Padim, normal: Images, target_fpr: float | None = None) -
                                now())
 
 
+@torch.inference_mode()
 def update(model: Padim, stats: GaussianStats, images: Images, decay: float = 1.0) -> Padim:
     """Add normal ``images`` to ``model`` fitted from ``stats`` (the old images weighed by
     ``decay``), in place: the model of the (weighted) union, its threshold from the new images'
@@ -71,6 +72,7 @@ def update(model: Padim, stats: GaussianStats, images: Images, decay: float = 1.
     return model.fit_from_stats(stats, kept, model.info_.get("calibration_history"), "update", now())
 
 
+@torch.inference_mode()
 def merge(models: Sequence[Padim], stats: Sequence[GaussianStats]) -> Padim:
     """One model from ``models`` fitted apart with the same parameters, from their summed
     ``stats``: the fit on the union of their images; its threshold from all their out-of-fold
@@ -89,6 +91,5 @@ def merge(models: Sequence[Padim], stats: Sequence[GaussianStats]) -> Padim:
     scores = np.concatenate([np.asarray((m.info_.get("calibration") or {}).get("scores", []), dtype=float)
                              for m in models])
     lows = [m.info_["map_range"][0] for m in models if m.info_.get("map_range")]
-    with torch.inference_mode():
-        first.fit_from_stats(total, (), history)
+    first.fit_from_stats(total, (), history)
     return first.set_threshold(scores, float(np.mean(lows)) if lows else None, "merge", now())

@@ -69,6 +69,16 @@ def _defect_rows(metrics: dict, rows: list[dict]) -> list[dict]:
     return out
 
 
+def _threshold_fact(threshold: float | None, point: dict | None) -> str:
+    """The stored threshold and what it promises on new normal images."""
+    if threshold is None or not point:
+        return _fmt(threshold)
+    low, high = point["fpr_interval"]
+    return (f"{_fmt(threshold)}: aims at {point['target_fpr']:.1%} false alarms on new normal images; expected "
+            f"{point['expected_fpr']:.2%}, 90% interval {low:.2%} to {high:.2%} (from {point['n']} {point['method']} "
+            "scores of normal images)")
+
+
 def _confusion(metrics: dict) -> dict | None:
     t = metrics.get("at_threshold")
     if not t:
@@ -142,7 +152,7 @@ def report_context(run_dir: Path) -> dict:
             ("Training images", str(model.get("n_train", "n/a"))),
             ("Test images", f"{dataset.get('n_test')} ({dataset.get('n_test_normal')} normal, "
                             f"{dataset.get('n_test_anomalous')} anomalous)"),
-            ("Stored threshold", _fmt(threshold) + ("" if threshold is None else " (from held-out normal images)")),
+            ("Stored threshold", _threshold_fact(threshold, model.get("operating_point"))),
             ("Model file", str(model.get("path"))),
             ("Evaluated", _evaluated_at(metrics, metrics_path)),
             ("Pixel metrics at", f"{metrics.get('metrics_resolution', 'model')} resolution"),
