@@ -56,7 +56,7 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     Stages: 'fit' (the statistics of the training images and the factor), 'calibrate' (the
     out-of-fold scores that set the threshold), 'save'.
     """
-    from .model.calibration import KeptEmbeddings, calibration_sample
+    from .model.calibration import KeptEmbeddings, calibration_sample, out_of_fold
 
     stages = stages if stages is not None else Stages()
     paths = [s.path for s in split.train]
@@ -65,8 +65,8 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     with stages("fit"):
         model.fit_from_stats(model.accumulate(paths, kept=kept))
     with stages("calibrate"):
-        model.set_threshold(*model.out_of_fold(kept))
-    del kept
+        model.set_threshold(*out_of_fold(model.scorer_, kept, model.stats_, model.batch_size))
+    kept.close()
     with stages("save"):
         path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
     model.stats_ = None  # the sums are on disk: free them before the test images are scored

@@ -35,8 +35,6 @@ from ..params import CHECKS, RETIRED, PadimParams, is_int, is_number
 FORMAT = "visa-padim/4"
 STORAGE = ("cells", "positions")
 STATS_FORMAT = "visa-padim-stats/1"
-# what a fitted model says of its training and its threshold (Padim.info_)
-INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history")
 
 logger = logging.getLogger(__name__)
 
