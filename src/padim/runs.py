@@ -82,7 +82,8 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
     """Refuse too few training images for ``model`` (naming the data); warn when there are no more
     images than feature channels."""
     if n < 3:
-        raise DatasetError(f"{data.where}: {n} training image(s); a model needs at least 3 normal images")
+        raise DatasetError(f"{data.where}: {n} training image(s); need at least 3 (a covariance and out-of-fold "
+                           "scores); add normal training images")
     p = model.model_params()
     if n <= p.d:
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "

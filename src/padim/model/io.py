@@ -206,7 +206,7 @@ def write_stats_file(path: Path, params: PadimParams, count: float, tensors: dic
     """Write a fit's statistics (:meth:`GaussianStats.state`) for ``params`` atomically; returns ``path``."""
     meta = {"format": STATS_FORMAT, "package_version": __version__, "count": count, "params": params.model_state()}
     with atomic_path(path) as tmp:  # written tensor by tensor: no second copy of the sums in memory
-        save_file(tensors, str(tmp), metadata={"padim": json.dumps(meta)})
+        save_file(tensors, tmp, metadata={"padim": json.dumps(meta)})
     return path
 
 
