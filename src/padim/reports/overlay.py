@@ -50,13 +50,25 @@ def heat_colors(amap: np.ndarray, vrange: tuple[float, float]) -> np.ndarray:
     """uint8 (H, W, 3): the map in the heat colour map over ``vrange`` (clipped at both ends)."""
     lo, hi = vrange
     index = np.clip((np.asarray(amap, np.float32) - lo) * (255 / max(hi - lo, 1e-12)), 0, 255)
-    return heat_table()[np.rint(index).astype(np.uint8)]
+    return heat_table().take(np.rint(index).astype(np.uint8), axis=0)  # take: a few times faster than []
+
+
+@cache
+def _blend_table(alpha: float) -> np.ndarray:
+    """(65536,) uint8: at ``image value * 256 + heat value``, the two blended as ``overlay`` blends
+    them (image weighted 1 - alpha in float32, heat alpha), rounded."""
+    values = np.arange(256)
+    blended = (1 - alpha) * values.astype(np.float32)[:, None] + alpha * values.astype(np.uint8)[None, :]
+    return np.rint(blended).astype(np.uint8).ravel()
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float], alpha: float = 0.5) -> np.ndarray:
     """uint8 (H, W, 3) image blended with the heat map coloured over ``vrange``."""
-    blended = (1 - alpha) * np.asarray(image, np.float32) + alpha * heat_colors(amap, vrange)
-    return np.rint(blended).astype(np.uint8)
+    # a lookup of each (image, heat) byte pair: the same bytes as blending in floating point, without
+    # its temporary arrays (several times faster; the figures blend every test image)
+    pairs = np.asarray(image, np.uint8).astype(np.uint16) << 8
+    pairs |= heat_colors(amap, vrange)
+    return _blend_table(float(alpha)).take(pairs)
 
 
 def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float]) -> Path:
