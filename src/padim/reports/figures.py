@@ -83,7 +83,7 @@ class FivePanel:
         for ax in axes:
             for image in ax.images:
                 image.set_visible(False)  # the frame has white panels; each figure fills them
-        fig.canvas.draw()
+        fig.draw_without_rendering()  # lays the figure out for the measures below; the frames are drawn after
         renderer = fig.canvas.get_renderer()
         height = fig.bbox.height
         crop = fig.get_tightbbox(renderer).padded(0.1).transformed(fig.dpi_scale_trans)
