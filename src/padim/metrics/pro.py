@@ -31,7 +31,7 @@ def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labelled, count = ndimage.label(np.asarray(mask, dtype=bool), structure=EIGHT_CONNECTED)
     weights = 1.0 / np.maximum(np.bincount(labelled.ravel(), minlength=count + 1), 1)
     weights[0] = 0.0
-    return weights[labelled.ravel()], count
+    return weights.take(labelled.ravel()), count
 
 
 def pixel_group(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> Group:
