@@ -44,7 +44,7 @@ def figure_title(sample: Sample, score: float, threshold: float | None) -> str:
 def write_pictures(out_dir: Path, ev: Evaluation, figures: bool = True, progress: bool = True) -> None:
     """The 5-panel figure of every test image in ``out_dir/figures/`` (only those of the gallery
     images, in ``tiles/figures/``, without ``figures``) and the report's gallery tiles; each image
-    is decoded once for all its pictures, on as many threads as cores (up to 2)."""
+    is decoded once for all its pictures, on two threads per core (up to 2 cores)."""
     names = [figure_name(s) for s in ev.test]
     labels = ev.labels
     gallery = {i for chosen in select(labels, ev.scores).values() for i in chosen}
@@ -61,8 +61,9 @@ def write_pictures(out_dir: Path, ev: Evaluation, figures: bool = True, progress
             save_tile(out_dir, names[i], image, amap, mask, ev.vrange)
 
     # decoding, resizing and PNG encoding release the GIL: threads share the one figure frame; one map
-    # at a time is read back from disk per thread
-    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+    # at a time is read back from disk per thread. Two threads per core: each picture ends in an fsync
+    # (padim.atomic) that waits on the disk, and the disk commits the fsyncs of waiting threads together
+    with ThreadPoolExecutor(max_workers=2 * max(1, min(2, os.cpu_count() or 1))) as pool:
         for n, _ in enumerate(tqdm(pool.map(draw, todo), total=len(todo), desc="figures", unit="img",
                                    disable=not progress)):
             if n % 16 == 15:
