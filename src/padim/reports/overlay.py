@@ -68,7 +68,7 @@ def _blend_table(alpha: float) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, vrange: tuple[float, float], alpha: float = 0.5) -> np.ndarray:
-    """uint8 (H, W, 3) image blended with the heat map coloured over ``vrange``."""
+    """uint8 (H, W, 3): the uint8 RGB ``image`` blended with the heat map coloured over ``vrange``."""
     # a lookup of each (image, heat) byte pair: the same bytes as blending in floating point, without
     # its temporary arrays (several times faster; the figures blend every test image)
     pairs = np.asarray(image, np.uint8).astype(np.uint16) << 8
