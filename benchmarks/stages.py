@@ -5,9 +5,11 @@
 runs ``padim run`` with the defaults (or the options after ``--``) in a fresh process per data set:
 VisA fryum (../shared/data/visa), KolektorSDD (../shared/data/kolektorsdd) and BSData
 (../shared/data/bsdata). Prints the seconds of each stage (from metrics.json's ``timings``), the
-process's wall time and peak RSS, the metrics, and the ratio of the whole run to its fit + predict
-(the 'fit' and 'predict' stages: the backbone over the training and the test images; the threshold's
-'calibrate' stage counts as overhead, as figures and the report do).
+process's wall time and peak RSS, the metrics, the threshold's promise and what it does on the test
+set, and the ratio of the whole run to its fit + predict (the 'fit' stage: the backbone over the
+training images, their statistics and the model's one factorization; 'predict': the test images;
+the threshold's 'calibrate' stage, the out-of-fold scores, counts as overhead, as save, metrics,
+figures, the report and the process's start and exit do).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def run(root: Path, category: str, out: Path, extra: list[str]) -> dict:
             "fit_plus_predict_s": round(core, 2), "whole_over_fit_plus_predict": round(wall / core, 2),
             "model_mb": round((out / "model.safetensors").stat().st_size / 1e6, 1),
             "image_auroc": overall["image_auroc"], "pixel_auroc": overall["pixel_auroc"], "aupro": overall["aupro"],
-            "image_f1_max": overall["image_f1_max"]}
+            "image_f1_max": overall["image_f1_max"], "operating_point": metrics["model"].get("operating_point"),
+            "at_threshold": metrics.get("at_threshold"), "recall_at_fpr": overall.get("recall_at_fpr")}
 
 
 def main() -> None:
@@ -65,6 +68,12 @@ def main() -> None:
         print(f"{name}: {stages}  |  process {r['wall_s']:.1f} s = {r['whole_over_fit_plus_predict']:.2f}x "
               f"fit + predict ({r['fit_plus_predict_s']:.1f} s), peak RSS {r['peak_rss_mb']} MB, model "
               f"{r['model_mb']} MB; {r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} / {r['aupro']:.3f}")
+        point, t = r["operating_point"], r["at_threshold"]
+        if point and t:
+            print(f"  threshold {point['threshold']:.3f}: target {point['target_fpr']:.1%}, expected "
+                  f"{point['expected_fpr']:.2%} ({point['fpr_interval'][0]:.2%}..{point['fpr_interval'][1]:.2%}) from "
+                  f"{point['n']} scores; test false alarms {t['fp']}/{t['fp'] + t['tn']}, defects caught "
+                  f"{t['tp']}/{t['tp'] + t['fn']}; recall at 1%/5% false alarms {r['recall_at_fpr']}")
     if args.out:
         args.out.write_text(json.dumps({"options": args.extra, "results": results}, indent=2) + "\n")
 

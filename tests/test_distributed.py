@@ -79,7 +79,9 @@ def assert_same_model(a: Padim, b: Padim) -> None:
     half = a.factor_dtype == "float16"
     fa, fb = (m.scorer_.whitening.factor_of(slice(None)) for m in (a, b))
     assert torch.allclose(fa, fb, rtol=1e-3 if half else 1e-4, atol=1e-4)
-    assert a.threshold_ == pytest.approx(b.threshold_, rel=1e-4)
+    # the out-of-fold scores come from float16 embeddings (kept in the stream here, run again on the
+    # client there); with 12 images the leave-one-out factor 1 / (1 - n g / (n - 1)^2) magnifies them
+    assert a.threshold_ == pytest.approx(b.threshold_, rel=5e-3)
 
 
 def test_shards_follow_the_batch_grid():
