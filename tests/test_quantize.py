@@ -220,3 +220,33 @@ def test_the_node_selections_the_benchmark_compared(tiny):
     # the taps: backbone outputs read outside the backbone (pooled into features), 3 depths x 2 scales
     taps = tap_nodes(proto, 1)
     assert len(taps) == 6 and taps < tap_nodes(proto, 2)
+
+
+def test_calibration_images_come_one_batch_at_a_time_for_the_strided_calibration(tiny):
+    from padim.export.quantize import CalibrationImages
+
+    _, _, calibration, _, _ = tiny
+    reader = CalibrationImages(calibration[:5], (64, 64), batch=2)
+    assert len(reader) == 3  # 2 + 2 + 1 images
+    whole = []
+    while (batch := reader.get_next()) is not None:
+        whole.append(batch["images"])
+    assert [b.shape for b in whole] == [(2, 3, 64, 64)] * 2 + [(1, 3, 64, 64)]
+    reader.set_range(1, 3)  # what the quantizer asks for: batches 1 and 2 only, then nothing
+    assert np.array_equal(reader.get_next()["images"], whole[1])
+    assert np.array_equal(reader.get_next()["images"], whole[2])
+    assert reader.get_next() is None
+    reader.set_range(0, 1)
+    assert np.array_equal(reader.get_next()["images"], whole[0]) and reader.get_next() is None
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibrations_quantize_and_say_so(tiny, tmp_path, method):
+    """Percentile and entropy ranges come from histograms folded batch by batch (not every
+    activation of every image held at once); the file runs and its metadata names the method."""
+    _, onnx_path, calibration, test, _ = tiny
+    out = quantize_onnx(onnx_path, tmp_path / f"{method}.onnx", calibration, method=method)
+    model = open_model(out)
+    assert model.meta_["quantization"]["calibration_method"] == method
+    scores = model.predict([str(p) for p in test]).scores
+    assert np.isfinite(scores).all()
