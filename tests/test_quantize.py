@@ -250,3 +250,29 @@ def test_histogram_calibrations_quantize_and_say_so(tiny, tmp_path, method):
     assert model.meta_["quantization"]["calibration_method"] == method
     scores = model.predict([str(p) for p in test]).scores
     assert np.isfinite(scores).all()
+
+
+def test_cli_float_blocks_keeps_the_first_blocks_float(tiny, tmp_path):
+    onnx = require("onnx")
+    from padim.export.quantize import backbone_nodes
+
+    path, onnx_path, calibration, _, int8_path = tiny
+    result = invoke("export", "--model", path, "--out", tmp_path / "m.onnx", "--int8", "--calibration",
+                    calibration[0].parent, "--calibration-images", 4, "--float-blocks", 3)
+    assert result.exit_code == 0 and "blocks 0-2 float" in result.output, result.output
+    meta = open_model(tmp_path / "m.onnx").meta_["quantization"]
+    assert meta["blocks"] == [3, None]
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    quantized = {n.name for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert quantized  # INT8 from block 3 on; nothing before it reads an INT8 weight
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    early = set(backbone_nodes(onnx.load(str(onnx_path)), blocks=3))
+    int8_fed = {n.name for n in proto.graph.node for i in n.input
+                if i in producers and producers[i].op_type == "DequantizeLinear"}
+    assert early and not early & int8_fed
+    assert int8_fed & set(backbone_nodes(onnx.load(str(onnx_path)), skip_blocks=3))
+    for args, says in ((["--float-blocks", 99, "--int8", "--calibration", calibration[0]], "no backbone nodes left"),
+                       (["--float-blocks", 3], "--int8")):
+        result = invoke("export", "--model", path, "--out", tmp_path / "x.onnx", *args)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "x.onnx").exists()

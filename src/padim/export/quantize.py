@@ -164,6 +164,9 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     nodes = [n for n in backbone_nodes(proto, op_types, depthwise, blocks, skip_blocks) if n not in kept_float]
     if not backbone_nodes(proto, ("Conv",)):
         raise ModelFileError(f"{float_path}: no backbone convolutions named {BACKBONE_PREFIX}... in the graph")
+    if not nodes:  # an empty selection would read as "quantize everything" to onnxruntime
+        raise ValueError(f"{float_path}: no backbone nodes left to quantize (blocks {skip_blocks} to {blocks}, "
+                         f"{float_taps} float tap steps)")
     del proto
     h, w = (int(v) for v in meta["image_size"])
     reader = CalibrationImages(calibration, (h, w))
