@@ -156,9 +156,9 @@ def test_broken_openvino_files_are_model_errors(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def fryum_aurocs(fryum_small, tmp_path_factory):
-    """Image and pixel AUROC of the float export, the INT8 export and both as OpenVINO IR, on 24 normal
-    and 24 anomalous fryum test images (the small 128 px model; INT8 calibrated on 16 training images
-    the fit did not use)."""
+    """Image and pixel AUROC of the float export, the INT8 export and both as OpenVINO IR, and of the INT8
+    export with the backbone's first 3 blocks float, on 24 normal and 24 anomalous fryum test images (the
+    small 128 px model; INT8 calibrated on 16 training images the fit did not use)."""
     require("onnxruntime")
     require("openvino")
     from padim.datasets import load_split
@@ -170,6 +170,7 @@ def fryum_aurocs(fryum_small, tmp_path_factory):
     calibration = [s.path for s in load_split(VISA_ROOT, "fryum").train[40:56]]
     float_path = export_onnx(Padim.load(path), folder / "m.onnx", source=path)
     int8_path = quantize_onnx(float_path, folder / "m.int8.onnx", calibration)
+    float3_path = quantize_onnx(float_path, folder / "m.int8-float3.onnx", calibration, skip_blocks=3)
     samples = [s for s in test if s.label == 0][:24] + [s for s in test if s.label == 1][:24]
     files = [str(s.path) for s in samples]
     labels = np.array([s.label for s in samples])
@@ -178,7 +179,8 @@ def fryum_aurocs(fryum_small, tmp_path_factory):
     out = {}
     for name, file in (("float", float_path), ("int8", int8_path),
                        ("openvino", export_openvino(float_path, folder / "m.xml")),
-                       ("openvino-int8", export_openvino(int8_path, folder / "m.int8.xml"))):
+                       ("openvino-int8", export_openvino(int8_path, folder / "m.int8.xml")),
+                       ("int8-float3", float3_path)):
         got = open_model(file).predict(files)
         out[name] = (auroc(labels, got.scores), auroc(masks, got.maps.ravel()))
     print(out)
@@ -202,6 +204,14 @@ def test_int8_agrees_with_the_float_model_within_the_bounds(fryum_aurocs):
     for name in ("int8", "openvino-int8"):
         image, pixel = fryum_aurocs[name]
         assert abs(image - image_ref) <= IMAGE_AUROC_BOUND and abs(pixel - pixel_ref) <= PIXEL_AUROC_BOUND, name
+
+
+@pytest.mark.real_data
+def test_int8_from_block_3_on_agrees_with_the_float_model_within_the_bounds(fryum_aurocs):
+    """``--float-blocks 3``: the blocks whose rounding the whitened maps amplify stay float (docs/deploy.md)."""
+    image_ref, pixel_ref = fryum_aurocs["float"]
+    image, pixel = fryum_aurocs["int8-float3"]
+    assert abs(image - image_ref) <= IMAGE_AUROC_BOUND and abs(pixel - pixel_ref) <= PIXEL_AUROC_BOUND
 
 
 def test_the_node_selections_the_benchmark_compared(tiny):
