@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from padim.metrics import aupro, auroc, compute_metrics, confusion, f1_max
+from padim.metrics.evaluate import recall_at_fpr
 
 
 def brute_auroc(labels, scores):
@@ -93,7 +94,19 @@ def test_compute_metrics_per_defect_type_and_confusion():
     assert out["per_defect_type"]["b"]["image_auroc"] == pytest.approx(0.5)
     assert out["per_defect_type"]["b"]["pixel_auroc"] is None
     assert out["at_threshold"] == {"threshold": 0.5, "tp": 1, "fp": 0, "tn": 2, "fn": 1,
-                                   "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3)}
+                                   "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3),
+                                   "false_alarm_rate": 0.0}
+    # normals 0.1, 0.2; anomalies 0.15, 0.9: no false alarm allowed -> above 0.2 -> one of two
+    assert out["overall"]["recall_at_fpr"] == {"0.01": 0.5, "0.05": 0.5}
+
+
+def test_recall_at_a_false_alarm_rate_allows_that_share_of_the_normal_images_above():
+    normal = np.arange(100.0)  # 1% of 100: one normal image may score above the threshold (98)
+    scores = np.concatenate([normal, [98.5, 97.0, 99.5]])
+    labels = np.r_[np.zeros(100), np.ones(3)]
+    assert recall_at_fpr(labels, scores, 0.01) == pytest.approx(2 / 3)
+    assert recall_at_fpr(labels, scores, 0.0) == pytest.approx(1 / 3)
+    assert recall_at_fpr(np.zeros(3), np.arange(3.0), 0.01) is None
 
 
 def _labelled(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,3 +35,12 @@ def test_saved_overlay_is_a_lossless_png_of_the_overlay(tmp_path):
     path = save_overlay(tmp_path / "o.png", image, amap, (2.0, 8.0))
     with Image.open(path) as saved:
         assert saved.format == "PNG" and np.array_equal(np.asarray(saved), overlay(image, amap, (2.0, 8.0)))
+
+
+def test_overlay_gives_the_bytes_of_blending_in_floating_point():
+    # overlay looks each (image, heat) byte pair up in a table; the reference blends as the table does
+    rng = np.random.default_rng(1)
+    image, amap = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), rng.normal(5, 3, (30, 50))
+    for alpha in (0.5, 0.3, 0.75):
+        expected = np.rint((1 - alpha) * image.astype(np.float32) + alpha * heat_colors(amap, (1.0, 9.0)))
+        assert np.array_equal(overlay(image, amap, (1.0, 9.0), alpha), expected.astype(np.uint8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import texture, write_png
@@ -10,7 +11,7 @@ from padim import Padim
 from padim.datasets import Sample, Split
 from padim.evaluation import evaluate
 from padim.reports import run_folder
-from padim.reports.figures import FivePanel
+from padim.reports.figures import FivePanel, boundary
 
 
 def test_figure_titles_give_the_image_score_not_the_map_maximum(tmp_path, rng, monkeypatch):
@@ -40,3 +41,15 @@ def test_five_panel_frame_is_drawn_once_and_each_image_fills_its_panels(tmp_path
     assert predicted.max() > 200 and predicted.min() < 50
     path = panel.save(tmp_path / "f.png", image, None, amap, "t")
     assert np.asarray(Image.open(path)).shape == first.shape
+
+
+def test_boundary_is_scikit_images_thick_boundary(rng):
+    # the segmentation panel marks the predicted mask's boundary as mark_boundaries(mode='thick') did
+    segmentation = pytest.importorskip("skimage.segmentation")
+    image = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    for mask in (rng.random((40, 56)) > 0.7, np.zeros((40, 56), bool), np.ones((40, 56), bool),
+                 np.pad(np.ones((10, 20), bool), ((0, 30), (36, 0)))):
+        expected = np.rint(segmentation.mark_boundaries(image, mask, color=(1, 0, 0), mode="thick") * 255)
+        marked = image.copy()
+        marked[boundary(mask)] = (255, 0, 0)
+        assert np.array_equal(marked, expected.astype(np.uint8))

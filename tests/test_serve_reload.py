@@ -35,7 +35,7 @@ def models(tmp_path_factory):
     rng = np.random.default_rng(0)
     paths = {}
     for name, size in (("a", 64), ("b", 48)):
-        model = Padim(image_size=size, d=16, sigma=4.0, calibration_fraction=0.25, num_workers=0).fit(
+        model = Padim(image_size=size, d=16, sigma=4.0, num_workers=0).fit(
             [texture(rng) for _ in range(16)])
         if name == "b":
             model.meta_["target_fpr"] = 0.05

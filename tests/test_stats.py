@@ -100,7 +100,7 @@ def test_statistics_convert_between_layouts_exactly(rng):
         assert got.layouts == want.layouts and got.count == 12
         torch.testing.assert_close(got.mean(), want.mean(), rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got.covariance(0.01), want.covariance(0.01), rtol=1e-6, atol=1e-9)
-    with pytest.raises(ValueError, match="different grids"):
+    with pytest.raises(ValueError, match="do not fit a model"):
         nested.to_layouts([trivial_layout([3, 2, 1], (8, 8))])
     with pytest.raises(ValueError, match="different layouts"):
         nested += trivial
@@ -120,6 +120,32 @@ def test_sums_of_a_million_images_stay_exact(rng):
     assert s.count == n
     assert np.abs(got - exact).max() < 1e-6 * np.abs(exact).max()
     np.testing.assert_allclose(s.mean()[0].numpy(), x.astype(np.float64).mean(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", [NESTED, TRIVIAL], ids=["nested", "trivial"])
+def test_state_round_trips_in_float32_and_refuses_a_damaged_one(rng, layout):
+    s = stats_of(nested_embeddings(rng, 10, 5.0), layout)
+    back = GaussianStats.from_state([layout], s.count, s.state())
+    torch.testing.assert_close(back.covariance(0.01), s.covariance(0.01), rtol=1e-6, atol=1e-7)  # entries ~1
+    torch.testing.assert_close(back.mean(), s.mean(), rtol=1e-7, atol=1e-9)
+    state = s.state()
+    state["total0_0"] = state["total0_0"][:1]
+    with pytest.raises(ValueError, match="'total0_0' missing, not of shape"):
+        GaussianStats.from_state([layout], s.count, state)
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        GaussianStats.from_state([layout], s.count, {**s.state(), "extra": torch.zeros(1)})
+
+
+def test_scale_weighs_every_image_alike(rng):
+    x = nested_embeddings(rng, 12)
+    s = stats_of(x, NESTED)
+    mean, cov = s.mean().clone(), s.covariance(0.0)
+    s.scale(0.5)
+    assert s.count == 6
+    torch.testing.assert_close(s.mean(), mean)  # the same images, each weighing half
+    torch.testing.assert_close(s.covariance(0.0), cov * (11 / 2) / 5, rtol=1e-9, atol=1e-12)  # S / (n - 1)
+    with pytest.raises(ValueError, match="decay"):
+        s.scale(0.0)
 
 
 def test_oas_matches_scikit_learn(rng):

@@ -172,7 +172,7 @@ def result_row(job: Job, run_dir: Path, marker: dict, status: str) -> dict:
     overall, timings = metrics.get("overall", {}), metrics.get("timings", {})
     return _row(job, status, n_train=metrics.get("model", {}).get("n_train"),
                 n_test=metrics.get("dataset", {}).get("n_test"), **{m: overall.get(m) for m in METRICS},
-                # fit = the training statistics and the calibration (threshold, final factor), as 'padim fit' says
+                # fit = the statistics, the factor and the out-of-fold threshold, as 'padim fit' says
                 fit_s=round(timings.get("fit", 0.0) + timings.get("calibrate", 0.0), 3),
                 predict_s=timings.get("predict"), total_s=timings.get("total"), wall_s=marker.get("wall_s"),
                 peak_rss_mib=marker.get("peak_rss_mib"), report=f"{job.path}/{REPORT_FILE}")

@@ -104,6 +104,15 @@ def check_param(name: str, value) -> None:
 
 # parameters added after the first model files, with the value that gives an older file's behaviour
 OLDER_FILES: dict[str, object] = {"image_score": "map", "target_fpr": 0.01, "calibration_images": 0}
+# what a fitted model says of its training and its threshold (Padim.info_, kept in its file)
+INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history")
+
+
+def stored_threshold(meta: dict) -> tuple[float | None, dict]:
+    """(threshold, info) as a model file's metadata holds them (see INFO_FIELDS)."""
+    return (None if meta.get("threshold") is None else float(meta["threshold"])), {k: meta.get(k) for k in INFO_FIELDS}
+
+
 # parameters that only set the threshold: a recalibration may change them
 THRESHOLD_PARAMS = ("target_fpr", "calibration_images")
 # parameters of older files that no longer exist (their threshold was a hold-out's quantile)

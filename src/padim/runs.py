@@ -56,7 +56,7 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     Stages: 'fit' (the statistics of the training images and the factor), 'calibrate' (the
     out-of-fold scores that set the threshold), 'save'.
     """
-    from .model.calibration import KeptEmbeddings, calibration_sample
+    from .model.calibration import KeptEmbeddings, calibration_sample, out_of_fold
 
     stages = stages if stages is not None else Stages()
     paths = [s.path for s in split.train]
@@ -65,8 +65,8 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     with stages("fit"):
         model.fit_from_stats(model.accumulate(paths, kept=kept))
     with stages("calibrate"):
-        model.set_threshold(*model.out_of_fold(kept))
-    del kept
+        model.set_threshold(*out_of_fold(model.scorer_, kept, model.stats_, model.batch_size))
+    kept.close()
     with stages("save"):
         path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
     model.stats_ = None  # the sums are on disk: free them before the test images are scored
@@ -82,7 +82,8 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
     """Refuse too few training images for ``model`` (naming the data); warn when there are no more
     images than feature channels."""
     if n < 3:
-        raise DatasetError(f"{data.where}: {n} training image(s); a model needs at least 3 normal images")
+        raise DatasetError(f"{data.where}: {n} training image(s); need at least 3 (a covariance and out-of-fold "
+                           "scores); add normal training images")
     p = model.model_params()
     if n <= p.d:
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "

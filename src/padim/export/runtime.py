@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..datasets.images import ImageSource, read_image
 from ..errors import ModelFileError
+from ..params import stored_threshold
 from ..prediction import Prediction, gather_prediction, threshold_labels
 
 META_KEY = "padim"
@@ -96,8 +97,7 @@ class ExportedModel:
         self.meta_ = meta
         self.backbone = meta.get("backbone")
         self.image_size_ = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-        self.threshold_ = None if meta.get("threshold") is None else float(meta["threshold"])
-        self.info_ = {k: meta.get(k) for k in ("n_train", "n_calibration", "calibration_scores", "map_range")}
+        self.threshold_, self.info_ = stored_threshold(meta)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress

@@ -87,10 +87,16 @@ class Bins:
             raise ValueError("scores and labels differ in size")
         if not keys.size:
             return
+        # gathers by np.take and in-place arithmetic: the same counts as plain indexing, in a fraction
+        # of the time (an evaluation counts every pixel of every map)
         bins = keys >> DROP_BITS
-        blocks = (bins >> BLOCK_BITS).astype(np.int64)
-        self._grow(np.flatnonzero(np.bincount(blocks, minlength=self.slot.size)))
-        index = self.slot[blocks] * BLOCK + (bins & (BLOCK - 1)).astype(np.int64)
+        blocks = bins >> BLOCK_BITS
+        index = self.slot.take(blocks)
+        if index.min() < 0:  # blocks seen for the first time
+            self._grow(np.unique(blocks[index < 0]))
+            index = self.slot.take(blocks)
+        index <<= BLOCK_BITS
+        index |= bins & (BLOCK - 1)
         size = self.neg.size
         self.neg += np.bincount(index[~labels], minlength=size)
         if labels.any():
@@ -101,9 +107,12 @@ class Bins:
                 self.gain += np.bincount(index[labels], weights=np.ravel(weights)[labels], minlength=size)
         self.regions += int(regions)
         low = (keys & ((1 << DROP_BITS) - 1)).astype(np.int16)
-        unseen = self.rep[index] < 0
-        self.rep[index[unseen]] = low[unseen]  # any one of the bin's values: all others differ from it
-        self.mixed[index[low != self.rep[index]]] = True
+        rep = self.rep.take(index)
+        unseen = rep < 0
+        if unseen.any():
+            self.rep[index[unseen]] = low[unseen]  # any one of the bin's values: all others differ from it
+            rep[unseen] = self.rep.take(index[unseen])
+        self.mixed[index[low != rep]] = True
 
     @property
     def n_items(self) -> int:

@@ -28,10 +28,13 @@ def label_regions(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
 def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Per pixel of an (H, W) mask, flat: 1 / the size of its 8-connected defect region (0 off the
     defects), and the number of regions."""
-    labelled, count = ndimage.label(np.asarray(mask, dtype=bool), structure=EIGHT_CONNECTED)
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():  # a normal image: no regions to label
+        return np.zeros(mask.size), 0
+    labelled, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
     weights = 1.0 / np.maximum(np.bincount(labelled.ravel(), minlength=count + 1), 1)
     weights[0] = 0.0
-    return weights[labelled.ravel()], count
+    return weights.take(labelled.ravel()), count
 
 
 def pixel_group(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> Group:

@@ -14,13 +14,16 @@ one fit (Sherman-Morrison; :func:`leave_one_out`), so no image is held out and n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ..datasets.images import ImageSource
+from .batches import image_batches
 from .cells import Blocks
 from .scorer import PadimScorer
+from .stats import GaussianStats
 
 HISTORY = 20  # calibrations a model file remembers
 INTERVAL = (0.05, 0.95)  # the stated false-alarm interval: a 90% interval
@@ -36,39 +39,58 @@ def calibration_sample(n: int, max_images: int, seed: int) -> np.ndarray:
 
 
 class KeptEmbeddings:
-    """The embedding blocks of chosen images of a stream of batches, kept (about the statistics'
-    shift, where float16 keeps their digits) until the model is factored."""
+    """The embedding blocks of chosen images of a stream of batches, kept until the model is
+    factored: about the statistics' shift (where float16 keeps their digits), in an anonymous
+    temporary file (:class:`~padim.spill.SpillArray`), so a fit's memory does not grow with them."""
 
     def __init__(self, indices: np.ndarray | None = None):
         self.indices = None if indices is None else np.asarray(indices)
-        self.parts: list[tuple[Blocks, Blocks]] = []
-        self.seen = 0
+        self.seen, self.shift, self.store = 0, None, None
 
     def __len__(self) -> int:
-        return sum(part[0][0].shape[1] for part, _ in self.parts)
+        return 0 if self.store is None else len(self.store)
 
     def offer(self, blocks: Blocks, shift: Blocks) -> None:
-        """Keep the chosen ones of the next B images of the stream (all of them with no indices)."""
+        """Keep the chosen ones of the next B images of the stream (all of them with no indices);
+        ``shift``: the statistics' (the same for the whole stream)."""
+        from ..spill import SpillArray
+
         b = blocks[0][0].shape[1]
         if self.indices is None:
-            rows = torch.arange(b)
+            rows = np.arange(b)
         else:
-            chosen = self.indices[(self.indices >= self.seen) & (self.indices < self.seen + b)] - self.seen
-            rows = torch.as_tensor(chosen, dtype=torch.long)
+            rows = self.indices[(self.indices >= self.seen) & (self.indices < self.seen + b)] - self.seen
         self.seen += b
-        if len(rows):
-            rows = rows.to(blocks[0][0].device)
-            kept = [[(x.index_select(1, rows) - s.unsqueeze(1)).half() for x, s in zip(scale, shifts, strict=True)]
-                    for scale, shifts in zip(blocks, shift, strict=True)]
-            self.parts.append((kept, shift))
+        if not len(rows):
+            return
+        if self.store is None:
+            self.shift = [[x.clone() for x in scale] for scale in shift]
+            self.shapes = [[tuple(x.shape) for x in scale] for scale in shift]
+            self.store = SpillArray((sum(x.numel() for scale in shift for x in scale),), np.float16)
+        index = torch.as_tensor(rows, dtype=torch.long, device=blocks[0][0].device)
+        flat = torch.cat([(x.index_select(1, index) - s.unsqueeze(1)).transpose(0, 1).reshape(len(rows), -1)
+                          for scale, shifts in zip(blocks, self.shift, strict=True)
+                          for x, s in zip(scale, shifts, strict=True)], dim=1)
+        self.store.append(flat.half().cpu().numpy())
 
     def batches(self, size: int) -> Iterator[Blocks]:
         """The kept blocks back in float32, up to ``size`` images at a time."""
-        for kept, shift in self.parts:
-            for start in range(0, kept[0][0].shape[1], size):
-                yield [[x[:, start:start + size].float().add_(s.unsqueeze(1)) for x, s in zip(scale, shifts,
-                                                                                            strict=True)]
-                       for scale, shifts in zip(kept, shift, strict=True)]
+        for start in range(0, len(self), size):
+            items = range(start, min(start + size, len(self)))
+            flat = torch.from_numpy(np.stack([self.store[i] for i in items])).to(self.shift[0][0].device).float()
+            out, offset = [], 0
+            for scale, shapes in zip(self.shift, self.shapes, strict=True):
+                out.append([])
+                for s, (cells, channels) in zip(scale, shapes, strict=True):
+                    part = flat[:, offset:offset + cells * channels].view(-1, cells, channels)
+                    out[-1].append(part.transpose(0, 1).add(s.unsqueeze(1)))
+                    offset += cells * channels
+            yield out
+
+    def close(self) -> None:
+        """Free the temporary file."""
+        if self.store is not None:
+            self.store.close()
 
 
 def leave_one_out(distances: torch.Tensor, count: float) -> torch.Tensor:
@@ -86,10 +108,19 @@ def leave_one_out(distances: torch.Tensor, count: float) -> torch.Tensor:
     return (g.div_(rest).mul_((n / (n - 1)) ** 2 * (n - 2) / (n - 1))).sqrt_()
 
 
-def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings, count: float, batch_size: int) -> tuple[np.ndarray, float]:
-    """(scores, median map value) of the ``kept`` training images, each scored by the model of the
-    other ``count - 1`` images (see :func:`leave_one_out`)."""
-    scores, pixels = [], []
+@torch.inference_mode()
+def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource] | torch.Tensor, stats: GaussianStats,
+                batch_size: int) -> tuple[np.ndarray, float | None]:
+    """(scores, median map value) of training images, each scored by the model of the other
+    ``stats.count - 1`` images (see :func:`leave_one_out`): their ``kept`` embeddings, or the images
+    (counted in ``stats``), run through the backbone here. No images: no scores."""
+    if not isinstance(kept, KeptEmbeddings):
+        images, kept, embedding = kept, KeptEmbeddings(), scorer.embedding
+        for batch, out in image_batches(images, embedding, batch_size, desc="calibrate", fork=False):
+            kept.offer(embedding(batch, out), stats.shift)
+    if not len(kept):
+        return np.empty(0), None
+    count, scores, pixels = stats.count, [], []
     for blocks in kept.batches(batch_size):
         batch_scores, maps = scorer.maps(leave_one_out(scorer.whitening.distances(blocks), count))
         scores.append(batch_scores.cpu().numpy())

@@ -35,8 +35,6 @@ from ..params import CHECKS, RETIRED, PadimParams, is_int, is_number
 FORMAT = "visa-padim/4"
 STORAGE = ("cells", "positions")
 STATS_FORMAT = "visa-padim-stats/1"
-# what a fitted model says of its training and its threshold (Padim.info_)
-INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history")
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +206,7 @@ def write_stats_file(path: Path, params: PadimParams, count: float, tensors: dic
     """Write a fit's statistics (:meth:`GaussianStats.state`) for ``params`` atomically; returns ``path``."""
     meta = {"format": STATS_FORMAT, "package_version": __version__, "count": count, "params": params.model_state()}
     with atomic_path(path) as tmp:  # written tensor by tensor: no second copy of the sums in memory
-        save_file(tensors, str(tmp), metadata={"padim": json.dumps(meta)})
+        save_file(tensors, tmp, metadata={"padim": json.dumps(meta)})
     return path
 
 

@@ -12,12 +12,12 @@ import torch
 from ..backbones import FeatureExtractor, channel_index, get_spec
 from ..datasets.images import ImageSource
 from ..errors import ModelFileError
-from ..params import PadimParams
+from ..params import PadimParams, stored_threshold
 from ..prediction import Prediction, gather_prediction, threshold_labels
 from .batches import embedding_groups, image_batches
 from .calibration import KeptEmbeddings, calibration_info, calibration_sample, out_of_fold
 from .embedding import Embedding, embedding_for
-from .io import INFO_FIELDS, model_metadata, read_model_file, stats_path, write_model_file, write_stats_file
+from .io import model_metadata, read_model_file, stats_path, write_model_file, write_stats_file
 from .scorer import PadimScorer
 from .stats import GaussianStats
 
@@ -26,22 +26,15 @@ RUNTIME = ("batch_size", "num_workers", "device", "weights", "progress", "pretra
 Images = Sequence[ImageSource] | torch.Tensor  # paths, PIL images, HxWx3 uint8 arrays, or uint8 (N, 3, H, W)
 
 
-def _take(images: Images, idx: np.ndarray) -> Images:
-    if isinstance(images, torch.Tensor):
-        return images[torch.as_tensor(idx, dtype=torch.long)]
-    return [images[i] for i in idx]
-
-
 class Padim:
     """PaDiM (Defard et al., 2021): one Gaussian per patch position over CNN features.
 
-    Parameters and their meaning: :class:`padim.params.PadimParams`. Runtime settings (keyword only,
-    not part of the model): ``batch_size``, ``num_workers`` (decoding processes, None = auto),
-    ``device``, ``weights`` (a backbone file), ``progress``, ``pretrained=False`` (tests only).
+    Parameters: :class:`padim.params.PadimParams`. Runtime (keyword only): ``batch_size``, ``num_workers``
+    (decoders, None = auto), ``device``, ``weights`` (a backbone file), ``progress``, ``pretrained``.
 
     As a scikit-learn estimator, the constructor only stores its arguments; :meth:`fit` checks them
-    and resolves ``d`` and ``sigma`` into ``params_``. Fitted attributes: ``params_``, ``scorer_``,
-    ``threshold_``, ``info_`` (training counts, heat-map range) and ``meta_`` (the model file's metadata).
+    and resolves ``d`` and ``sigma``. Fitted: ``params_``, ``scorer_``, ``threshold_``, ``info_``
+    (training counts, threshold's promise), ``meta_`` (file metadata), ``stats_`` (the sums, or None).
     """
 
     def __init__(self, backbone: str = DEFAULTS.backbone, image_size: int | Sequence[int] = DEFAULTS.image_size,
@@ -49,11 +42,10 @@ class Padim:
                  seed: int = DEFAULTS.seed, target_fpr: float = DEFAULTS.target_fpr,
                  calibration_images: int = DEFAULTS.calibration_images, pool: int = DEFAULTS.pool,
                  tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
-                 covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k,
-                 scales: Sequence[float] = DEFAULTS.scales, image_score: str = DEFAULTS.image_score,
-                 *, batch_size: int = 16, num_workers: int | None = None,
-                 device: str = "cpu", weights: str | Path | None = None, progress: bool = False,
-                 pretrained: bool = True):
+                 covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k, scales: Sequence[float] =
+                 DEFAULTS.scales, image_score: str = DEFAULTS.image_score, *, batch_size: int = 16,
+                 num_workers: int | None = None, device: str = "cpu", weights: str | Path | None = None,
+                 progress: bool = False, pretrained: bool = True):
         self.set_params(**{name: value for name, value in locals().items() if name in (*PadimParams.names(), *RUNTIME)})
 
     def get_params(self, deep: bool = True) -> dict:
@@ -78,10 +70,10 @@ class Padim:
         p = params or self.model_params()
         key = (p.backbone, p.d, p.seed, p.pool, p.tap_resize, p.scales, str(self.device), self.weights, self.pretrained)
         if getattr(self, "_extractor", (None,))[0] != key:
-            channels = channel_index(sum(get_spec(p.backbone).channels), p.d, p.seed)
-            weights = Path(self.weights) if self.weights is not None else None
-            self._extractor = (key, FeatureExtractor(p.backbone, channels, weights, self.pretrained, p.pool,
-                                                     p.tap_resize, scales=p.scales).to(torch.device(self.device)))
+            channels, weights = channel_index(sum(get_spec(p.backbone).channels), p.d, p.seed), self.weights
+            extractor = FeatureExtractor(p.backbone, channels, weights and Path(weights), self.pretrained, p.pool,
+                                         p.tap_resize, scales=p.scales)
+            self._extractor = (key, extractor.to(torch.device(self.device)))
         return self._extractor[1]
 
     def embedding(self, size: tuple[int, int] | None = None, params: PadimParams | None = None) -> Embedding:
@@ -98,8 +90,7 @@ class Padim:
     def accumulate(self, images: Images, desc: str = "fit", kept: KeptEmbeddings | None = None) -> GaussianStats:
         """The statistics of ``images``; partial results of disjoint shards add up (``a + b``).
         ``kept`` keeps the embeddings of the images it names, to score them once fitted."""
-        size = tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None
-        embedding = self.embedding(size)
+        embedding = self.embedding(tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None)
         stats = embedding.stats()
         for blocks in embedding_groups(images, embedding, self.batch_size, self.num_workers, desc, self.progress):
             stats.update(blocks)
@@ -112,40 +103,21 @@ class Padim:
     @torch.inference_mode()
     def fit_from_stats(self, stats: GaussianStats, calibration: KeptEmbeddings | Images = (),
                        history: list | None = None, method: str = "out-of-fold", at: str | None = None) -> Padim:
-        """Finish a fit from the statistics of all training images (e.g. summed over shards, or
-        :mod:`padim.model.line`'s update); the threshold from the out-of-fold scores of
-        ``calibration``: training images counted in ``stats``, or their kept embeddings.
-        ``history``, ``method``, ``at``: earlier calibrations of the model, this one's (see
-        :meth:`set_threshold`)."""
+        """Finish a fit from the statistics of all training images (e.g. summed over shards); the
+        threshold from the out-of-fold scores of ``calibration`` (training images in ``stats``, or
+        their kept embeddings); ``history``, ``method``, ``at``: see :meth:`set_threshold`."""
         p = self.model_params()
         embedding = self.embedding(params=p)
-        if stats.positions != embedding.positions:
-            raise ValueError(f"statistics have {stats.positions} positions, the {p.image_size} input at scales "
-                             f"{list(p.scales)} gives grids {embedding.grids}")
         self.scorer_ = None  # a refit frees the previous factor before the new one is built
         self.stats_ = stats = stats.to_layouts(embedding.layouts)  # e.g. per-position sums for a per-cell model
         self.scorer_, self.params_ = PadimScorer.fit(embedding, stats, p), p
         self.info_ = {"calibration_history": list(history or [])}
-        return self.set_threshold(*self.out_of_fold(calibration), method, at)
-
-    @torch.inference_mode()
-    def out_of_fold(self, calibration: KeptEmbeddings | Images) -> tuple[np.ndarray, float | None]:
-        """(scores, median map value) of training images counted in the fit (or their kept
-        embeddings), each scored by the model of all the others (no scores: no threshold)."""
-        if not isinstance(calibration, KeptEmbeddings):
-            kept, embedding = KeptEmbeddings(), self.scorer_.embedding
-            for batch, out in image_batches(calibration, embedding, self.batch_size, desc="calibrate", fork=False):
-                kept.offer(embedding(batch, out), self.stats_.shift)
-            calibration = kept
-        if not len(calibration):
-            return np.empty(0), None
-        return out_of_fold(self.scorer_, calibration, self.stats_.count, self.batch_size)
+        return self.set_threshold(*out_of_fold(self.scorer_, calibration, stats, self.batch_size), method, at)
 
     def set_threshold(self, scores: np.ndarray, median_pixel: float | None, method: str = "out-of-fold",
                       at: str | None = None) -> Padim:
-        """Set the threshold for the target false-alarm rate from normal images' ``scores`` (see
-        :mod:`padim.model.calibration`), their median map value setting the heat-map range; the
-        history records ``method`` and the time ``at`` (none for a fit: the same fit, the same file)."""
+        """The threshold for the target false-alarm rate from normal images' ``scores`` (their median
+        map value: the heat map's low end); the history notes ``method`` and time ``at`` (None: a fit)."""
         p, stats = self.params_, getattr(self, "stats_", None)
         self.threshold_, info = calibration_info(scores, median_pixel, p.target_fpr, method,
                                                  self.info_.get("calibration_history"), at)
@@ -182,9 +154,8 @@ class Padim:
         return threshold_labels(scores, self.threshold_)
 
     def save(self, path: str | Path, stats: bool = True) -> Path:
-        """Write the fitted model to a .safetensors file, and with ``stats`` the statistics it was
-        fitted from (if it holds them) beside it (:func:`~padim.model.io.stats_path`), each file
-        atomically; returns the model's path."""
+        """Write the fitted model to a .safetensors file and, with ``stats``, the statistics it was
+        fitted from (if it holds them) beside it (:func:`~padim.model.io.stats_path`), atomically."""
         tensors = self.check_fitted().state(getattr(torch, self.params_.factor_dtype))
         path = write_model_file(Path(path), self.meta_, tensors)
         if stats and getattr(self, "stats_", None) is not None:
@@ -195,16 +166,13 @@ class Padim:
     def load(cls, path: str | Path, device: str = "cpu", weights: str | Path | None = None,
              progress: bool = False) -> Padim:
         """Read a model written by :meth:`save`; never executes code from the file."""
-        path = Path(path)
-        meta, tensors = read_model_file(path)
+        meta, tensors = read_model_file(path := Path(path))
         try:
             p = PadimParams.from_state(meta)
-            model = cls(**asdict(p), device=device, weights=weights, progress=progress)
-            # builds the backbone (BackboneError: weights)
+            model = cls(**asdict(p), device=device, weights=weights, progress=progress)  # BackboneError: weights
             model.scorer_ = PadimScorer.from_state(model.feature_extractor(p), p, meta, tensors)
         except ValueError as exc:
             raise ModelFileError(f"{path}: {exc}; the file was altered or damaged; re-run 'padim fit'") from exc
         model.params_, model.meta_, model.stats_ = p, meta, None
-        model.threshold_ = None if meta["threshold"] is None else float(meta["threshold"])
-        model.info_ = {k: meta.get(k) for k in INFO_FIELDS}
+        model.threshold_, model.info_ = stored_threshold(meta)
         return model

@@ -158,7 +158,9 @@ class GaussianStats:
         out = GaussianStats(layouts, self.device)
         if [lay.positions for lay in layouts] != [lay.positions for lay in self.layouts] or \
                 [lv.channels for lv in layouts[0].levels] != [lv.channels for lv in self.layouts[0].levels]:
-            raise ValueError("cannot convert statistics between layouts of different grids or channels")
+            theirs = (sum(lay.positions for lay in layouts), sum(lv.channels for lv in layouts[0].levels))
+            raise ValueError(f"statistics of {self.positions} positions and {self.dim} channels do not fit a model "
+                             f"of {theirs[0]} and {theirs[1]} (image size, scales or channels differ)")
         out.count = self.count
         if self.shift is None:
             return out

@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..atomic import atomic_path, write_text
-from .overlay import overlay
+from .overlay import OVERLAY_PNG, overlay
 
 TILES_DIR = "tiles"
 MANIFEST = "galleries.json"
@@ -51,31 +51,30 @@ def tile(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, vrange: t
     return out
 
 
-def write_galleries(out_dir: Path, names: Sequence[str], labels: np.ndarray, scores: np.ndarray,
-                    defect_types: Sequence[str], maps: np.ndarray, threshold: float | None,
-                    vrange: tuple[float, float], load: Callable[[int], tuple[np.ndarray, np.ndarray | None]],
-                    figure: Callable[[int], str], k: int = GALLERY_SIZE) -> dict:
-    """Write the tiles of every gallery image to ``out_dir/tiles/`` and the manifest beside them.
+def save_tile(out_dir: Path, name: str, image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
+              vrange: tuple[float, float]) -> Path:
+    """Write one gallery image's :func:`tile` to ``out_dir/tiles/name`` (PNG)."""
+    path = out_dir / TILES_DIR / name
+    with atomic_path(path) as tmp:
+        Image.fromarray(tile(image, amap, mask, vrange)).save(tmp, format="PNG", **OVERLAY_PNG)
+    return path
 
-    names: a unique file name per test image; load(i) gives image i and its mask (or None) at the
-    map size; figure(i) the path, relative to ``out_dir``, of its full figure ('' for none).
+
+def write_galleries(out_dir: Path, names: Sequence[str], labels: np.ndarray, scores: np.ndarray,
+                    defect_types: Sequence[str], threshold: float | None, figure: Callable[[int], str],
+                    k: int = GALLERY_SIZE) -> dict:
+    """Write the manifest of every gallery to ``out_dir/tiles/``, listing the tiles of the images
+    :func:`select` chose (written by :func:`save_tile` as the figures are drawn).
+
+    names: a unique file name per test image (its tile's too); figure(i) the path, relative to
+    ``out_dir``, of image i's full figure ('' for none).
     """
-    chosen = select(labels, scores, k)
-    written: set[int] = set()
     manifest: dict = {"threshold": threshold, "galleries": {}}
-    for key, indices in chosen.items():
+    for key, indices in select(labels, scores, k).items():
         title, what, _ = GALLERIES[key]
-        entries = []
-        for i in indices:
-            rel = f"{TILES_DIR}/{names[i]}"
-            if i not in written:
-                image, mask = load(i)
-                with atomic_path(out_dir / rel) as tmp:
-                    Image.fromarray(tile(image, maps[i], mask, vrange)).save(tmp, format="PNG")
-                written.add(i)
-            entries.append({"name": names[i], "tile": rel, "figure": figure(i), "score": float(scores[i]),
-                            "label": int(labels[i]), "defect_type": defect_types[i],
-                            "flagged": None if threshold is None else bool(scores[i] > threshold)})
+        entries = [{"name": names[i], "tile": f"{TILES_DIR}/{names[i]}", "figure": figure(i),
+                    "score": float(scores[i]), "label": int(labels[i]), "defect_type": defect_types[i],
+                    "flagged": None if threshold is None else bool(scores[i] > threshold)} for i in indices]
         manifest["galleries"][key] = {"title": title, "what": what, "images": entries}
     write_text(out_dir / TILES_DIR / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

@@ -19,7 +19,7 @@ from ..metrics import Group, Ranking
 from ..spill import release_freed_memory
 from .curves import save_pixel_curves
 from .figures import FivePanel, roc_figure
-from .gallery import select, write_galleries
+from .gallery import save_tile, select, write_galleries
 from .html import write_report
 
 if TYPE_CHECKING:
@@ -44,34 +44,32 @@ def figure_title(sample: Sample, score: float, threshold: float | None) -> str:
 def write_pictures(out_dir: Path, ev: Evaluation, figures: bool = True, progress: bool = True) -> None:
     """The 5-panel figure of every test image in ``out_dir/figures/`` (only those of the gallery
     images, in ``tiles/figures/``, without ``figures``) and the report's gallery tiles; each image
-    is decoded once for all its pictures, on as many threads as cores (up to 2)."""
+    is decoded once for all its pictures, on two threads per core (up to 2 cores)."""
     names = [figure_name(s) for s in ev.test]
     labels = ev.labels
-    gallery = sorted({i for chosen in select(labels, ev.scores).values() for i in chosen})
-    todo = range(len(ev.test)) if figures else gallery
+    gallery = {i for chosen in select(labels, ev.scores).values() for i in chosen}
+    todo = range(len(ev.test)) if figures else sorted(gallery)
     folder = FIGURES_DIR if figures else f"tiles/{FIGURES_DIR}"
     size = tuple(ev.maps.shape[1:])
     panel = FivePanel(size, ev.threshold, ev.vrange)
-    kept: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-    in_gallery = set(gallery)
 
     def draw(i: int) -> None:
         s = ev.test[i]
-        image = np.asarray(read_image(s.path, size))
-        mask = ev.mask(i)
-        panel.save(out_dir / folder / names[i], image, mask, ev.maps[i], figure_title(s, ev.scores[i], ev.threshold))
-        if i in in_gallery:
-            kept[i] = (image, mask)
+        image, mask, amap = np.asarray(read_image(s.path, size)), ev.mask(i), ev.maps[i]
+        panel.save(out_dir / folder / names[i], image, mask, amap, figure_title(s, ev.scores[i], ev.threshold))
+        if i in gallery:
+            save_tile(out_dir, names[i], image, amap, mask, ev.vrange)
 
     # decoding, resizing and PNG encoding release the GIL: threads share the one figure frame; one map
-    # at a time is read back from disk per thread
-    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+    # at a time is read back from disk per thread. Two threads per core: each picture ends in an fsync
+    # (padim.atomic) that waits on the disk, and the disk commits the fsyncs of waiting threads together
+    with ThreadPoolExecutor(max_workers=2 * max(1, min(2, os.cpu_count() or 1))) as pool:
         for n, _ in enumerate(tqdm(pool.map(draw, todo), total=len(todo), desc="figures", unit="img",
                                    disable=not progress)):
             if n % 16 == 15:
                 release_freed_memory()
-    write_galleries(out_dir, names, labels, ev.scores, [s.defect_type for s in ev.test], ev.maps, ev.threshold,
-                    ev.vrange, kept.__getitem__, lambda i: f"{folder}/{names[i]}")
+    write_galleries(out_dir, names, labels, ev.scores, [s.defect_type for s in ev.test], ev.threshold,
+                    lambda i: f"{folder}/{names[i]}")
 
 
 def metrics_document(ev: Evaluation, header: dict) -> dict:

@@ -19,7 +19,7 @@ from .. import __version__
 from ..checksums import sha256_of
 from ..datasets.images import draft_jpeg, read_image, swaps_sides
 from ..export import ExportedModel, OnnxModel, model_id, open_model
-from ..reports.overlay import overlay
+from ..reports.overlay import OVERLAY_PNG, overlay
 
 if TYPE_CHECKING:
     from ..model import Padim
@@ -182,5 +182,5 @@ class Inspector:
         stored = self.model.info_.get("map_range")
         vrange = (float(stored[0]), float(stored[1])) if stored else (float(amap.min()), float(amap.max()))
         buffer = io.BytesIO()
-        Image.fromarray(overlay(image, amap, vrange)).save(buffer, format="PNG")
+        Image.fromarray(overlay(image, amap, vrange)).save(buffer, format="PNG", **OVERLAY_PNG)
         return base64.b64encode(buffer.getvalue()).decode("ascii")
