@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--quant-format", default="qdq")
     parser.add_argument("--per-tensor", action="store_true")
+    parser.add_argument("--float-blocks", type=int, default=0,
+                        help="keep the first N backbone blocks float, INT8 from block N on (skip_blocks)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the model calls")
     parser.add_argument("--process-repeats", type=int, default=2, help="rounds of fresh predict processes")
     parser.add_argument("--no-speed", action="store_true")
@@ -153,7 +155,8 @@ def main() -> None:
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
-    options = {"method": args.method, "quant_format": args.quant_format, "per_channel": not args.per_tensor}
+    options = {"method": args.method, "quant_format": args.quant_format, "per_channel": not args.per_tensor,
+               "skip_blocks": args.float_blocks}
     print(f"cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f} (shared machine: timings are rough); "
           f"INT8 {options}, {args.calibration_images} calibration images", flush=True)
     results = {}

@@ -156,9 +156,9 @@ def test_broken_openvino_files_are_model_errors(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def fryum_aurocs(fryum_small, tmp_path_factory):
-    """Image and pixel AUROC of the float export, the INT8 export and both as OpenVINO IR, on 24 normal
-    and 24 anomalous fryum test images (the small 128 px model; INT8 calibrated on 16 training images
-    the fit did not use)."""
+    """Image and pixel AUROC of the float export, the INT8 export and both as OpenVINO IR, and of the INT8
+    export with the backbone's first 3 blocks float, on 24 normal and 24 anomalous fryum test images (the
+    small 128 px model; INT8 calibrated on 16 training images the fit did not use)."""
     require("onnxruntime")
     require("openvino")
     from padim.datasets import load_split
@@ -170,6 +170,7 @@ def fryum_aurocs(fryum_small, tmp_path_factory):
     calibration = [s.path for s in load_split(VISA_ROOT, "fryum").train[40:56]]
     float_path = export_onnx(Padim.load(path), folder / "m.onnx", source=path)
     int8_path = quantize_onnx(float_path, folder / "m.int8.onnx", calibration)
+    float3_path = quantize_onnx(float_path, folder / "m.int8-float3.onnx", calibration, skip_blocks=3)
     samples = [s for s in test if s.label == 0][:24] + [s for s in test if s.label == 1][:24]
     files = [str(s.path) for s in samples]
     labels = np.array([s.label for s in samples])
@@ -178,7 +179,8 @@ def fryum_aurocs(fryum_small, tmp_path_factory):
     out = {}
     for name, file in (("float", float_path), ("int8", int8_path),
                        ("openvino", export_openvino(float_path, folder / "m.xml")),
-                       ("openvino-int8", export_openvino(int8_path, folder / "m.int8.xml"))):
+                       ("openvino-int8", export_openvino(int8_path, folder / "m.int8.xml")),
+                       ("int8-float3", float3_path)):
         got = open_model(file).predict(files)
         out[name] = (auroc(labels, got.scores), auroc(masks, got.maps.ravel()))
     print(out)
@@ -194,14 +196,23 @@ def test_openvino_agrees_with_the_float_model_on_real_images(fryum_aurocs):
 
 
 @pytest.mark.real_data
-@pytest.mark.xfail(strict=True, reason="measured (docs/deploy.md): an INT8 backbone loses more than the bounds "
-                   "(this 128 px model: image AUROC 0.905 -> 0.830, pixel 0.981 -> 0.827; the fryum default: pixel "
-                   "0.961 -> 0.879); strict, so that a scheme which meets them shows up here")
+@pytest.mark.xfail(strict=True, reason="measured (docs/deploy.md): a whole INT8 backbone loses more than the "
+                   "bounds (this 128 px model: image AUROC 0.905 -> 0.830, pixel 0.981 -> 0.827; the default models: "
+                   "fryum pixel 0.961 -> 0.879, KolektorSDD image 0.918 -> 0.895, BSData image 0.930 -> 0.806); "
+                   "strict, so that a change to the whole-backbone scheme which meets them shows up here")
 def test_int8_agrees_with_the_float_model_within_the_bounds(fryum_aurocs):
     image_ref, pixel_ref = fryum_aurocs["float"]
     for name in ("int8", "openvino-int8"):
         image, pixel = fryum_aurocs[name]
         assert abs(image - image_ref) <= IMAGE_AUROC_BOUND and abs(pixel - pixel_ref) <= PIXEL_AUROC_BOUND, name
+
+
+@pytest.mark.real_data
+def test_int8_from_block_3_on_agrees_with_the_float_model_within_the_bounds(fryum_aurocs):
+    """``--float-blocks 3``: the blocks whose rounding the whitened maps amplify stay float (docs/deploy.md)."""
+    image_ref, pixel_ref = fryum_aurocs["float"]
+    image, pixel = fryum_aurocs["int8-float3"]
+    assert abs(image - image_ref) <= IMAGE_AUROC_BOUND and abs(pixel - pixel_ref) <= PIXEL_AUROC_BOUND
 
 
 def test_the_node_selections_the_benchmark_compared(tiny):
@@ -220,3 +231,59 @@ def test_the_node_selections_the_benchmark_compared(tiny):
     # the taps: backbone outputs read outside the backbone (pooled into features), 3 depths x 2 scales
     taps = tap_nodes(proto, 1)
     assert len(taps) == 6 and taps < tap_nodes(proto, 2)
+
+
+def test_calibration_images_come_one_batch_at_a_time_for_the_strided_calibration(tiny):
+    from padim.export.quantize import CalibrationImages
+
+    _, _, calibration, _, _ = tiny
+    reader = CalibrationImages(calibration[:5], (64, 64), batch=2)
+    assert len(reader) == 3  # 2 + 2 + 1 images
+    whole = []
+    while (batch := reader.get_next()) is not None:
+        whole.append(batch["images"])
+    assert [b.shape for b in whole] == [(2, 3, 64, 64)] * 2 + [(1, 3, 64, 64)]
+    reader.set_range(1, 3)  # what the quantizer asks for: batches 1 and 2 only, then nothing
+    assert np.array_equal(reader.get_next()["images"], whole[1])
+    assert np.array_equal(reader.get_next()["images"], whole[2])
+    assert reader.get_next() is None
+    reader.set_range(0, 1)
+    assert np.array_equal(reader.get_next()["images"], whole[0]) and reader.get_next() is None
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibrations_quantize_and_say_so(tiny, tmp_path, method):
+    """Percentile and entropy ranges come from histograms folded batch by batch (not every
+    activation of every image held at once); the file runs and its metadata names the method."""
+    _, onnx_path, calibration, test, _ = tiny
+    out = quantize_onnx(onnx_path, tmp_path / f"{method}.onnx", calibration, method=method)
+    model = open_model(out)
+    assert model.meta_["quantization"]["calibration_method"] == method
+    scores = model.predict([str(p) for p in test]).scores
+    assert np.isfinite(scores).all()
+
+
+def test_cli_float_blocks_keeps_the_first_blocks_float(tiny, tmp_path):
+    onnx = require("onnx")
+    from padim.export.quantize import backbone_nodes
+
+    path, onnx_path, calibration, _, int8_path = tiny
+    result = invoke("export", "--model", path, "--out", tmp_path / "m.onnx", "--int8", "--calibration",
+                    calibration[0].parent, "--calibration-images", 4, "--float-blocks", 3)
+    assert result.exit_code == 0 and "blocks 0-2 float" in result.output, result.output
+    meta = open_model(tmp_path / "m.onnx").meta_["quantization"]
+    assert meta["blocks"] == [3, None]
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    quantized = {n.name for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    assert quantized  # INT8 from block 3 on; nothing before it reads an INT8 weight
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    early = set(backbone_nodes(onnx.load(str(onnx_path)), blocks=3))
+    int8_fed = {n.name for n in proto.graph.node for i in n.input
+                if i in producers and producers[i].op_type == "DequantizeLinear"}
+    assert early and not early & int8_fed
+    assert int8_fed & set(backbone_nodes(onnx.load(str(onnx_path)), skip_blocks=3))
+    for args, says in ((["--float-blocks", 99, "--int8", "--calibration", calibration[0]], "no backbone nodes left"),
+                       (["--float-blocks", 3], "--int8")):
+        result = invoke("export", "--model", path, "--out", tmp_path / "x.onnx", *args)
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "x.onnx").exists()

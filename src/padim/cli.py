@@ -647,21 +647,24 @@ def report_cmd(run_dir):
               help="Calibrate on at most this many of them (a fixed, evenly drawn sample).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="How activation ranges are set from the calibration images (percentile and "
-                                       "entropy hold every activation of the sample in memory: many GB).")
+                                       "entropy from histograms: slower, no better on the shared data sets).")
 @click.option("--quant-format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
               help="INT8 graph form: QuantizeLinear/DequantizeLinear pairs (QDQ; OpenVINO reads it) or "
                    "QLinear operators.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="One INT8 weight scale per output channel, or one per tensor.")
+@click.option("--float-blocks", type=click.IntRange(0), default=0, show_default=True,
+              help="Keep the backbone's first N blocks float, INT8 from block N on: 3 keeps the default "
+                   "mobilenet_v2 model's heat maps (docs/deploy.md).")
 @handle_errors
 def export_cmd(model_path, fmt, out, batch, opset, weights, int8, calibration, calibration_images,
-               calibration_method, quant_format, per_channel):
+               calibration_method, quant_format, per_channel, float_blocks):
     """Export the whole scoring pipeline (uint8 images -> maps, scores) as one ONNX graph or OpenVINO IR."""
     from .export.cli import export_command
 
     click.echo(export_command(model_path, out, batch, opset, weights, fmt=fmt, int8=int8, calibration=calibration,
                               calibration_images=calibration_images, method=calibration_method,
-                              quant_format=quant_format, per_channel=per_channel))
+                              quant_format=quant_format, per_channel=per_channel, float_blocks=float_blocks))
 
 
 @main.command("serve")

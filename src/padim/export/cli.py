@@ -43,7 +43,8 @@ def self_check(model: Padim, exported: ExportedModel, images=None, n: int = 2) -
 
 def export_command(model_path: Path, out: Path, batch: str, opset: int, weights: Path | None, fmt: str = "onnx",
                    int8: bool = False, calibration: tuple[Path, ...] = (), calibration_images: int = 32,
-                   method: str = "minmax", quant_format: str = "qdq", per_channel: bool = True) -> str:
+                   method: str = "minmax", quant_format: str = "qdq", per_channel: bool = True,
+                   float_blocks: int = 0) -> str:
     """Export ``model_path`` to ``out`` (ONNX or OpenVINO IR, float or with an INT8 backbone
     calibrated on ``calibration`` images); returns the line to print."""
     fixed = parse_batch(batch)
@@ -54,6 +55,8 @@ def export_command(model_path: Path, out: Path, batch: str, opset: int, weights:
                                  param_hint="--calibration")
     if calibration and not int8:
         raise click.BadParameter("--calibration is for --int8", param_hint="--calibration")
+    if float_blocks and not int8:
+        raise click.BadParameter("--float-blocks is for --int8", param_hint="--float-blocks")
     files = []
     if int8:
         from ..runs import collect_images
@@ -69,8 +72,11 @@ def export_command(model_path: Path, out: Path, batch: str, opset: int, weights:
             from .quantize import quantize_onnx
 
             quantized = out if fmt == "onnx" else Path(scratch) / "model.int8.onnx"
-            onnx_out = quantize_onnx(onnx_out, quantized, files, method=method, quant_format=quant_format,
-                                     per_channel=per_channel)
+            try:
+                onnx_out = quantize_onnx(onnx_out, quantized, files, method=method, quant_format=quant_format,
+                                         per_channel=per_channel, skip_blocks=float_blocks)
+            except ValueError as exc:  # the options left nothing to quantize
+                raise click.BadParameter(str(exc), param_hint="--float-blocks") from None
         if fmt == "openvino":
             from .openvino import OpenVinoModel, export_openvino
 
@@ -85,7 +91,8 @@ def export_command(model_path: Path, out: Path, batch: str, opset: int, weights:
     written = " + ".join([str(out), *(p.name for p in parts[1:])])
     kind = "INT8 backbone" if int8 else "float"
     detail = (f", calibrated on {len(files)} images ({method}, {quant_format.upper()}, "
-              f"{'per-channel' if per_channel else 'per-tensor'} weights)" if int8 else "")
+              f"{'per-channel' if per_channel else 'per-tensor'} weights"
+              f"{f', blocks 0-{float_blocks - 1} float' if float_blocks else ''})" if int8 else "")
     on = f"{len(check)} calibration images" if int8 else "random images"
     return (f"wrote {written} ({fmt}, {kind}{detail}; {size_mb:.1f} MB, opset {opset}, batch "
             f"{'dynamic' if fixed is None else fixed}, model id {exported.meta_['model_id']}); check on {on}: "

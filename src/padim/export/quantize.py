@@ -12,13 +12,14 @@ writes ONNX files and decodes the calibration images with PIL.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,27 @@ FORMATS = ("qdq", "qoperator")
 
 
 class CalibrationImages:
-    """onnxruntime's CalibrationDataReader over image files: uint8 (B, 3, H, W) batches at the model size."""
+    """onnxruntime's CalibrationDataReader over image files: uint8 (B, 3, H, W) batches at the model size.
+
+    Its length and ``set_range`` (in batches) let the quantizer calibrate one batch at a time
+    (``CalibStridedMinMax``), folding each batch into the ranges or histograms before the next."""
 
     def __init__(self, paths: Sequence[Path | str], size: tuple[int, int], batch: int = CALIBRATION_BATCH):
         self.paths, self.size, self.batch = list(paths), size, batch
-        self.rewind()
+        self.set_range(0, len(self))
+
+    def __len__(self) -> int:
+        return -(-len(self.paths) // self.batch)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index * self.batch, min(end_index * self.batch, len(self.paths))
 
     def rewind(self) -> None:
-        self._next = 0
+        self.set_range(0, len(self))
 
     def get_next(self) -> dict | None:
-        chunk = self.paths[self._next:self._next + self.batch]
+        chunk = self.paths[self._next:self._end]
+        chunk = chunk[:self.batch]
         if not chunk:
             return None
         self._next += len(chunk)
@@ -57,12 +68,14 @@ class CalibrationImages:
 @contextmanager
 def _quiet():
     """The quantizer logs advice (run its pre-processing) on the root logger at WARNING for every
-    call: noise for a user of ``padim export``, whose graph it does not concern."""
+    call, and its histogram calibrations print a line per batch: noise for a user of ``padim
+    export``, whose graph it does not concern."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
@@ -133,7 +146,8 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     """Write ``float_path`` (an exported float graph) with its backbone quantized to INT8, calibrated on
     the ``calibration`` image files, to ``out`` (atomically). Its ``padim`` metadata gains a
     ``quantization`` record: what was quantized, how, and on how many images. float_taps: how many
-    backbone nodes deep, counted back from each feature tap, stay float (0: none)."""
+    backbone nodes deep, counted back from each feature tap, stay float (0: none). activation:
+    "uint8" (the default), "int8", or "uint16" (16-bit activations: a precision probe, no faster)."""
     onnx = import_optional("onnx")
     q = import_optional("onnxruntime.quantization")
     if method not in METHODS or quant_format not in FORMATS:
@@ -150,6 +164,9 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     nodes = [n for n in backbone_nodes(proto, op_types, depthwise, blocks, skip_blocks) if n not in kept_float]
     if not backbone_nodes(proto, ("Conv",)):
         raise ModelFileError(f"{float_path}: no backbone convolutions named {BACKBONE_PREFIX}... in the graph")
+    if not nodes:  # an empty selection would read as "quantize everything" to onnxruntime
+        raise ValueError(f"{float_path}: no backbone nodes left to quantize (blocks {skip_blocks} to {blocks}, "
+                         f"{float_taps} float tap steps)")
     del proto
     h, w = (int(v) for v in meta["image_size"])
     reader = CalibrationImages(calibration, (h, w))
@@ -167,13 +184,17 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
             str(source), str(staged), reader,
             quant_format=q.QuantFormat.QDQ if quant_format == "qdq" else q.QuantFormat.QOperator,
             nodes_to_quantize=nodes, per_channel=per_channel,
-            activation_type=q.QuantType.QUInt8 if activation == "uint8" else q.QuantType.QInt8,
+            activation_type={"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8,
+                             "uint16": q.QuantType.QUInt16}[activation],
             weight_type=q.QuantType.QInt8,
             calibrate_method={"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                               "entropy": q.CalibrationMethod.Entropy}[method],
             use_external_data_format=external,
-            # no CalibMaxIntermediateOutputs: onnxruntime 1.32 drops (does not fold) what it collected
-            # each time that count is reached; MinMax keeps only per-batch minima and maxima anyway
+            # one batch at a time, folded into the ranges (MinMax) or histograms (percentile, entropy):
+            # collected whole, a histogram method keeps every activation of every image (32 images of
+            # the default model: over 14 GB). Not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops
+            # (does not fold) what it collected each time that count is reached
+            extra_options={"CalibStridedMinMax": 1},
         )
         quantized = onnx.load(str(staged))
         _float_outside_backbone(quantized)
