@@ -1,7 +1,7 @@
 """A model that follows its line: update and merge against a fit on the union (VisA fryum), and a
 drifting line's false alarms before and after ``padim calibrate`` / ``padim update`` (BSData).
 
-    python benchmarks/line.py equality [--out benchmarks/results/line-equality.json]
+    python benchmarks/line.py equality [--factor-dtype float32] [--out benchmarks/results/line-equality.json]
     python benchmarks/line.py drift [--out benchmarks/results/line-drift.json]
 
 equality: fit on the first 250 training images of fryum's 1cls split, save, load, ``update`` with
@@ -59,19 +59,19 @@ def headline(metrics: dict) -> dict:
     return {k: round(o[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}
 
 
-def equality(work: Path) -> dict:
+def equality(work: Path, factor_dtype: str = "float16") -> dict:
     data = DataArgs(SHARED / "visa", "fryum")
     split = data.load()
     train = [s.path for s in split.train]
     test = [s.path for s in split.test]
     start = time.perf_counter()
-    joint = Padim().fit(train)
+    joint = Padim(factor_dtype=factor_dtype).fit(train)
     seconds = {"fit_450": time.perf_counter() - start}
     reference = distances(joint, test)
-    out = {"n_train": len(train), "n_test": len(test)}
+    out = {"n_train": len(train), "n_test": len(test), "factor_dtype": factor_dtype}
 
     start = time.perf_counter()
-    first = Padim().fit(train[:250])
+    first = Padim(factor_dtype=factor_dtype).fit(train[:250])
     path = first.save(work / "first.safetensors")
     seconds["fit_250"] = time.perf_counter() - start
     del first
@@ -80,7 +80,7 @@ def equality(work: Path) -> dict:
     update(updated, load_stats(updated, path), train[250:])
     seconds["update_200"] = time.perf_counter() - start
 
-    a, b = Padim().fit(train[:225]), Padim().fit(train[225:])
+    a, b = Padim(factor_dtype=factor_dtype).fit(train[:225]), Padim(factor_dtype=factor_dtype).fit(train[225:])
     start = time.perf_counter()
     merged = merge([a, b], [a.stats_, b.stats_])
     seconds["merge"] = time.perf_counter() - start
@@ -137,9 +137,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["equality", "drift"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--factor-dtype", default="float16", help="equality: the models' factor precision")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = (equality if args.part == "equality" else drift)(Path(tmp))
+        result = equality(Path(tmp), args.factor_dtype) if args.part == "equality" else drift(Path(tmp))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
