@@ -66,9 +66,7 @@ def update(model: Padim, stats: GaussianStats, images: Images, decay: float = 1.
         raise ValueError("no new images to add")
     stats.scale(decay)
     kept = KeptEmbeddings(calibration_sample(len(images), model.params_.calibration_images, model.seed))
-    new = model.accumulate(images, desc="update", kept=kept)
-    stats += new
-    del new
+    model.accumulate(images, desc="update", kept=kept, into=stats)  # one set of sums in memory, as in a fit
     return model.fit_from_stats(stats, kept, model.info_.get("calibration_history"), "update", now())
 
 

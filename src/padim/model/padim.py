@@ -30,9 +30,8 @@ class Padim:
     """PaDiM (Defard et al., 2021): one Gaussian per patch position over CNN features.
 
     Parameters: :class:`padim.params.PadimParams`. Runtime (keyword only): ``batch_size``, ``num_workers``
-    (decoders, None = auto), ``device``, ``weights`` (a backbone file), ``progress``, ``pretrained``.
-
-    As a scikit-learn estimator, the constructor only stores its arguments; :meth:`fit` checks them
+    (decoders, None = auto), ``device``, ``weights`` (a backbone file), ``progress``, ``pretrained``. As a
+    scikit-learn estimator, the constructor only stores its arguments; :meth:`fit` checks them
     and resolves ``d`` and ``sigma``. Fitted: ``params_``, ``scorer_``, ``threshold_``, ``info_``
     (training counts, threshold's promise), ``meta_`` (file metadata), ``stats_`` (the sums, or None).
     """
@@ -87,11 +86,12 @@ class Padim:
         return self.fit_from_stats(self.accumulate(images, kept=kept), kept)
 
     @torch.inference_mode()
-    def accumulate(self, images: Images, desc: str = "fit", kept: KeptEmbeddings | None = None) -> GaussianStats:
-        """The statistics of ``images``; partial results of disjoint shards add up (``a + b``).
-        ``kept`` keeps the embeddings of the images it names, to score them once fitted."""
+    def accumulate(self, images: Images, desc: str = "fit", kept: KeptEmbeddings | None = None,
+                   into: GaussianStats | None = None) -> GaussianStats:
+        """The statistics of ``images`` (added to ``into`` if given); those of disjoint shards add up
+        (``a + b``). ``kept`` keeps the embeddings of the images it names, to score them once fitted."""
         embedding = self.embedding(tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None)
-        stats = embedding.stats()
+        stats = embedding.stats() if into is None else into
         for blocks in embedding_groups(images, embedding, self.batch_size, self.num_workers, desc, self.progress):
             stats.update(blocks)
             if kept is not None:
