@@ -38,6 +38,14 @@ def test_run_writes_model_metrics_scores_and_figures(visa, tmp_path):
     assert {r["defect_type"] for r in rows} == {"normal", "blob", "blob+scratch"}
     assert (out / "model.safetensors").is_file() and (out / "roc_curve.png").stat().st_size > 1000
     assert len(list((out / "figures").glob("*.png"))) == 10
+    # the threshold's promise, stated in the model, metrics.json, the console and the report
+    point = metrics["model"]["operating_point"]
+    assert point["method"] == "out-of-fold" and point["n"] == 20 and point["rank"] == 1
+    assert point["threshold"] == pytest.approx(metrics["model"]["threshold"])
+    assert "from 20 out-of-fold scores; too few images to promise the target" in result.output
+    assert "aims at 1.0% false alarms" in (out / "report.html").read_text()
+    assert set(metrics["overall"]["recall_at_fpr"]) == {"0.01", "0.05"}
+    assert (out / "model.stats.safetensors").is_file()
 
 
 def test_fit_then_evaluate_then_predict(visa, tmp_path):

@@ -240,7 +240,9 @@ def _print_table(report: dict) -> None:
         low, high = point["fpr_interval"]
         click.echo(f"stored threshold {point['threshold']:.3f}: target {point['target_fpr']:.1%} false alarms on new "
                    f"normal images, expected {point['expected_fpr']:.2%} (90% interval {low:.2%}..{high:.2%}), "
-                   f"from {point['n']} {point['method']} scores")
+                   f"from {point['n']} {point['method']} scores"
+                   + ("; too few images to promise the target: add normal images" if
+                      point["expected_fpr"] > point["target_fpr"] else ""))
     if "at_threshold" in report:
         t = report["at_threshold"]
         click.echo(f"on this test set: false alarms {t['fp']}/{t['fp'] + t['tn']}, defects caught {t['tp']}/"

@@ -33,7 +33,8 @@ def _promise(model: Padim) -> str:
     low, high = point["fpr_interval"]
     return (f"threshold {model.threshold_:.4g} for a false-alarm target of {point['target_fpr']:g} from "
             f"{point['n']} normal images ({point['method']}): expected {point['expected_fpr']:.2%}, 90% interval "
-            f"{low:.2%}..{high:.2%}")
+            f"{low:.2%}..{high:.2%}" + (" (too few images to promise the target)" if
+                                        point["expected_fpr"] > point["target_fpr"] else ""))
 
 
 def _copy_stats(source: Path, target: Path) -> None:

@@ -76,7 +76,8 @@ def _threshold_fact(threshold: float | None, point: dict | None) -> str:
     low, high = point["fpr_interval"]
     return (f"{_fmt(threshold)}: aims at {point['target_fpr']:.1%} false alarms on new normal images; expected "
             f"{point['expected_fpr']:.2%}, 90% interval {low:.2%} to {high:.2%} (from {point['n']} {point['method']} "
-            "scores of normal images)")
+            "scores of normal images)" + ("; too few images to promise the target" if
+                                          point["expected_fpr"] > point["target_fpr"] else ""))
 
 
 def _confusion(metrics: dict) -> dict | None:
