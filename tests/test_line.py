@@ -97,7 +97,7 @@ def fitted(tmp_path_factory):
 def test_calibrate_update_and_merge_commands_write_new_models(fitted, tmp_path):
     root, model = fitted
     normal = root / "widget" / "test" / "good"
-    assert stats_path(model).is_file()
+    assert stats_path(model).stat().st_mode & 0o777 == model.stat().st_mode & 0o777  # the usual mode, not 0600
     result = invoke("calibrate", "--model", model, "--normal", normal, "--defective", root / "widget" / "test" / "blob",
                     "--out", tmp_path / "cal.safetensors", "--no-progress")
     assert result.exit_code == 0, result.output

@@ -70,6 +70,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename is done: marks the temporary as live
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual mode
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # again: a writer may have replaced the file (safetensors does)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
