@@ -44,7 +44,7 @@ def heat_table() -> np.ndarray:
 
 
 def map_range(stored: list[float] | None, maps: np.ndarray) -> tuple[float, float]:
-    """The heat maps' colour range: the model's ``stored`` one (from its held-out normal images), else
+    """The heat maps' colour range: the model's ``stored`` one (from its normal images' out-of-fold maps), else
     these maps' own."""
     if stored:
         return float(stored[0]), float(stored[1])
