@@ -355,15 +355,19 @@ def _new_model(device: str, workers: int | None, split, aspect: str, image_size:
     return Padim(device=device, num_workers=workers, image_size=image_size, **params)
 
 
+_STATS = click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
+                      help="Also write the fit's statistics beside the model (model.stats.safetensors, float32 "
+                           "sums, about twice the model's size) so that 'padim update' and 'padim merge' can add "
+                           "images later.")
+
+
 @main.command("fit")
 @data_options
 @model_options
 @runtime_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder; the model is written to OUT/{MODEL_FILE}.")
-@click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
-              help="Also write the fit's statistics beside the model (model.stats.safetensors, float32 sums, "
-                   "about twice the model's size) so that 'padim update' and 'padim merge' can add images later.")
+@_STATS
 @dask_options
 @handle_errors
 def fit_cmd(data_root, category, split, layout, device, workers, out, keep_stats, dask_address, shard_size,
@@ -418,9 +422,7 @@ def evaluate_cmd(data_root, category, split, layout, model_path, weights, device
 @eval_options
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder for {MODEL_FILE}, metrics.json, scores.csv and figures.")
-@click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
-              help="Also write the fit's statistics beside the model (model.stats.safetensors, float32 sums, "
-                   "about twice the model's size) so that 'padim update' and 'padim merge' can add images later.")
+@_STATS
 @handle_errors
 def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, keep_stats,
             **params):

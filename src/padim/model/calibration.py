@@ -14,12 +14,13 @@ one fit (Sherman-Morrison; :func:`leave_one_out`), so no image is held out and n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..datasets.images import ImageSource
+from ..spill import SpillArray
 from .batches import image_batches
 from .cells import Blocks
 from .scorer import PadimScorer
@@ -53,8 +54,6 @@ class KeptEmbeddings:
     def offer(self, blocks: Blocks, shift: Blocks) -> None:
         """Keep the chosen ones of the next B images of the stream (all of them with no indices);
         ``shift``: the statistics' (the same for the whole stream)."""
-        from ..spill import SpillArray
-
         b = blocks[0][0].shape[1]
         if self.indices is None:
             rows = np.arange(b)
@@ -65,7 +64,6 @@ class KeptEmbeddings:
             return
         if self.store is None:
             self.shift = [[x.clone() for x in scale] for scale in shift]
-            self.shapes = [[tuple(x.shape) for x in scale] for scale in shift]
             self.store = SpillArray((sum(x.numel() for scale in shift for x in scale),), np.float16)
         index = torch.as_tensor(rows, dtype=torch.long, device=blocks[0][0].device)
         flat = torch.cat([(x.index_select(1, index) - s.unsqueeze(1)).transpose(0, 1).reshape(len(rows), -1)
@@ -79,12 +77,12 @@ class KeptEmbeddings:
             items = range(start, min(start + size, len(self)))
             flat = torch.from_numpy(np.stack([self.store[i] for i in items])).to(self.shift[0][0].device).float()
             out, offset = [], 0
-            for scale, shapes in zip(self.shift, self.shapes, strict=True):
+            for scale in self.shift:
                 out.append([])
-                for s, (cells, channels) in zip(scale, shapes, strict=True):
-                    part = flat[:, offset:offset + cells * channels].view(-1, cells, channels)
+                for s in scale:  # each (cells, C)
+                    part = flat[:, offset:offset + s.numel()].view(-1, *s.shape)
                     out[-1].append(part.transpose(0, 1).add(s.unsqueeze(1)))
-                    offset += cells * channels
+                    offset += s.numel()
             yield out
 
     def close(self) -> None:
@@ -120,11 +118,23 @@ def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource
             kept.offer(embedding(batch, out), stats.shift)
     if not len(kept):
         return np.empty(0), None
-    count, scores, pixels = stats.count, [], []
-    for blocks in kept.batches(batch_size):
-        batch_scores, maps = scorer.maps(leave_one_out(scorer.whitening.distances(blocks), count))
-        scores.append(batch_scores.cpu().numpy())
-        pixels.append(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE].cpu().numpy().ravel())
+    return normal_summary(scorer.maps(leave_one_out(scorer.whitening.distances(blocks), stats.count))
+                          for blocks in kept.batches(batch_size))
+
+
+def normal_summary(batches: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]],
+                   ) -> tuple[np.ndarray, float]:
+    """(scores, median map value) of normal images from their batches of (scores, maps); the median
+    of every MAP_SAMPLE-th pixel in each direction. ValueError for no images."""
+    def host(x: torch.Tensor | np.ndarray) -> np.ndarray:
+        return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    scores, pixels = [], []
+    for batch_scores, maps in batches:
+        scores.append(host(batch_scores))
+        pixels.append(host(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE]).ravel())
+    if not scores:
+        raise ValueError("no normal images to calibrate on")
     return np.concatenate(scores), float(np.median(np.concatenate(pixels)))
 
 

@@ -197,6 +197,19 @@ def check_metadata(path: Path, meta: dict) -> None:
                              "altered; re-run 'padim fit'")
 
 
+def expect_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``tensors[name]`` if it has this shape and dtype and is finite, else ValueError naming it."""
+    t = tensors.get(name)
+    if t is None:
+        raise ValueError(f"tensor {name!r} missing")
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+    # NaN and inf propagate through abs and max: one reduction, fast on float16 too, unlike isfinite
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.abs().amax())):
+        raise ValueError(f"tensor {name!r} holds NaN or inf")
+    return t
+
+
 def stats_path(model_path: Path) -> Path:
     """The statistics sidecar of a model file: ``model.safetensors`` -> ``model.stats.safetensors``."""
     return model_path.with_name(f"{model_path.stem}.stats.safetensors")

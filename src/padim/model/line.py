@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelFileError
-from .calibration import MAP_SAMPLE, KeptEmbeddings, calibration_sample
+from .calibration import KeptEmbeddings, calibration_sample, normal_summary
 from .io import read_stats_file, stats_path
 from .padim import Images, Padim
 from .stats import GaussianStats
@@ -47,14 +47,7 @@ def recalibrate(model: Padim, normal: Images, target_fpr: float | None = None) -
     ``target_fpr`` (default: the model's); in place."""
     if target_fpr is not None:
         model.params_, model.target_fpr = replace(model.params_, target_fpr=target_fpr), target_fpr
-    scores, pixels = [], []
-    for batch_scores, maps in model.iter_predict(normal, desc="calibrate"):
-        scores.append(batch_scores)
-        pixels.append(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE].ravel())
-    if not scores:
-        raise ValueError("no normal images to calibrate on")
-    return model.set_threshold(np.concatenate(scores), float(np.median(np.concatenate(pixels))), "normal images",
-                               now())
+    return model.set_threshold(*normal_summary(model.iter_predict(normal, desc="calibrate")), "normal images", now())
 
 
 @torch.inference_mode()

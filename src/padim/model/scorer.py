@@ -14,8 +14,9 @@ from torch import nn
 from ..params import PadimParams
 from .embedding import Embedding, embedding_for
 from .factor import factor_rows
+from .io import expect_tensor
 from .stats import GaussianStats
-from .whitening import Whitening, expect_tensor
+from .whitening import Whitening
 
 
 def blur_kernel_size(sigma: float) -> int:

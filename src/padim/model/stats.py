@@ -20,6 +20,7 @@ from .cells import (
     side_by_side,
     vector_at,
 )
+from .io import expect_tensor
 
 STATS_TOP_CELLS = 16  # deepest cells per step of an update (fewer: smaller products, run slower)
 
@@ -203,24 +204,21 @@ class GaussianStats:
     def from_state(cls, layouts: list[ScaleLayout], count: float, tensors: dict[str, torch.Tensor],
                    device: torch.device | str = "cpu") -> GaussianStats:
         """The statistics of :meth:`state`'s ``tensors`` and their ``count``; ValueError names a
-        missing, extra or misshapen tensor."""
+        missing, extra, misshapen or non-finite tensor."""
         out = cls(layouts, device)
         if not (isinstance(count, int | float) and count >= 2):
             raise ValueError(f"count {count!r} is not a number >= 2")
-        out.count, out.shift = count, [[None] * len(lay.levels) for lay in layouts]
-        names = set()
+        out.count, out.shift, names = count, [[None] * len(lay.levels) for lay in layouts], set()
+
+        def take(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            names.add(name)
+            return expect_tensor(tensors, name, tuple(like.shape), torch.float32).to(device, dtype)
+
         for s, lay in enumerate(layouts):
             for i in range(len(lay.levels)):
-                for name, like, target in [(f"shift{s}_{i}", out.total[s][i], out.shift[s]),
-                                           (f"total{s}_{i}", out.total[s][i], out.total[s]),
-                                           *[(f"pairs{s}_{i}_{j}", p, out.pairs[s][i]) for j, p in
-                                             enumerate(out.pairs[s][i])]]:
-                    t = tensors.get(name)
-                    if t is None or tuple(t.shape) != tuple(like.shape) or not bool(torch.isfinite(t).all()):
-                        raise ValueError(f"tensor {name!r} missing, not of shape {tuple(like.shape)} or not finite")
-                    index = i if not name.startswith("pairs") else int(name.rsplit("_", 1)[1])
-                    target[index] = t.to(device, torch.float32 if name.startswith("shift") else torch.float64)
-                    names.add(name)
+                out.shift[s][i] = take(f"shift{s}_{i}", out.total[s][i], torch.float32)
+                out.total[s][i] = take(f"total{s}_{i}", out.total[s][i], torch.float64)
+                out.pairs[s][i] = [take(f"pairs{s}_{i}_{j}", p, torch.float64) for j, p in enumerate(out.pairs[s][i])]
         extra = sorted(set(tensors) - names)
         if extra:
             raise ValueError(f"unexpected tensor(s) {', '.join(extra)}")

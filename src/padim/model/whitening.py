@@ -13,22 +13,10 @@ from torch import nn
 
 from ..backbones.layout import ScaleLayout
 from .cells import Blocks, position_chunks, row_steps, scale_ranges, side_by_side, tap_channels
+from .io import expect_tensor
 
 DISTANCE_TOP_CELLS = 64  # deepest cells per step of the distances
 STATE_CHUNK = 1024  # positions per step of packing and unpacking: the full (P, d, d) factor never exists
-
-
-def expect_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """``tensors[name]`` if it has this shape and dtype and is finite, else ValueError naming it."""
-    t = tensors.get(name)
-    if t is None:
-        raise ValueError(f"tensor {name!r} missing")
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-        raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
-    # NaN and inf propagate through abs and max: one reduction, fast on float16 too, unlike isfinite
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.abs().amax())):
-        raise ValueError(f"tensor {name!r} holds NaN or inf")
-    return t
 
 
 def _check_diagonal(diagonal: torch.Tensor) -> None:
