@@ -108,7 +108,7 @@ def main() -> None:
     levels = [F.interpolate(normalized, size=hw, mode="bilinear", antialias=True)
               .contiguous(memory_format=torch.channels_last) for hw in extractor.level_sizes(size)]
     with torch.inference_mode():
-        step = extractor.micro_batch or args.batch_size
+        step = extractor.step(size) or args.batch_size
         # in turn, round after round: the VM's speed drifts by up to a third within minutes
         t = timed_rounds({
             "backbone": lambda: [extractor.net(c) for x in levels for c in x.split(step)],

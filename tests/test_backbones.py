@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from padim.backbones import BackboneError, FeatureExtractor, channel_index, get_spec, list_backbones
+from padim.backbones.extractor import micro_batch_for
 
 
 def test_registry_lists_the_four_backbones():
@@ -80,13 +81,22 @@ def test_extractor_writes_into_a_reused_buffer_with_the_same_values():
         out = extractor(batch, buffer)
         assert out.data_ptr() == buffer.data_ptr()
         assert torch.equal(out, extractor(batch))
-    for micro_batch, n in [(1, 1), (None, 2)]:  # one image; the whole-batch path
+    for micro_batch, n in [(1, 1), (None, 2), (2, 3), ("auto", 3)]:  # one image; the whole batch; in steps
         extractor.micro_batch = micro_batch
         out = extractor(images[:n], buffer)
         assert out.data_ptr() == buffer.data_ptr()
         assert torch.equal(out, extractor(images[:n]))
     with pytest.raises(ValueError, match="cannot hold"):
         extractor(images, buffer)  # 5 images, room for 3
+
+
+def test_micro_batch_follows_the_input_pixels():
+    assert [micro_batch_for(s) for s in [(64, 64), (256, 256), (320, 480), (224, 336), (512, 512), (4096, 4096)]] \
+        == [64, 4, 2, 4, 1, 1]
+    extractor = FeatureExtractor("mobilenet_v2", torch.arange(5))
+    assert extractor.step((256, 256)) == 4
+    extractor.micro_batch = None
+    assert extractor.step((256, 256)) is None
 
 
 def test_grids_are_probed_once_per_input_size(monkeypatch):

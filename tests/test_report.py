@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import shutil
@@ -86,6 +87,11 @@ def test_run_writes_report_inputs_and_report_command_rewrites_it(run_dir, tmp_pa
     assert "http://" not in html and "https://" not in html  # nothing fetched from the network
     assert html.count("data:image/png;base64,") >= 3 + len(misses)
     assert "pyramid scales 1, 0.7" in html  # the default model's levels are named
+    roc_uri = "data:image/png;base64," + base64.b64encode((copy / "roc_curve.png").read_bytes()).decode()
+    assert roc_uri in html  # the run's ROC plot, shown as written, not drawn twice
+    (copy / "roc_curve.png").unlink()  # without it the report draws its own
+    assert invoke("report", copy).exit_code == 0
+    assert (copy / "report.html").read_text().count("data:image/png;base64,") >= 3 + len(misses)
 
 
 def test_report_without_figures_links_generated_figures_of_gallery_images(tmp_path):

@@ -25,7 +25,17 @@ def channel_index(total: int, d: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:d].sort().values
 
 
-MICRO_BATCH = 1
+# Input pixels per network call on the CPU. Fewer, larger calls spread each layer's fixed cost over
+# more images; past about this many pixels the activations no longer stay in the caches and a call
+# gets slower per image (benchmarks/micro_batch.py; docs/performance.md).
+MICRO_PIXELS = 320_000
+
+
+def micro_batch_for(size: tuple[int, int]) -> int:
+    """Images per network call for (h, w) inputs: the largest power of two whose pixels stay within
+    MICRO_PIXELS, at least 1 (256 x 256: 4; 320 x 480: 2; larger: 1)."""
+    n = max(1, MICRO_PIXELS // (int(size[0]) * int(size[1])))
+    return 1 << (n.bit_length() - 1)
 
 
 def fold_batch_norms(net: nn.Module) -> nn.Module:
@@ -67,13 +77,14 @@ class FeatureExtractor(nn.Module):
     ones deepest tap first (see :meth:`block_layouts`). ``pool`` > 1 averages each tap over a pool x pool
     neighbourhood at its own resolution (PatchCore's local aggregation; 1 = plain PaDiM).
     ``tap_resize`` is how the deeper taps are brought to the stride-4 grid. The network runs on
-    ``micro_batch`` images at a time (None: the whole batch): its activations then stay in the CPU
-    caches, several times faster per image than one large batch on CPU (see benchmarks/speed.py).
+    ``micro_batch`` images at a time ('auto': :func:`micro_batch_for` the input size; None: the whole
+    batch): its activations then stay in the CPU caches, several times faster per image than one
+    large batch on CPU (see benchmarks/speed.py).
     ``weights_files``: the weights files the network was loaded from (see ``weights_record``).
     """
 
     def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
-                 pool: int = 1, tap_resize: str = "nearest", micro_batch: int | None = MICRO_BATCH,
+                 pool: int = 1, tap_resize: str = "nearest", micro_batch: int | str | None = "auto",
                  scales: Sequence[float] = (1.0,)):
         super().__init__()
         self.scales = check_scales(scales)
@@ -107,7 +118,7 @@ class FeatureExtractor(nn.Module):
         tensor; the result is then a view of it, valid until the buffer is written again."""
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
         sizes = self.level_sizes(size)
-        step = self.micro_batch
+        step = self.step(size)
         if step is None or images.device.type != "cpu" or (out is None and images.shape[0] <= step):
             x = self.normalize(images)
             levels = [self.features(self._downscale(x, hw)).flatten(2) for hw in sizes]
@@ -165,6 +176,10 @@ class FeatureExtractor(nn.Module):
         out = out[:images.shape[0]]
         out.copy_(images)
         return out.sub_(self.mean).div_(self.std)
+
+    def step(self, size: tuple[int, int]) -> int | None:
+        """Images per network call for (h, w) inputs (None: the whole batch); see ``micro_batch``."""
+        return micro_batch_for(size) if self.micro_batch == "auto" else self.micro_batch
 
     def _scratch(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """A :meth:`normalize` buffer for ``step`` of ``images`` at a time."""
@@ -266,7 +281,7 @@ class FeatureExtractor(nn.Module):
         self._checked_layouts(size)
         b = images.shape[0]
         out = out if out is not None else self.block_buffer(b, size)
-        step = self.micro_batch or b
+        step = self.step(size) or b
         scratch = self._scratch(images, step)
         for start, chunk in zip(range(0, b, step), images.split(step), strict=True):
             chunk = self.normalize(chunk, scratch)

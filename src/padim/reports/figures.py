@@ -1,4 +1,4 @@
-"""Figures: the ROC plot of an evaluation and the seed's 5-panel picture per image."""
+"""Figures: the seed's 5-panel picture per image."""
 
 from __future__ import annotations
 
@@ -15,33 +15,6 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 from .overlay import HEAT_CMAP, overlay  # noqa: E402
-
-
-def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def roc_figure(path: Path, image: dict | None, pixel: dict | None, image_auroc: float | None,
-               pixel_auroc: float | None, title: str = "") -> Path:
-    """Image ROC and pixel ROC side by side, AUROC in each legend; each curve is a dict with 'fpr'
-    and 'tpr' (None: undefined, and the plot says so)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, (name, curve, area) in zip(axes, [("Image ROC", image, image_auroc), ("Pixel ROC", pixel, pixel_auroc)],
-                                       strict=True):
-        ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--")
-        if curve is not None and area is not None:
-            ax.plot(curve["fpr"], curve["tpr"], lw=2, label=f"AUROC = {area:.3f}")
-            ax.legend(loc="lower right")
-        else:
-            ax.text(0.5, 0.5, "undefined: the test set\nhas only one class", ha="center", va="center")
-        ax.set(title=name, xlabel="False positive rate", ylabel="True positive rate", xlim=(0, 1), ylim=(0, 1.01))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from .curves import CURVES_FILE, load_pixel_curves
 from .gallery import MANIFEST, TILES_DIR
 
 REPORT_FILE = "report.html"
+ROC_FILE = "roc_curve.png"  # the run folder's ROC plot, which the report shows as it is
 
 
 def _data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -130,6 +131,7 @@ def report_context(run_dir: Path) -> dict:
     threshold = model.get("threshold")
     image = Ranking([Group.of(scores, labels)]).curves()
     pixel = load_pixel_curves(run_dir / CURVES_FILE)
+    roc = run_dir / ROC_FILE
     size = model.get("image_size") or []
     headline = [("Image AUROC", overall.get("image_auroc"), "How well the image score ranks defective above good "
                  "images (1 = perfect, 0.5 = chance)."),
@@ -159,7 +161,8 @@ def report_context(run_dir: Path) -> dict:
             ("Pixel metrics at", f"{metrics.get('metrics_resolution', 'model')} resolution"),
         ],
         "notes": metrics.get("notes", []),
-        "roc_png": _data_uri(plots.roc_plot(image, pixel, overall.get("image_auroc"), overall.get("pixel_auroc"))),
+        "roc_png": _data_uri(roc.read_bytes() if roc.is_file()
+                             else plots.roc_plot(image, pixel, overall.get("image_auroc"), overall.get("pixel_auroc"))),
         "pr_png": _data_uri(plots.pr_plot(image, pixel)),
         "hist_png": _data_uri(plots.histogram_plot(scores, labels, threshold)),
         "pixel_curves_missing": pixel is None and overall.get("pixel_auroc") is not None,

@@ -25,8 +25,10 @@ def _undefined(ax: plt.Axes, why: str) -> None:
     ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.35")
 
 
-def roc_plot(image: dict | None, pixel: dict | None, image_auroc: float | None, pixel_auroc: float | None) -> bytes:
-    """Image and pixel ROC side by side; each dict holds 'fpr' and 'tpr' (None: undefined)."""
+def roc_plot(image: dict | None, pixel: dict | None, image_auroc: float | None, pixel_auroc: float | None,
+             title: str = "") -> bytes:
+    """Image and pixel ROC side by side, AUROC in each legend, ``title`` above; each dict holds 'fpr'
+    and 'tpr' (None: undefined, and the plot says so)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, name, c, area in ((axes[0], "Image ROC", image, image_auroc), (axes[1], "Pixel ROC", pixel, pixel_auroc)):
         ax.plot([0, 1], [0, 1], color="0.75", lw=1, ls="--")
@@ -37,6 +39,8 @@ def roc_plot(image: dict | None, pixel: dict | None, image_auroc: float | None, 
             ax.legend(loc="lower right")
         ax.set(title=name, xlabel="False positive rate", ylabel="True positive rate", xlim=(0, 1), ylim=(0, 1.01))
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _png(fig)
 

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import csv_text, write_text
+from ..atomic import csv_text, write_bytes, write_text
 from ..datasets import Sample, read_image
 from ..metrics import Group, Ranking
 from ..spill import release_freed_memory
 from .curves import save_pixel_curves
-from .figures import FivePanel, roc_figure
+from .figures import FivePanel
 from .gallery import save_tile, select, write_galleries
-from .html import write_report
+from .html import ROC_FILE, write_report
+from .plots import roc_plot
 
 if TYPE_CHECKING:
     from ..evaluation import Evaluation
@@ -105,8 +106,8 @@ def write_run_folder(out_dir: Path, ev: Evaluation, header: dict, title: str = "
         write_text(out_dir / "scores.csv", csv_text(SCORES_HEADER, rows))
         save_pixel_curves(out_dir, ev.pixel_curves)
         overall = ev.metrics["overall"]
-        roc_figure(out_dir / "roc_curve.png", Ranking([Group.of(ev.scores, ev.labels)]).curves(), ev.pixel_curves,
-                   overall["image_auroc"], overall["pixel_auroc"], title)
+        write_bytes(out_dir / ROC_FILE, roc_plot(Ranking([Group.of(ev.scores, ev.labels)]).curves(), ev.pixel_curves,
+                                                 overall["image_auroc"], overall["pixel_auroc"], title))
         write_text(out_dir / METRICS_FILE, json.dumps(metrics_document(ev, header), indent=2))
         write_report(out_dir)
     document = metrics_document(ev, header)  # again, with the report's own seconds
