@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from conftest import make_folder_dataset, make_visa_dataset, write_png
 from padim.datasets import DatasetError, detect_layout, load_split, read_image, read_mask
@@ -66,6 +66,19 @@ def test_read_mask_nonzero_class_ids_are_anomalous_and_resize_is_nearest(tmp_pat
     small = read_mask(path, (20, 30))
     assert set(np.unique(small)) <= {False, True} and small.sum() == 50
     assert not read_mask(None, (8, 8)).any()
+
+
+def test_image_size_of_a_mask_is_as_stored_and_reads_no_pixels(tmp_path, monkeypatch):
+    from padim.datasets.images import image_size
+
+    path = tmp_path / "m.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a rotation read_mask does not apply
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(path, exif=exif)
+    assert image_size(path) == (60, 40)
+    assert image_size(path, upright=False) == (40, 60) == read_mask(path, (40, 60)).shape
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded the pixels"))
+    assert image_size(path, upright=False) == (40, 60)
 
 
 def test_read_image_converts_modes_and_applies_exif_rotation(tmp_path):

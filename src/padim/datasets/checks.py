@@ -20,7 +20,7 @@ def check_split(split: Split) -> Split:
     for s in split.test:
         if s.mask is None:
             continue
-        mask_hw, image_hw = image_size(s.mask), image_size(s.path)
+        mask_hw, image_hw = image_size(s.mask, upright=False), image_size(s.path)
         if mask_hw != image_hw:
             raise DatasetError(
                 f"{s.mask}: mask is {mask_hw[1]}x{mask_hw[0]} px but its image {s.path} is "

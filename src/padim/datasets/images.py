@@ -126,14 +126,16 @@ def read_image(source: ImageSource, size: tuple[int, int] | None = None) -> Imag
     return image
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file as displayed (EXIF rotation applied), from its header only."""
+def image_size(path: Path, upright: bool = True) -> tuple[int, int]:
+    """(height, width) of an image file as displayed (EXIF rotation applied; as stored without
+    ``upright``, how :func:`read_mask` reads a mask), from its header only (a PNG's EXIF may follow
+    its pixels: reading it decodes the whole file, which ``upright=False`` never does)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
-                if swaps_sides(im):
+                if upright and swaps_sides(im):
                     w, h = h, w
     except Exception as exc:  # noqa: BLE001 - the full decode later reports it with the same name
         raise DatasetError(f"{path}: cannot read image header ({exc}); replace or remove the file") from exc
