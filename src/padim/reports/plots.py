@@ -16,7 +16,7 @@ NORMAL_COLOR, ANOMALY_COLOR, THRESHOLD_COLOR = "#2b83ba", "#d7191c", "#222222"
 
 def _png(fig: plt.Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100)  # each plot is laid out tight already: no second crop pass
     plt.close(fig)
     return buffer.getvalue()
 
