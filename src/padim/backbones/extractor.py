@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
-                 pool: int = 1, tap_resize: str = "nearest", micro_batch: int | str | None = "auto",
+                 pool: int = 1, tap_resize: str = "nearest", micro_batch: int | Literal["auto"] | None = "auto",
                  scales: Sequence[float] = (1.0,)):
         super().__init__()
         self.scales = check_scales(scales)
