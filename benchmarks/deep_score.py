@@ -90,8 +90,9 @@ def extract(root: Path, category: str, run_dir: Path | None, cache: Path) -> dic
         # the CLI's default input: 320 px on the shorter side, the training images' aspect kept
         model = Padim(image_size=keep_aspect(320, split.train[0].path), num_workers=0)
         kept = KeptEmbeddings(calibration_sample(len(train_paths), model.calibration_images, model.seed))
-        model.fit_from_stats(model.accumulate(train_paths, kept=kept), kept)
-        oof = out_of_fold(model.scorer_, kept, model.stats_, model.batch_size)[0]  # in training order
+        # no threshold: the out-of-fold scores are computed once, here, in training order
+        model.fit_from_stats(model.accumulate(train_paths, kept=kept))
+        oof = out_of_fold(model.scorer_, kept, model.stats_, model.batch_size)[0]
         assert len(oof) == len(train_paths), "calibration_images smaller than the training set"
         kept.close()
         print(f"  {root.name}/{category}: fitted in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
