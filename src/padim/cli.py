@@ -344,15 +344,24 @@ def _no_final_collection() -> None:
 
 
 def _new_model(device: str, workers: int | None, split, aspect: str, image_size: int | tuple[int, int],
-               **params):
-    """A Padim for these options; with --aspect keep, the input size follows the training images."""
+               prefetch: bool = False, **params):
+    """(a Padim for these options, the :class:`~padim.datasets.prefetch.Prefetch` of the training
+    images started before torch is imported, with ``prefetch`` and where it can run, else None);
+    with --aspect keep, the input size follows the training images."""
     from .datasets.images import keep_aspect
-    from .model import Padim
 
     _check_device(device)
     if isinstance(image_size, int):
         image_size = keep_aspect(image_size, split.train[0].path) if aspect == "keep" else (image_size,) * 2
-    return Padim(device=device, num_workers=workers, image_size=image_size, **params)
+    started = None
+    if prefetch:
+        from .datasets.prefetch import Prefetch, can_prefetch
+
+        started = Prefetch([s.path for s in split.train], image_size) if can_prefetch() else None
+    from .model import Padim
+
+    model = Padim(device=device, num_workers=workers, image_size=image_size, **params)
+    return model, started
 
 
 _STATS = click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
@@ -374,7 +383,7 @@ def fit_cmd(data_root, category, split, layout, device, workers, out, keep_stats
             **params):
     """Fit a model on the normal training images of a category."""
     data, loaded = _load(data_root, category, split, layout)
-    model = _new_model(device, workers, loaded, **params)
+    model, prefetch = _new_model(device, workers, loaded, prefetch=not dask_address, **params)
     if dask_address:
         dist = _distributed()
         _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE,
@@ -384,7 +393,7 @@ def fit_cmd(data_root, category, split, layout, device, workers, out, keep_stats
         from .runs import fit_job
 
         stages = _stages()
-        path = fit_job(data, loaded, out, model, stages, keep_stats)
+        path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch)
         seconds, n_train = stages.seconds["fit"] + stages.seconds["calibrate"], len(loaded.train)
     click.echo(f"fitted on {n_train} images in {seconds:.1f} s; wrote {path} (threshold {model.threshold_})")
 
@@ -432,8 +441,8 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
     start = time.perf_counter()
     stages = _stages()
     data, loaded = _load(data_root, category, split, layout, stages)
-    model = _new_model(device, workers, loaded, **params)
-    path = fit_job(data, loaded, out, model, stages, keep_stats)
+    model, prefetch = _new_model(device, workers, loaded, prefetch=True, **params)
+    path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch)
     click.echo(f"fitted on {len(loaded.train)} images; wrote {path}")
     _evaluate(model, path, data, loaded, out, metrics_resolution, figures, params["progress"], stages)
     click.echo(f"total {time.perf_counter() - start:.1f} s")

@@ -20,6 +20,7 @@ from .reports.overlay import map_range, save_overlay
 from .stages import Stages
 
 if TYPE_CHECKING:  # the jobs get a model; scoring with an ONNX one needs no torch
+    from .datasets.prefetch import Prefetch
     from .export import ExportedModel
     from .model import Padim
 
@@ -49,9 +50,10 @@ class DataArgs:
 
 
 def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: Stages | None = None,
-            keep_stats: bool = True) -> Path:
+            keep_stats: bool = True, prefetch: Prefetch | None = None) -> Path:
     """Fit ``model`` on the training images and write ``out_dir/model.safetensors`` (and, with
     ``keep_stats``, the statistics beside it, for ``padim update``); returns the model's path.
+    ``prefetch``: the training images being decoded since the command started, at the model's size.
 
     Stages: 'fit' (the statistics of the training images and the factor), 'calibrate' (the
     out-of-fold scores that set the threshold), 'save'.
@@ -61,9 +63,12 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     stages = stages if stages is not None else Stages()
     paths = [s.path for s in split.train]
     check_training_set(data, len(paths), model)
-    kept = KeptEmbeddings(calibration_sample(len(paths), model.model_params().calibration_images, model.seed))
+    p = model.model_params()
+    kept = KeptEmbeddings(calibration_sample(len(paths), p.calibration_images, model.seed))
     with stages("fit"):
-        model.fit_from_stats(model.accumulate(paths, kept=kept))
+        images = paths if prefetch is None else prefetch.take(p.image_size)
+        model.fit_from_stats(model.accumulate(images, kept=kept))
+        del images  # the decoded images: freed before the calibration
     with stages("calibrate"):
         model.set_threshold(*out_of_fold(model.scorer_, kept, model.stats_, model.batch_size))
     kept.close()
