@@ -88,7 +88,7 @@ def extract(root: Path, category: str, run_dir: Path | None, cache: Path) -> dic
         oof = None
     else:  # fit Padim() as Padim.fit does, keeping the embeddings it scores out of fold
         # the CLI's default input: 320 px on the shorter side, the training images' aspect kept
-        model = Padim(image_size=keep_aspect(320, split.train[0].path), num_workers=0)
+        model = Padim(image_size=keep_aspect(320, split.train[0].path), num_workers=0, image_score="map")
         kept = KeptEmbeddings(calibration_sample(len(train_paths), model.calibration_images, model.seed))
         # no threshold: the out-of-fold scores are computed once, here, in training order
         model.fit_from_stats(model.accumulate(train_paths, kept=kept))

@@ -112,6 +112,7 @@ def require(module: str):
 @pytest.fixture(scope="session")
 def fryum_small(tmp_path_factory):
     """A small real model: 128 px, fitted on 40 fryum training images and saved; with the test split.
+    Its image score is the map's: 40 images are too few for the deep score's 160-channel Gaussians.
 
     Returns (model path, test samples). Shared by the export and service tests (fit once)."""
     if not (VISA_ROOT / "fryum" / "Data" / "Images").is_dir():
@@ -123,7 +124,7 @@ def fryum_small(tmp_path_factory):
     from padim.datasets import load_split
 
     split = load_split(VISA_ROOT, "fryum")
-    model = Padim(image_size=128, num_workers=0).fit([s.path for s in split.train[:40]])
+    model = Padim(image_size=128, num_workers=0, image_score="map").fit([s.path for s in split.train[:40]])
     path = model.save(tmp_path_factory.mktemp("fryum_small") / "model.safetensors")
     return path, split.test
 

@@ -29,7 +29,8 @@ def test_leave_one_out_equals_the_distance_to_the_model_of_the_other_images():
 
 def test_out_of_fold_scores_of_a_fit_match_refits_without_each_image():
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (10, 3, 64, 64), dtype=np.uint8))
-    kw = {"image_size": 64, "d": 16, "sigma": 1.0, "pretrained": False, "factor_dtype": "float32", "scales": (1.0,)}
+    kw = {"image_size": 64, "d": 16, "sigma": 1.0, "pretrained": False, "factor_dtype": "float32", "scales": (1.0,),
+          "image_score": "map"}
     torch.manual_seed(0)
     full = Padim(**kw).fit(images)
     refits = []

@@ -82,8 +82,8 @@ def test_blocks_hold_the_embedding_once_per_cell(extractor):
 
 def scorers(extractor, train: torch.Tensor, **params) -> dict[str, PadimScorer]:
     """The scorer of each form (nested cells, and per position) fitted on the same images."""
-    p = PadimParams(image_size=SIZE, d=40, sigma=2.0, factor_dtype="float32", scales=extractor.scales,
-                    pool=extractor.pool, **params).resolved()
+    p = PadimParams(image_size=SIZE, d=40, image_score="map", sigma=2.0, factor_dtype="float32",
+                    scales=extractor.scales, pool=extractor.pool, **params).resolved()
     out = {}
     for storage in ("cells", "positions"):
         embedding = embedding_for(extractor, SIZE, storage=storage)
@@ -119,8 +119,8 @@ def test_oas_is_fitted_per_position_and_equals_the_per_position_reference(extrac
     the estimator picks the per-position form, whose distances are the reference's."""
     assert embedding_for(extractor, SIZE, "oas").layouts != extractor.block_layouts(SIZE)
     assert embedding_for(extractor, SIZE, "eps").layouts == extractor.block_layouts(SIZE)
-    p = PadimParams(image_size=SIZE, d=40, sigma=0.0, factor_dtype="float32", scales=(1.0, 0.5), pool=3,
-                    covariance="oas").resolved()
+    p = PadimParams(image_size=SIZE, d=40, image_score="map", sigma=0.0, factor_dtype="float32", scales=(1.0, 0.5),
+                    pool=3, covariance="oas").resolved()
     embedding = embedding_for(extractor, SIZE, "oas")
     stats = embedding.stats()
     test = images(3, 9)

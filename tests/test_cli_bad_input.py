@@ -279,7 +279,8 @@ def test_non_finite_features_stop_the_fit_with_exit_5(tmp_path, monkeypatch):
     from padim.backbones.extractor import FeatureExtractor
     forward = FeatureExtractor.forward
     # in place: the features land in the fit's buffer, as a broken backbone's would
-    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, x, out=None: forward(self, x, out).mul_(float("nan")))
+    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, x, out=None, deep=None:
+                        forward(self, x, out, deep).mul_(float("nan")))
     root = make_folder_dataset(tmp_path, np.random.default_rng(0), n_train=6)
     result = invoke("fit", root, "--category", "widget", "--out", tmp_path / "o", *FAST)
     assert_error(result, 5, "NaN or inf", "weights")

@@ -15,7 +15,8 @@ from padim import Padim
 from padim.metrics import auroc
 from padim.model import ModelFileError, read_model_file
 from padim.model.batches import STATS_GROUP, decode_workers
-from padim.model.stats import GaussianStats
+from padim.model.calibration import operating_point
+from padim.model.stats import GaussianStats, JointStats
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,13 @@ def test_sharded_accumulation_gives_the_same_model_as_fit():
     sharded.fit_from_stats(stats, train)
     fa, fb = (m.scorer_.whitening.factor_of(slice(None)) for m in (sharded, whole))
     torch.testing.assert_close(fa, fb, rtol=1e-5, atol=1e-6)
-    # the out-of-fold images are kept in float16 about each fit's own shift
-    assert sharded.threshold_ == pytest.approx(whole.threshold_, rel=1e-3)
+    # the deep score's factor: 10 images in 160 channels, so its covariance is ill-conditioned and
+    # the float32 products of each shard (about their own shift) show in its small entries
+    fa, fb = (m.scorer_.deep.factor_of(slice(None)) for m in (sharded, whole))
+    assert float((fa - fb).abs().max()) < 1e-4 * float(fb.abs().max())
+    # the out-of-fold images are kept in float16 about each fit's own shift: the map's threshold is
+    # close; the deep score's out-of-fold distances, of 10 images in 160 channels, are not
+    assert sharded.info_["map_threshold"] == pytest.approx(whole.info_["map_threshold"], rel=1e-3)
 
 
 @pytest.mark.parametrize("tap_resize", ["nearest", "bilinear"])  # per cell, and per position
@@ -129,7 +135,7 @@ def test_statistics_are_updated_once_per_group_of_batches_and_equal_the_float64_
     rng = np.random.default_rng(7)
     n = 2 * STATS_GROUP + 3
     images = torch.stack([torch.from_numpy(texture(rng)).permute(2, 0, 1) for _ in range(n)])
-    model = Padim(image_size=64, d=16, batch_size=2, tap_resize=tap_resize)
+    model = Padim(image_size=64, d=16, batch_size=2, tap_resize=tap_resize, image_score="map")
     groups, update = [], GaussianStats.update
     monkeypatch.setattr(GaussianStats, "update", lambda self, b: groups.append(b[0][0].shape[1]) or update(self, b))
     stats = model.accumulate(images)
@@ -143,6 +149,29 @@ def test_statistics_are_updated_once_per_group_of_batches_and_equal_the_float64_
     assert float((outer - exact).abs().max()) < 1e-6 * float(exact.abs().max())
 
 
+def test_the_deep_image_scores_statistics_are_the_float64_sums_of_the_deep_tap():
+    rng = np.random.default_rng(8)
+    images = torch.stack([torch.from_numpy(texture(rng, 96)).permute(2, 0, 1) for _ in range(7)])
+    model = Padim(image_size=96, d=16, batch_size=3)
+    stats = model.accumulate(images)
+    assert isinstance(stats, JointStats) and stats.count == 7 and stats.deep.count == 7
+    with torch.inference_mode():
+        deep: list[torch.Tensor] = []
+        model.feature_extractor()(images, deep=deep)
+        x = torch.cat(deep).double().flatten(2).permute(2, 0, 1)  # (P', N, 160): the 3x3 grid of stride 32
+    assert x.shape == (9, 7, 160)
+    total, outer = stats.deep.sums()
+    torch.testing.assert_close(total, x.sum(dim=1), rtol=1e-6, atol=1e-6 * float(x.abs().max()) * 7)
+    exact = x.transpose(1, 2) @ x
+    assert float((outer - exact).abs().max()) < 1e-6 * float(exact.abs().max())
+    both = stats + model.accumulate(images[:2])  # shards add up, part by part
+    assert both.count == 9 and both.deep.count == 9
+    back = model.embedding().stats_from_state(stats.count, stats.state())
+    assert all(torch.equal(a, b) for a, b in zip(back.deep.state().values(), stats.deep.state().values(), strict=True))
+    with pytest.raises(ValueError, match="with and without"):
+        stats += model.set_params(image_score="map").accumulate(images[:2])
+
+
 def test_decoding_processes_only_on_cores_that_torch_leaves_free(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for cores, expected in [(2, 0), (3, 1), (16, 2)]:
@@ -150,3 +179,22 @@ def test_decoding_processes_only_on_cores_that_torch_leaves_free(monkeypatch):
         assert decode_workers(None, 100, 16) == expected
     assert decode_workers(None, 16, 16) == 0  # one batch: nothing to overlap
     assert decode_workers(3, 16, 16) == 3  # as requested
+
+
+def test_the_deep_score_is_fitted_out_of_fold_and_masks_keep_the_maps_own_threshold(tmp_path):
+    rng = np.random.default_rng(9)
+    model = Padim(image_size=64, d=16, num_workers=0).fit([texture(rng) for _ in range(24)])
+    assert model.params_.image_score == "deep" and model.scorer_.deep is not None
+    parts = model.info_["fusion_scores"]  # each training image's map and deep scores, out of fold
+    assert len(parts["map"]) == len(parts["deep"]) == model.info_["n_calibration"] == 24
+    centre = [float(np.median(np.float32(parts[k]))) for k in ("map", "deep")]
+    assert model.scorer_.maps.fusion[0::2].tolist() == pytest.approx(centre, rel=1e-6)
+    # the stored scores are the fused ones; masks and colours take the map's own threshold
+    fused = model.scorer_.maps.fuse(*(torch.tensor(parts[k]) for k in ("map", "deep"))).numpy()
+    np.testing.assert_allclose(model.info_["calibration"]["scores"], np.sort(fused), rtol=1e-5, atol=1e-5)
+    at_map = operating_point(np.float32(parts["map"]), model.target_fpr)["threshold"]
+    assert model.info_["map_threshold"] == pytest.approx(at_map) and model.info_["map_range"][1] > at_map
+    test = [texture(rng, defect=i % 2 == 1) for i in range(4)]
+    loaded = Padim.load(model.save(tmp_path / "m.safetensors"))
+    assert loaded.info_["map_threshold"] == model.info_["map_threshold"]
+    np.testing.assert_array_equal(loaded.predict(test).scores, model.predict(test).scores)

@@ -19,6 +19,9 @@ def test_resolved_fills_the_derived_defaults_and_keeps_what_was_given():
     given = PadimParams(d=40, sigma=0.0, scales=[1, 0.5]).resolved()
     assert (given.d, given.sigma, given.scales) == (40, 0.0, (1.0, 0.5))
     assert PadimParams(eps=1e-9).resolved().factor_dtype == "float32"  # float16 could not hold the factor
+    # the deep image score where the backbone has the tap and out-of-fold scores set its scale
+    assert p.image_score == "deep" and PadimParams(calibration_images=0).resolved().image_score == "map"
+    assert PadimParams(backbone="resnet18").resolved().image_score == "map"
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
@@ -29,7 +32,9 @@ def test_resolved_fills_the_derived_defaults_and_keeps_what_was_given():
     ({"covariance": "ledoit"}, "covariance"),
     ({"factor_dtype": "int8"}, "factor_dtype"),
     ({"top_k": 0}, "top_k"),
-    ({"image_score": "mean"}, "image_score must be map or levels"),
+    ({"image_score": "mean"}, "image_score must be map or levels or deep"),
+    ({"image_score": "deep", "calibration_images": 0}, "needs calibration_images > 0"),
+    ({"image_score": "deep", "backbone": "resnet18"}, "no deep tap"),
     ({"scales": (1.0, 1.0)}, "scales"),
     ({"d": 500}, "d must be in 1..152"),
     ({"image_size": (4, 4)}, "image_size"),
@@ -47,7 +52,7 @@ def test_state_round_trips_through_json_values_and_names_a_bad_field():
     with pytest.raises(ValueError, match="pool"):
         PadimParams.from_state({**state, "pool": True})
     old = {k: v for k, v in state.items() if k != "image_score"}  # a model file from before the option
-    assert PadimParams.from_state(old) == p and p.image_score == "map"  # an older file keeps its score
+    assert p.image_score == "deep" and PadimParams.from_state(old).image_score == "map"  # an older file keeps its score
     levels = PadimParams(image_size=(64, 96), image_score="levels").resolved()
     assert PadimParams.from_state(levels.to_state()).image_score == "levels"
     del state["eps"]

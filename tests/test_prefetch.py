@@ -7,13 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from conftest import make_folder_dataset, texture, write_png
 from padim import Padim
-from padim.cli import main
 from padim.datasets.images import read_image
 from padim.datasets.prefetch import Prefetch, can_prefetch
 
@@ -81,8 +79,8 @@ def test_a_fit_on_prefetched_images_equals_the_fit_on_the_files(tmp_path, rng):
 
 
 def test_the_command_line_prefetches_before_torch_is_imported(tmp_path):
-    # in a fresh process (here torch is loaded, so a command run in this process never forks): the
-    # fit takes decoded images, and writes the model a fit on the files writes
+    # in fresh processes (here torch is loaded, so a command run in this process never forks), one
+    # with the prefetch and one without: the fit takes decoded images, and writes the same bytes
     assert not can_prefetch()  # torch is loaded in this process
     root = make_folder_dataset(tmp_path / "data", np.random.default_rng(0), n_train=10)
     args = ["fit", str(root), "--category", "widget", "--image-size", "64", "--d", "16", "--no-progress",
@@ -90,14 +88,15 @@ def test_the_command_line_prefetches_before_torch_is_imported(tmp_path):
     probe = ("import sys\nfrom padim.datasets import prefetch\ntake = prefetch.Prefetch.take\n"
              "def counted(self, size):\n    out = take(self, size)\n"
              "    print('TAKEN', sum(not isinstance(x, str) and hasattr(x, 'shape') for x in out), len(out))\n"
-             "    return out\nprefetch.Prefetch.take = counted\nfrom padim.cli import main\nmain(sys.argv[1:])")
-    out = subprocess.run([sys.executable, "-c", probe, *args, "--out", str(tmp_path / "fresh")], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    taken = next(line for line in out.stdout.splitlines() if line.startswith("TAKEN")).split()
-    assert int(taken[2]) == 10 and int(taken[1]) > 0, taken  # the import of torch leaves time for some
-    with pytest.raises(SystemExit) as done:
-        main([*args, "--out", str(tmp_path / "here")])
-    assert done.value.code == 0
-    fresh, here = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("fresh", "here"))
-    assert fresh == here  # the same fit gives the same bytes
+             "    return out\nprefetch.Prefetch.take = counted\n"
+             "if sys.argv[1] == 'off':\n    prefetch.can_prefetch = lambda: False\n"
+             "from padim.cli import main\nmain(sys.argv[2:])")
+    taken = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", probe, mode, *args, "--out", str(tmp_path / mode)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        taken[mode] = [line.split() for line in out.stdout.splitlines() if line.startswith("TAKEN")]
+    assert taken["off"] == [] and int(taken["on"][0][2]) == 10 and int(taken["on"][0][1]) > 0, taken
+    on, off = ((tmp_path / mode / "model.safetensors").read_bytes() for mode in ("on", "off"))
+    assert on == off  # the same fit gives the same bytes

@@ -228,9 +228,10 @@ def test_the_node_selections_the_benchmark_compared(tiny):
     early = backbone_nodes(proto, blocks=4)
     assert early and all(int(n.split("blocks.")[1].split("/")[0].split("_")[0].split(".")[0]) < 4 for n in early)
     assert set(backbone_nodes(proto, skip_blocks=4)) == set(every) - set(early)
-    # the taps: backbone outputs read outside the backbone (pooled into features), 3 depths x 2 scales
+    # the taps: backbone outputs read outside the backbone (pooled into features), 3 depths x 2 scales,
+    # and the deep image score's
     taps = tap_nodes(proto, 1)
-    assert len(taps) == 6 and taps < tap_nodes(proto, 2)
+    assert len(taps) == 7 and taps < tap_nodes(proto, 2)
 
 
 def test_calibration_images_come_one_batch_at_a_time_for_the_strided_calibration(tiny):
@@ -272,7 +273,7 @@ def test_cli_float_blocks_keeps_the_first_blocks_float(tiny, tmp_path):
                     calibration[0].parent, "--calibration-images", 4, "--float-blocks", 3)
     assert result.exit_code == 0 and "blocks 0-2 float" in result.output, result.output
     meta = open_model(tmp_path / "m.onnx").meta_["quantization"]
-    assert meta["blocks"] == [3, None]
+    assert meta["blocks"] == [3, 14]  # up to the deepest PaDiM tap (13); the deep score's blocks stay float
     proto = onnx.load(str(tmp_path / "m.onnx"))
     quantized = {n.name for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     assert quantized  # INT8 from block 3 on; nothing before it reads an INT8 weight

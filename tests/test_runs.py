@@ -15,7 +15,8 @@ from padim.reports.figures import FivePanel, boundary
 
 
 def test_figure_titles_give_the_image_score_not_the_map_maximum(tmp_path, rng, monkeypatch):
-    model = Padim(image_size=64, d=8, top_k=10, pool=1, scales=(1.0,)).fit([texture(rng) for _ in range(6)])
+    model = Padim(image_size=64, d=8, top_k=10, pool=1, scales=(1.0,), image_score="map").fit(
+        [texture(rng) for _ in range(6)])
     path = write_png(tmp_path / "a.png", texture(rng, defect=True))
     normal = write_png(tmp_path / "n.png", texture(rng))
     ev = evaluate(model, Split([], [Sample(normal, 0), Sample(path, 1, ("blob",))], "folder", "test"))

@@ -92,6 +92,23 @@ def test_levels_image_score_ranks_each_levels_own_distances_not_the_blurred_map(
         AnomalyMaps([(4, 4)], (8, 8), 1.0, score="mean")
 
 
+def test_deep_image_score_sums_the_standardized_map_and_deep_scores():
+    dist = torch.tensor([[1.0, 2.0, 3.0, 9.0], [1.0, 1.0, 1.0, 1.0]])
+    deep = torch.arange(24, dtype=torch.float32).view(2, 12)  # 12 positions of the deep tap
+    maps = AnomalyMaps([(2, 2)], (2, 2), 0.0, score="deep")
+    normal_map, normal_deep = np.array([1.0, 2.0, 3.0, 4.0, 100.0]), np.array([10.0, 10.0, 12.0, 14.0, 14.0])
+    maps.fit_fusion(normal_map, normal_deep)  # medians 3 and 12; 1.4826 x the median absolute deviation (1, 2)
+    assert maps.fusion.tolist() == pytest.approx([3.0, 1.4826, 12.0, 2 * 1.4826])
+    scores, got = maps(dist, deep)
+    top10 = torch.tensor([np.mean(np.arange(2, 12)), np.mean(np.arange(14, 24))], dtype=torch.float32)  # of 12
+    torch.testing.assert_close(scores, (torch.tensor([9.0, 1.0]) - 3) / 1.4826 + (top10 - 12) / (2 * 1.4826))
+    torch.testing.assert_close(got, AnomalyMaps([(2, 2)], (2, 2), 0.0)(dist)[1])  # the map is the map's
+    maps.fit_fusion(np.ones(5), normal_deep)  # no spread: the standard deviation's, or a floor
+    assert maps.fusion[1].item() == pytest.approx(1e-12) and maps.fusion[3].item() > 0
+    with pytest.raises(ValueError, match="deep tap"):
+        maps(dist)
+
+
 @pytest.mark.parametrize("sigma", [0.0, 4.0])
 def test_matrix_smoothing_equals_upsample_then_blur(rng, sigma):
     import torch.nn.functional as F

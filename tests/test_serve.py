@@ -70,7 +70,8 @@ def test_predict_raw_and_multipart_score_like_the_cli_path(client, served, tmp_p
         multi = client.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
         assert raw.status_code == multi.status_code == 200, raw.text
         a, b = raw.json(), multi.json()
-        assert a["score"] == pytest.approx(float(expected.scores[i]), rel=1e-5) and a["score"] == b["score"]
+        # the deep image score is a sum of z-scores: compared near 0 on its own scale
+        assert a["score"] == pytest.approx(float(expected.scores[i]), rel=1e-5, abs=1e-4) and a["score"] == b["score"]
         assert a["label"] == ("anomaly" if expected.labels[i] else "normal") and b["filename"] == f.name
         assert a["threshold"] == model.threshold_ and (a["width"], a["height"]) == (64, 64)
         assert a["overlay_png"] is None and a["timing"]["total_ms"] >= a["timing"]["inference_ms"] > 0
@@ -90,7 +91,7 @@ def test_batch_scores_each_image_in_order(client, served):
     body = client.post("/predict/batch", files=files).json()
     singles = [client.post("/predict", content=png_bytes(im)).json()["score"] for im in images]
     assert [r["filename"] for r in body["results"]] == ["0.png", "1.png", "2.png", "3.png"]
-    assert np.allclose([r["score"] for r in body["results"]], singles, rtol=1e-5)
+    assert np.allclose([r["score"] for r in body["results"]], singles, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_uploads_get_a_clear_4xx(served):

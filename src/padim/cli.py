@@ -125,10 +125,11 @@ def model_options(func):
         click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True,
                      help="Image score = mean of the K largest values (1 = max)."),
         click.option("--image-score", type=click.Choice(IMAGE_SCORES), default=DEFAULTS.image_score,
-                     show_default=True,
                      help="What the image score ranks: 'map', the anomaly map (blurred, pyramid levels averaged); "
                           "'levels', each level's own unblurred distances over 2x2 positions, averaged over the "
-                          "levels."),
+                          "levels; 'deep', the map's score plus one of a deeper tap (stride 32), each scaled by "
+                          "its spread on the training images [default: deep where the backbone has that tap "
+                          "(mobilenet_v2), else map]."),
         click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=DEFAULTS.target_fpr, show_default=True,
                      help="False-alarm rate the stored threshold aims at on new normal images; set from "

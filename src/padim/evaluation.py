@@ -54,6 +54,7 @@ class Evaluation:
     threshold: float | None
     vrange: tuple[float, float]
     stages: Stages = field(default_factory=Stages)
+    map_threshold: float | None = None  # the maps' own (predicted masks); None: ``threshold``
 
     @property
     def labels(self) -> np.ndarray:
@@ -148,4 +149,4 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
                        "metrics.json), more than the usual %g", worst, PROMISED_ERROR)
     vrange = map_range(model.info_.get("map_range"), np.array([low, high]))
     return Evaluation(test, all_scores, maps, model.labels(all_scores), masks, stream.has_mask, resolution, metrics,
-                      curves, model.threshold_, vrange, stages)
+                      curves, model.threshold_, vrange, stages, model.info_.get("map_threshold"))

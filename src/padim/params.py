@@ -14,8 +14,9 @@ TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
 # what the image score ranks: 'map' the smoothed, averaged anomaly map (PaDiM); 'levels' each
-# pyramid level's own distances, unsmoothed, over 2x2 positions, averaged over the levels
-IMAGE_SCORES = ("map", "levels")
+# pyramid level's own distances, unsmoothed, over 2x2 positions, averaged over the levels; 'deep'
+# the map's score and a deep stride-32 tap's, each standardized by its out-of-fold spread, summed
+IMAGE_SCORES = ("map", "levels", "deep")
 
 # The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
 # (by parameter name, parsed form) that replace the command's own. 'plain' is plain PaDiM at
@@ -25,6 +26,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "default": {},
     "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1,
               "image_score": "map"},
+    # the defaults with the image score of the map alone (the default before the deep score)
+    "map": {"image_score": "map"},
     # the defaults with the image score from each level's unblurred distances (issue 28's candidate)
     "levels": {"image_score": "levels"},
 }
@@ -105,7 +108,8 @@ def check_param(name: str, value) -> None:
 # parameters added after the first model files, with the value that gives an older file's behaviour
 OLDER_FILES: dict[str, object] = {"image_score": "map", "target_fpr": 0.01, "calibration_images": 0}
 # what a fitted model says of its training and its threshold (Padim.info_, kept in its file)
-INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history")
+INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history",
+               "map_threshold", "fusion_scores")
 
 
 def stored_threshold(meta: dict) -> tuple[float | None, dict]:
@@ -121,8 +125,8 @@ RETIRED = ("calibration_fraction", "threshold_quantile")
 
 @dataclass(frozen=True)
 class PadimParams:
-    """What defines a PaDiM model; ``d`` and ``sigma`` may be None (a default derived from the
-    backbone and the input size) until :meth:`resolved`.
+    """What defines a PaDiM model; ``d``, ``sigma`` and ``image_score`` may be None (a default
+    derived from the backbone and the input size) until :meth:`resolved`.
 
     backbone: registered backbone name (see ``padim.backbones.list_backbones()``).
     image_size: (height, width) in pixels, or N for N x N; the CLI's default keeps the training
@@ -152,9 +156,13 @@ class PadimParams:
     scales: input scales of a feature pyramid: one Gaussian per position of each, the maps of all
         scales averaged ((1.0, 0.7) by default: the coarser level sees more context per patch,
         which helps large defects; (1.0,) = plain PaDiM).
-    image_score: what the image score ranks: 'map' (the smoothed, averaged map, PaDiM) or 'levels'
-        (each pyramid level's own distances, 2x2-averaged, the max, averaged over the levels; the
-        stored threshold is then in its units, not the map's); see AnomalyMaps.
+    image_score: what the image score ranks: 'map' (the smoothed, averaged map, PaDiM), 'levels'
+        (each pyramid level's own distances, 2x2-averaged, the max, averaged over the levels) or
+        'deep' (the map's score plus a deep one: one Gaussian per position of a stride-32 tap, the
+        mean of its 10 largest distances; each standardized by the median and spread of its
+        out-of-fold training scores); None: 'deep' where the backbone has a deep tap and there are
+        calibration images, else 'map'.
+        The maps are the same for all three; masks and colours use the map's own threshold.
     """
 
     backbone: str = "mobilenet_v2"
@@ -171,7 +179,7 @@ class PadimParams:
     covariance: str = "eps"
     top_k: int = 1
     scales: tuple[float, ...] = (1.0, 0.7)
-    image_score: str = "map"
+    image_score: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -180,7 +188,7 @@ class PadimParams:
 
     def resolved(self) -> PadimParams:
         """These parameters checked, with the derived defaults filled in: ``d`` (see
-        :func:`default_d`), ``sigma`` (:func:`default_sigma`), and a float32 factor where float16
+        :func:`default_d`), ``sigma`` (:func:`default_sigma`), ``image_score``, and a float32 factor where float16
         cannot hold it. ValueError (BackboneError for an unknown backbone) names a bad one."""
         from .backbones.registry import get_spec
 
@@ -190,9 +198,16 @@ class PadimParams:
         dtype = "float32" if self.factor_dtype == "float16" and self.eps < 1e-8 else self.factor_dtype
         out = replace(self, image_size=size, scales=check_scales(self.scales), factor_dtype=dtype,
                       d=default_d(self.backbone) if self.d is None else self.d,
-                      sigma=default_sigma(size) if self.sigma is None else float(self.sigma))
+                      sigma=default_sigma(size) if self.sigma is None else float(self.sigma),
+                      image_score=self.image_score or ("deep" if get_spec(self.backbone).deep
+                                                       and self.calibration_images > 0 else "map"))
         for name, value in asdict(out).items():
             check_param(name, value)
+        if out.image_score == "deep" and not get_spec(self.backbone).deep:
+            raise ValueError(f"backbone {self.backbone!r} has no deep tap for image_score 'deep'; use 'map'")
+        if out.image_score == "deep" and out.calibration_images == 0:
+            raise ValueError("image_score 'deep' needs calibration_images > 0: its two scores are put on one "
+                             "scale by their out-of-fold spread")
         total = sum(get_spec(self.backbone).channels)
         if out.d > total:
             raise ValueError(f"d must be in 1..{total} for backbone {self.backbone!r}, got {out.d}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .atomic import csv_text, write_text
+from .backbones.registry import get_spec
 from .datasets import DatasetError, Split, load_split, read_image
 from .datasets.folders import IMAGE_SUFFIXES, is_image_name
 from .params import MODEL_FILE
@@ -70,7 +71,8 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
         model.fit_from_stats(model.accumulate(images, kept=kept))
         del images  # the decoded images: freed before the calibration
     with stages("calibrate"):
-        model.set_threshold(*out_of_fold(model.scorer_, kept, model.stats_, model.batch_size))
+        scores, median_pixel, parts = out_of_fold(model.scorer_, kept, model.stats_, model.batch_size)
+        model.set_threshold(scores, median_pixel, parts=parts)
     kept.close()
     with stages("save"):
         path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
@@ -94,6 +96,11 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
         logger.warning("%d training images for %d feature channels: each covariance is rank-deficient and "
                        "only eps=%g on its diagonal keeps it invertible; expect weak results, use at least %d "
                        "images or a smaller --d", n, p.d, p.eps, p.d + 1)
+    deep = get_spec(p.backbone).deep_channels
+    if p.image_score == "deep" and n <= deep:
+        logger.warning("%d training images for the deep image score's %d channels: its Gaussians are "
+                       "rank-deficient and its out-of-fold scores unsteady; use at least %d images or "
+                       "--image-score map", n, deep, deep + 1)
 
 
 def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_path: Path | None = None,

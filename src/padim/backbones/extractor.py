@@ -82,11 +82,14 @@ class FeatureExtractor(nn.Module):
     batch): its activations then stay in the CPU caches, several times faster per image than one
     large batch on CPU (see benchmarks/speed.py).
     ``weights_files``: the weights files the network was loaded from (see ``weights_record``).
+    ``deep``: also give the backbone's deep tap (stride 32, pooled as the others, all its channels)
+    at the largest scale, for the deep image score: pass a list as ``deep`` to :meth:`forward` or
+    :meth:`blocks` and they append its (B, C, h, w) maps to it, batch part by batch part.
     """
 
     def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
                  pool: int = 1, tap_resize: str = "nearest", micro_batch: int | Literal["auto"] | None = "auto",
-                 scales: Sequence[float] = (1.0,)):
+                 scales: Sequence[float] = (1.0,), deep: bool = False):
         super().__init__()
         self.scales = check_scales(scales)
         self._grids: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
@@ -95,7 +98,7 @@ class FeatureExtractor(nn.Module):
         check_param("tap_resize", tap_resize)
         spec = get_spec(backbone)
         # channels-last lets oneDNN pick its fast depthwise and 1x1 convolution kernels on CPU
-        net = fold_batch_norms(spec.build(weights, pretrained).eval())
+        net = fold_batch_norms(spec.build(weights, pretrained, deep).eval())
         self.net = net.requires_grad_(False).to(memory_format=torch.channels_last)
         # name and sha256 of each weights file, hashed once as the network was built (None: random)
         self.weights_files: list[dict[str, str]] | None = weights_record(net)
@@ -108,21 +111,26 @@ class FeatureExtractor(nn.Module):
         # the subset split per tap, so unused channels are never pooled or resized
         offsets = torch.tensor([0, *spec.channels]).cumsum(0)
         self.taps_count = len(spec.channels)
+        self.deep_channels = spec.deep_channels if deep else 0
+        self.deep_level = self.scales.index(max(self.scales))  # the deep tap comes from the finest input
         self.stride = 4 * 2 ** (self.taps_count - 1)  # of the deepest tap: the first is at 4, each next at 2x
         for i in range(len(spec.channels)):
             keep = channels[(channels >= offsets[i]) & (channels < offsets[i + 1])] - offsets[i]
             self.register_buffer(f"tap{i}", keep.to(torch.long))
 
-    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None,
+                deep: list[torch.Tensor] | None = None) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> (B, d, P). ``out``: a (P, B', d) float32 buffer with B' >= B (see
         :meth:`buffer`) that the result is written into (its first B images) instead of a new
-        tensor; the result is then a view of it, valid until the buffer is written again."""
+        tensor; the result is then a view of it, valid until the buffer is written again.
+        ``deep``: a list the deep tap's maps are appended to (see the class docstring)."""
         size = (int(images.shape[-2]), int(images.shape[-1]))  # plain ints: an export fixes H and W
         sizes = self.level_sizes(size)
         step = self.step(size)
         if step is None or images.device.type != "cpu" or (out is None and images.shape[0] <= step):
             x = self.normalize(images)
-            levels = [self.features(self._downscale(x, hw)).flatten(2) for hw in sizes]
+            levels = [self.features(self._downscale(x, hw), deep if k == self.deep_level else None).flatten(2)
+                      for k, hw in enumerate(sizes)]
             emb = levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
             if out is None:
                 return emb
@@ -135,7 +143,8 @@ class FeatureExtractor(nn.Module):
         scratch = self._scratch(images, step)
         for start, chunk in zip(range(0, images.shape[0], step), images.split(step), strict=True):
             chunk = self.normalize(chunk, scratch)
-            levels = [self.features(self._downscale(chunk, hw)) for hw in sizes]
+            levels = [self.features(self._downscale(chunk, hw), deep if k == self.deep_level else None)
+                      for k, hw in enumerate(sizes)]
             if start == 0:
                 positions = sum(e.shape[2] * e.shape[3] for e in levels)
                 out = self._output(out, (positions, images.shape[0], levels[0].shape[1]), images.device)
@@ -204,21 +213,31 @@ class FeatureExtractor(nn.Module):
         """The (h, w) feature grid of each scale for ``size`` inputs: its finest tap's."""
         return [taps[0] for taps in self.tap_grids(size)]
 
-    @torch.inference_mode()
     def tap_grids(self, size: tuple[int, int]) -> list[list[tuple[int, int]]]:
-        """Per scale, the (h, w) grid of every tap of the network, in tap order, for ``size`` inputs
-        (one probe per scale, kept)."""
+        """Per scale, the (h, w) grid of every PaDiM tap of the network, in tap order, for ``size``
+        inputs (one probe per scale, kept)."""
+        return [list(taps[:self.taps_count]) for taps in self._probe(size)]
+
+    def deep_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) grid of the deep tap for ``size`` inputs (see ``deep``)."""
+        if not self.deep_channels:
+            raise ValueError("this extractor has no deep tap")
+        return self._probe(size)[self.deep_level][self.taps_count]
+
+    @torch.inference_mode()
+    def _probe(self, size: tuple[int, int]) -> list[list[tuple[int, int]]]:
         size = (int(size[0]), int(size[1]))
         if size not in self._grids:
             probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
             self._grids[size] = [[tuple(t.shape[-2:]) for t in self.net(probe.expand(1, 3, *hw))]
                                  for hw in self.level_sizes(size)]
-        return [list(taps) for taps in self._grids[size]]
+        return self._grids[size]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, deep: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Normalized float (B, 3, H, W) -> (B, d, H/4, W/4) embeddings (channels-last) of one scale,
-        the deepest tap's channels first (see :meth:`block_layouts` for why)."""
-        raw = self.net(x.contiguous(memory_format=torch.channels_last))
+        the deepest tap's channels first (see :meth:`block_layouts` for why); the deep tap's maps
+        appended to ``deep`` if given."""
+        raw = self._run(x, deep)
         size = raw[0].shape[-2:]
         # nearest (the PaDiM reference) keeps each deep feature constant over the finer patches
         # it covers; bilinear blends neighbouring deep features
@@ -227,20 +246,30 @@ class FeatureExtractor(nn.Module):
                 for t in self._kept(raw)]
         return torch.cat(maps, dim=1)
 
+    def _run(self, x: torch.Tensor, deep: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The network's PaDiM taps of normalized ``x``; its deep tap, pooled, appended to ``deep``."""
+        raw = self.net(x.contiguous(memory_format=torch.channels_last))
+        if self.deep_channels and deep is not None:
+            deep.append(self._pooled(raw[self.taps_count]))
+        return raw[:self.taps_count]
+
+    def _pooled(self, tap: torch.Tensor) -> torch.Tensor:
+        if self.pool == 1:
+            return tap
+        return F.avg_pool2d(tap, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+
     def _kept(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The network's taps -> the kept channels of each at its own resolution, pooled,
         channels-last, deepest tap first; taps that keep no channel are left out."""
         out = []
-        for i in reversed(range(len(taps))):
+        for i in reversed(range(self.taps_count)):
             tap, keep = taps[i], getattr(self, f"tap{i}")
             if keep.numel() == 0:  # a small d may draw no channel from a tap
                 continue
             if keep.numel() < tap.shape[1]:
                 # index_select returns NCHW; pooling and resizing run several times faster channels-last
                 tap = tap.index_select(1, keep).contiguous(memory_format=torch.channels_last)
-            if self.pool > 1:
-                tap = F.avg_pool2d(tap, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
-            out.append(tap)
+            out.append(self._pooled(tap))
         return out
 
     # ----------------------------------------------------------------- block layout (nearest)
@@ -272,12 +301,12 @@ class FeatureExtractor(nn.Module):
                 for lay in self._checked_layouts(size)]
 
     def blocks(self, images: torch.Tensor, out: list[list[torch.Tensor]] | None = None,
-               ) -> list[list[torch.Tensor]]:
+               deep: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
         """uint8 (B, 3, H, W) -> per scale, per tap (deepest first), the (cells, B, channels) tap
         embeddings, cells row by row: the embedding of :meth:`forward` with each deep feature kept
         once per cell instead of once per finest position (only where :meth:`block_layouts` is not
         None). ``out``: buffers from :meth:`block_buffer` with room for B images, written and
-        returned as views."""
+        returned as views. ``deep``: as in :meth:`forward`."""
         size = (int(images.shape[-2]), int(images.shape[-1]))
         self._checked_layouts(size)
         b = images.shape[0]
@@ -286,9 +315,9 @@ class FeatureExtractor(nn.Module):
         scratch = self._scratch(images, step)
         for start, chunk in zip(range(0, b, step), images.split(step), strict=True):
             chunk = self.normalize(chunk, scratch)
-            for hw, bufs in zip(self.level_sizes(size), out, strict=True):
+            for k, (hw, bufs) in enumerate(zip(self.level_sizes(size), out, strict=True)):
                 x = self._downscale(chunk, hw)
-                taps = self._kept(self.net(x.contiguous(memory_format=torch.channels_last)))
+                taps = self._kept(self._run(x, deep if k == self.deep_level else None))
                 for tap, buf in zip(taps, bufs, strict=True):
                     target = buf[:, start:start + tap.shape[0]]
                     target.view(*tap.shape[-2:], *target.shape[1:]).copy_(tap.permute(2, 3, 0, 1))

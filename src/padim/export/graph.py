@@ -14,7 +14,8 @@ class ScoringGraph(nn.Module):
     batch through the network at once (no micro-batches or buffers), each pyramid level resized by
     two matrix products (ONNX's Resize filters differently from torch), the distances by
     ``graph_distances`` of the scorer's whitening (per cell for a cell model, so the graph holds the
-    weights the model file holds), then the scorer's own anomaly maps."""
+    weights the model file holds; the deep tap's too, for the deep image score), then the scorer's
+    own anomaly maps and scores."""
 
     def __init__(self, scorer: PadimScorer):
         super().__init__()
@@ -30,10 +31,11 @@ class ScoringGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         extractor = self.scorer.extractor
         x = extractor.normalize(images)
-        levels = []
-        for matrices in self.resize:
+        levels, deep = [], []
+        for k, matrices in enumerate(self.resize):
             level = x if matrices is None else torch.matmul(torch.matmul(matrices[0], x.contiguous()), matrices[1])
-            levels.append(extractor.features(level).flatten(2))
+            levels.append(extractor.features(level, deep if k == extractor.deep_level else None).flatten(2))
         embeddings = levels[0] if len(levels) == 1 else torch.cat(levels, dim=2)
-        scores, maps = self.scorer.maps(self.scorer.whitening.graph_distances(embeddings))
+        far = None if self.scorer.deep is None else self.scorer.deep.graph_distances(deep[0].flatten(2))
+        scores, maps = self.scorer.maps(self.scorer.whitening.graph_distances(embeddings), far)
         return maps, scores  # the exported graph's outputs, in its order: 'maps', 'scores'

@@ -161,6 +161,10 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     if meta.get("quantization"):
         raise ModelFileError(f"{float_path}: already quantized; quantize the float export")
     kept_float = tap_nodes(proto, float_taps)
+    # the blocks after the deepest PaDiM tap (the deep image score's, at stride 32: little work) stay float
+    last = re.search(r"(\d+)$", meta["taps"][-1])
+    if last is not None:
+        blocks = int(last.group(1)) + 1 if blocks is None else min(blocks, int(last.group(1)) + 1)
     nodes = [n for n in backbone_nodes(proto, op_types, depthwise, blocks, skip_blocks) if n not in kept_float]
     if not backbone_nodes(proto, ("Conv",)):
         raise ModelFileError(f"{float_path}: no backbone convolutions named {BACKBONE_PREFIX}... in the graph")
@@ -184,6 +188,9 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
             str(source), str(staged), reader,
             quant_format=q.QuantFormat.QDQ if quant_format == "qdq" else q.QuantFormat.QOperator,
             nodes_to_quantize=nodes, per_channel=per_channel,
+            # ranges only for what can be quantized: a histogram calibration fails on the scores of
+            # similar images (a nearly constant tensor), which no quantized node reads
+            op_types_to_quantize=list(op_types),
             activation_type={"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8,
                              "uint16": q.QuantType.QUInt16}[activation],
             weight_type=q.QuantType.QInt8,

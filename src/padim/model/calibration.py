@@ -24,7 +24,7 @@ from ..spill import SpillArray
 from .batches import image_batches
 from .cells import Blocks
 from .scorer import PadimScorer
-from .stats import GaussianStats
+from .stats import GaussianStats, JointStats
 
 HISTORY = 20  # calibrations a model file remembers
 INTERVAL = (0.05, 0.95)  # the stated false-alarm interval: a 90% interval
@@ -107,35 +107,55 @@ def leave_one_out(distances: torch.Tensor, count: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource] | torch.Tensor, stats: GaussianStats,
-                batch_size: int) -> tuple[np.ndarray, float | None]:
-    """(scores, median map value) of training images, each scored by the model of the other
+def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource] | torch.Tensor,
+                stats: GaussianStats | JointStats, batch_size: int,
+                ) -> tuple[np.ndarray, float | None, tuple[np.ndarray, np.ndarray] | None]:
+    """(scores, median map value, parts) of training images, each scored by the model of the other
     ``stats.count - 1`` images (see :func:`leave_one_out`): their ``kept`` embeddings, or the images
-    (counted in ``stats``), run through the backbone here. No images: no scores."""
+    (counted in ``stats``), run through the backbone here. No images: no scores. With the deep
+    image score, its fusion is fitted to these scores first (``AnomalyMaps.fit_fusion``) and
+    ``parts`` are the map's and the deep tap's scores it was fitted to; else None."""
     if not isinstance(kept, KeptEmbeddings):
         images, kept, embedding = kept, KeptEmbeddings(), scorer.embedding
         for batch, out in image_batches(images, embedding, batch_size, desc="calibrate", fork=False):
             kept.offer(embedding(batch, out), stats.shift)
     if not len(kept):
-        return np.empty(0), None
-    return normal_summary(scorer.maps(leave_one_out(scorer.whitening.distances(blocks), stats.count))
-                          for blocks in kept.batches(batch_size))
+        return np.empty(0), None, None
+    deep: list[np.ndarray] = []
+
+    def batches():
+        for blocks in kept.batches(batch_size):
+            dist, far = scorer.distances(blocks)
+            scores, deep_scores, maps = scorer.maps.parts(leave_one_out(dist, stats.count),
+                                                          None if far is None else leave_one_out(far, stats.count))
+            if deep_scores is not None:
+                deep.append(deep_scores.cpu().numpy())
+            yield scores, maps
+
+    scores, median = normal_summary(batches())
+    if not deep:
+        return scores, median, None
+    deep_scores = np.concatenate(deep)
+    scorer.maps.fit_fusion(scores, deep_scores)
+    fused = scorer.maps.fuse(torch.from_numpy(scores), torch.from_numpy(deep_scores).float()).numpy()
+    return fused, median, (scores, deep_scores)
 
 
 def normal_summary(batches: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]],
                    ) -> tuple[np.ndarray, float]:
     """(scores, median map value) of normal images from their batches of (scores, maps); the median
     of every MAP_SAMPLE-th pixel in each direction. ValueError for no images."""
-    def host(x: torch.Tensor | np.ndarray) -> np.ndarray:
-        return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
     scores, pixels = [], []
     for batch_scores, maps in batches:
-        scores.append(host(batch_scores))
-        pixels.append(host(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE]).ravel())
+        scores.append(_host(batch_scores))
+        pixels.append(_host(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE]).ravel())
     if not scores:
         raise ValueError("no normal images to calibrate on")
     return np.concatenate(scores), float(np.median(np.concatenate(pixels)))
+
+
+def _host(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def operating_point(scores: np.ndarray, target_fpr: float) -> dict:
@@ -152,23 +172,34 @@ def operating_point(scores: np.ndarray, target_fpr: float) -> dict:
 
 
 def calibration_info(scores: np.ndarray, median_pixel: float | None, target_fpr: float, method: str,
-                     history: list | None = None, at: str | None = None) -> tuple[float | None, dict]:
+                     history: list | None = None, at: str | None = None,
+                     parts: tuple[np.ndarray, np.ndarray | None] | None = None,
+                     fusion_scores: dict | None = None) -> tuple[float | None, dict]:
     """(threshold, info) from normal images' ``scores`` (none: no threshold) set by ``method``
     ('out-of-fold', 'normal images', ...): the operating point, the scores kept (a later merge
-    thresholds on them), the heat-map colour range (the median normal pixel at the bottom, the
-    threshold mid-scale) and the calibration history, newest last (this one dated ``at``)."""
+    thresholds on them), the map's own threshold (for masks: from ``parts[0]``, the same images'
+    map scores, where the image score is not the map's), the heat-map colour range (the median
+    normal pixel at the bottom, the map's threshold mid-scale), the calibration history, newest
+    last (this one dated ``at``), and the scores the deep score's fusion was fitted to (``parts``
+    with the deep tap's, else ``fusion_scores`` as they were)."""
+    if parts is not None and parts[1] is not None:
+        fusion_scores = {"map": [float(x) for x in parts[0]], "deep": [float(x) for x in parts[1]]}
     if scores.size == 0:
         return None, {"n_calibration": 0, "calibration_scores": None, "map_range": None, "calibration": None,
-                      "calibration_history": list(history or [])}
+                      "calibration_history": list(history or []), "map_threshold": None,
+                      "fusion_scores": fusion_scores}
     point = operating_point(scores, target_fpr)
     threshold = point["threshold"]
+    at_map = threshold if parts is None else operating_point(np.asarray(parts[0]), target_fpr)["threshold"]
     entry = {**({"at": at} if at else {}), "method": method, "n": point["n"], "target_fpr": target_fpr,
              "threshold": threshold}
     return threshold, {
         "n_calibration": int(scores.size),
         "calibration_scores": {"min": float(scores.min()), "median": float(np.median(scores)),
                                "max": float(scores.max())},
-        "map_range": None if median_pixel is None else [median_pixel, threshold + max(threshold - median_pixel, 1e-6)],
+        "map_range": None if median_pixel is None else [median_pixel, at_map + max(at_map - median_pixel, 1e-6)],
+        "map_threshold": at_map,
+        "fusion_scores": fusion_scores,
         "calibration": {"method": method, **point, "scores": [float(s) for s in np.sort(scores)]},
         "calibration_history": [*(history or []), entry][-HISTORY:],
     }

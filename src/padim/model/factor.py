@@ -91,10 +91,12 @@ def shrink_blocks(blocks: list[list[torch.Tensor]], dim: int, n: int) -> None:
         row[-1].diagonal(dim1=1, dim2=2).add_(target.unsqueeze(1))
 
 
-def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps",
+def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps", relative: bool = False,
                 ) -> Iterator[tuple[int, int, slice, torch.Tensor]]:
     """Yield (scale, tap i, tap-i cells, float64 (n, C_i, channels of taps <= i) rows of W) for
-    every cell of every tap, a few rows of the deepest grid at a time.
+    every cell of every tap, a few rows of the deepest grid at a time. ``relative``: ``eps`` times
+    each cell's mean variance of the tap goes on the diagonal (the same strength at any feature
+    scale), instead of ``eps`` itself.
 
     'oas' shrinks each position's whole covariance by its own coefficient, so it needs every block
     at a position: the trivial layout (the estimator picks it, see Embedding)."""
@@ -119,7 +121,9 @@ def factor_rows(stats: GaussianStats, eps: float, estimator: str = "eps",
             rows: list[torch.Tensor] = []
             for i, row in enumerate(blocks):
                 a_ii = row[-1]
-                a_ii.diagonal(dim1=1, dim2=2).add_(eps)
+                diagonal = a_ii.diagonal(dim1=1, dim2=2)
+                # a floor keeps a position whose features never vary (a blank region) invertible
+                diagonal.add_((eps * diagonal.mean(dim=1, keepdim=True)).clamp_min(1e-6) if relative else eps)
                 check_finite(a_ii)
                 positions = start + layout.first(i)[parts[i]]
                 if i == 0:

@@ -18,7 +18,8 @@ from ..errors import ModelFileError
 from .calibration import KeptEmbeddings, calibration_sample, normal_summary
 from .io import read_stats_file, stats_path
 from .padim import Images, Padim
-from .stats import GaussianStats
+from .scorer import image_scores
+from .stats import GaussianStats, JointStats
 
 
 def now() -> str:
@@ -26,14 +27,13 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def load_stats(model: Padim, path: str | Path) -> GaussianStats:
+def load_stats(model: Padim, path: str | Path) -> GaussianStats | JointStats:
     """The statistics ``model`` (loaded from ``path``) was fitted from, read from its sidecar;
     ModelFileError when it is missing or belongs to another fit."""
     path = Path(path)
     count, tensors = read_stats_file(stats_path(path), model.params_)
-    layouts = model.scorer_.embedding.layouts
     try:
-        stats = GaussianStats.from_state(layouts, count, tensors, model.scorer_.embedding.device)
+        stats = model.scorer_.embedding.stats_from_state(count, tensors)
     except ValueError as exc:
         raise ModelFileError(f"{stats_path(path)}: {exc}; re-run 'padim fit'") from exc
     if round(stats.count) != model.info_.get("n_train"):
@@ -47,11 +47,19 @@ def recalibrate(model: Padim, normal: Images, target_fpr: float | None = None) -
     ``target_fpr`` (default: the model's); in place."""
     if target_fpr is not None:
         model.params_, model.target_fpr = replace(model.params_, target_fpr=target_fpr), target_fpr
-    return model.set_threshold(*normal_summary(model.iter_predict(normal, desc="calibrate")), "normal images", now())
+    map_scores: list[np.ndarray] = []  # the maps' own scores: their threshold, for masks and colours
+
+    def batches():
+        for scores, maps in model.iter_predict(normal, desc="calibrate"):
+            map_scores.append(image_scores(torch.from_numpy(maps), model.params_.top_k).numpy())
+            yield scores, maps
+
+    scores, median_pixel = normal_summary(batches())
+    return model.set_threshold(scores, median_pixel, "normal images", now(), (np.concatenate(map_scores), None))
 
 
 @torch.inference_mode()
-def update(model: Padim, stats: GaussianStats, images: Images, decay: float = 1.0) -> Padim:
+def update(model: Padim, stats: GaussianStats | JointStats, images: Images, decay: float = 1.0) -> Padim:
     """Add normal ``images`` to ``model`` fitted from ``stats`` (the old images weighed by
     ``decay``), in place: the model of the (weighted) union, its threshold from the new images'
     out-of-fold scores (the line as it is now)."""
@@ -64,7 +72,7 @@ def update(model: Padim, stats: GaussianStats, images: Images, decay: float = 1.
 
 
 @torch.inference_mode()
-def merge(models: Sequence[Padim], stats: Sequence[GaussianStats]) -> Padim:
+def merge(models: Sequence[Padim], stats: Sequence[GaussianStats | JointStats]) -> Padim:
     """One model from ``models`` fitted apart with the same parameters, from their summed
     ``stats``: the fit on the union of their images; its threshold from all their out-of-fold
     scores (each from its own model: slightly high, a stricter threshold)."""
@@ -82,5 +90,13 @@ def merge(models: Sequence[Padim], stats: Sequence[GaussianStats]) -> Padim:
     scores = np.concatenate([np.asarray((m.info_.get("calibration") or {}).get("scores", []), dtype=float)
                              for m in models])
     lows = [m.info_["map_range"][0] for m in models if m.info_.get("map_range")]
+    fusion = [m.info_.get("fusion_scores") for m in models]
     first.fit_from_stats(total, (), history)
-    return first.set_threshold(scores, float(np.mean(lows)) if lows else None, "merge", now())
+    parts = None
+    if first.params_.image_score == "deep":  # the scores the models' fusions were fitted to, fitted again
+        if any(f is None for f in fusion):
+            raise ValueError("a model with the deep image score keeps no out-of-fold scores to merge; refit it")
+        parts = tuple(np.concatenate([np.asarray(f[k], dtype=np.float32) for f in fusion]) for k in ("map", "deep"))
+        first.scorer_.maps.fit_fusion(*parts)
+        scores = first.scorer_.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
+    return first.set_threshold(scores, float(np.mean(lows)) if lows else None, "merge", now(), parts)

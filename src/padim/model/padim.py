@@ -67,11 +67,12 @@ class Padim:
         """The backbone with its channel subset for ``params`` (default: :meth:`model_params`),
         built on first use and kept while the settings it depends on stay the same."""
         p = params or self.model_params()
-        key = (p.backbone, p.d, p.seed, p.pool, p.tap_resize, p.scales, str(self.device), self.weights, self.pretrained)
+        key = (p.backbone, p.d, p.seed, p.pool, p.tap_resize, p.scales, p.image_score == "deep", str(self.device),
+               self.weights, self.pretrained)
         if getattr(self, "_extractor", (None,))[0] != key:
             channels, weights = channel_index(sum(get_spec(p.backbone).channels), p.d, p.seed), self.weights
             extractor = FeatureExtractor(p.backbone, channels, weights and Path(weights), self.pretrained, p.pool,
-                                         p.tap_resize, scales=p.scales)
+                                         p.tap_resize, scales=p.scales, deep=key[6])
             self._extractor = (key, extractor.to(torch.device(self.device)))
         return self._extractor[1]
 
@@ -112,15 +113,17 @@ class Padim:
         self.stats_ = stats = stats.to_layouts(embedding.layouts)  # e.g. per-position sums for a per-cell model
         self.scorer_, self.params_ = PadimScorer.fit(embedding, stats, p), p
         self.info_ = {"calibration_history": list(history or [])}
-        return self.set_threshold(*out_of_fold(self.scorer_, calibration, stats, self.batch_size), method, at)
+        scores, median_pixel, parts = out_of_fold(self.scorer_, calibration, stats, self.batch_size)
+        return self.set_threshold(scores, median_pixel, method, at, parts)
 
     def set_threshold(self, scores: np.ndarray, median_pixel: float | None, method: str = "out-of-fold",
-                      at: str | None = None) -> Padim:
+                      at: str | None = None, parts: tuple | None = None) -> Padim:
         """The threshold for the target false-alarm rate from normal images' ``scores`` (their median
-        map value: the heat map's low end); the history notes ``method`` and time ``at`` (None: a fit)."""
+        map value: the heat map's low end; ``parts``: see calibration_info); the history notes
+        ``method`` and time ``at`` (None: a fit)."""
         p, stats = self.params_, getattr(self, "stats_", None)
-        self.threshold_, info = calibration_info(scores, median_pixel, p.target_fpr, method,
-                                                 self.info_.get("calibration_history"), at)
+        self.threshold_, info = calibration_info(scores, median_pixel, p.target_fpr, method, self.info_.get(
+            "calibration_history"), at, parts, self.info_.get("fusion_scores"))
         self.info_ = {"n_train": self.info_["n_train"] if stats is None else round(stats.count), **info}
         self.meta_ = model_metadata(p, self.scorer_.embedding.grids, self.scorer_.storage,
                                     self.scorer_.extractor.weights_files, self.threshold_, self.info_)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +16,16 @@ from ..params import PadimParams
 from .embedding import Embedding, embedding_for
 from .factor import factor_rows
 from .io import expect_tensor
-from .stats import GaussianStats
+from .stats import GaussianStats, JointStats
 from .whitening import Whitening
+
+# the deep image score (image_score 'deep'): the mean of the DEEP_TOP largest distances of the deep
+# tap's positions (one noisy position does not decide alone; a defect covers several at stride 32),
+# its covariances with DEEP_EPS times each position's mean variance on the diagonal (deep features'
+# variances are far from the shallow taps', so a fixed eps would weigh them differently)
+DEEP_TOP = 10
+DEEP_EPS = 0.01
+MAD_TO_SD = 1.4826  # the median absolute deviation of a normal distribution, in standard deviations
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -76,16 +85,21 @@ class AnomalyMaps(nn.Module):
     of its ``top_k`` largest values; 'levels', the same of each scale's own distances (not
     upsampled, not blurred) averaged over 2x2 neighbouring positions, then averaged over the
     scales: the blur and the pyramid's average serve the pixel map and spread a small defect's
-    peak over its surroundings; the 2x2 mean keeps one noisy position from deciding alone."""
+    peak over its surroundings; the 2x2 mean keeps one noisy position from deciding alone.
+    'deep': the map's score and the deep tap's (the mean of its DEEP_TOP largest distances), each
+    as (score - centre) / spread with the ``fusion`` [centre, spread, centre, spread] of the
+    training images' out-of-fold scores (:meth:`fit_fusion`), summed."""
 
     def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
                  score: str = "map"):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if score not in ("map", "levels"):
-            raise ValueError(f"score must be 'map' or 'levels', got {score!r}")
+        if score not in ("map", "levels", "deep"):
+            raise ValueError(f"score must be 'map', 'levels' or 'deep', got {score!r}")
         self.score = score
+        if score == "deep":
+            self.register_buffer("fusion", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.grids = [(int(h), int(w)) for h, w in grids]
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.positions = sum(h * w for h, w in self.grids)
@@ -93,7 +107,31 @@ class AnomalyMaps(nn.Module):
         self.top_k = int(top_k)
         self._smoothing: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, dist: torch.Tensor, deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, deep_scores, maps = self.parts(dist, deep)
+        return (scores if deep_scores is None else self.fuse(scores, deep_scores)), maps
+
+    def fuse(self, scores: torch.Tensor, deep_scores: torch.Tensor) -> torch.Tensor:
+        """The 'deep' image score of the map's ``scores`` and the deep tap's."""
+        f = self.fusion
+        # summed by a reduction, not an Add: an INT8 export's histogram calibration (onnxruntime)
+        # takes in every Add's inputs, and fails on the nearly constant ones of similar images
+        return torch.stack([(scores - f[0]) / f[1], (deep_scores - f[2]) / f[3]]).sum(dim=0)
+
+    def fit_fusion(self, scores: np.ndarray, deep_scores: np.ndarray) -> None:
+        """Centre and spread of each score from normal images' out-of-fold ``scores`` (the map's)
+        and ``deep_scores``: the median and 1.4826 median absolute deviations, which one odd
+        training image cannot move far (the standard deviation where that is 0)."""
+        fusion = []
+        for x in (np.asarray(scores, np.float64), np.asarray(deep_scores, np.float64)):
+            centre = float(np.median(x))
+            spread = MAD_TO_SD * float(np.median(np.abs(x - centre))) or float(x.std())
+            fusion += [centre, max(spread, 1e-12)]
+        self.fusion.copy_(torch.tensor(fusion))
+
+    def parts(self, dist: torch.Tensor, deep: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(image scores of the map, or of the levels; the deep tap's scores or None; maps)."""
         if dist.shape[-1] != self.positions:
             raise ValueError(f"{dist.shape[-1]} feature positions, the fitted grids {self.grids} have "
                              f"{self.positions}; images must have the model's input size")
@@ -110,8 +148,12 @@ class AnomalyMaps(nn.Module):
             start += h * w
         if len(self.grids) > 1:
             maps.div_(len(self.grids))
-        scores = image_scores(maps, self.top_k) if self.score == "map" else torch.stack(levels).mean(dim=0)
-        return scores, maps
+        scores = torch.stack(levels).mean(dim=0) if self.score == "levels" else image_scores(maps, self.top_k)
+        if self.score != "deep":
+            return scores, None, maps
+        if deep is None:
+            raise ValueError("the deep image score needs the deep tap's distances")
+        return scores, deep.topk(min(DEEP_TOP, deep.shape[1]), dim=1).values.mean(dim=1), maps
 
     def smooth(self, distances: torch.Tensor) -> torch.Tensor:
         """Upsample (B, h, w) distances bilinearly to the image size and blur them (see smoothing_matrix)."""
@@ -133,13 +175,17 @@ class PadimScorer(nn.Module):
     """What a fitted model runs on images: uint8 (B, 3, H, W) -> its embeddings, their Mahalanobis
     distances to each position's Gaussian (the whitening), image scores and anomaly maps."""
 
-    def __init__(self, embedding: Embedding, whitening: Whitening, sigma: float, top_k: int = 1, score: str = "map"):
+    def __init__(self, embedding: Embedding, whitening: Whitening, sigma: float, top_k: int = 1, score: str = "map",
+                 deep: Whitening | None = None):
         super().__init__()
         if whitening.layouts != embedding.layouts:
             raise ValueError("the whitening's layout is not the embedding's")
+        if (deep is None) != (score != "deep") or (deep is not None and deep.layouts != [embedding.deep_layout]):
+            raise ValueError("the deep image score needs the deep tap's whitening, and only it")
         self.embedding = embedding
         self.extractor = embedding.extractor
         self.whitening = whitening
+        self.deep = deep  # the deep tap's Gaussians (image_score 'deep')
         self.maps = AnomalyMaps(embedding.grids, embedding.size, sigma, top_k, score)
 
     @property
@@ -158,7 +204,13 @@ class PadimScorer(nn.Module):
 
     def score(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding blocks -> (scores (B,), maps (B, H, W))."""
-        return self.maps(self.whitening.distances(blocks))
+        return self.maps(*self.distances(blocks))
+
+    def distances(self, blocks) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedding blocks -> (B, P) Mahalanobis distances of the scales' positions, and (B, P')
+        of the deep tap's (None without the deep score)."""
+        k = len(self.whitening.layouts)
+        return self.whitening.distances(blocks[:k]), None if self.deep is None else self.deep.distances(blocks[k:])
 
     @property
     def storage(self) -> str:
@@ -166,8 +218,13 @@ class PadimScorer(nn.Module):
         return self.whitening.storage
 
     def state(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Model-file tensors: the whitening's (its factor in ``dtype``) and the channel index."""
-        return {**self.whitening.state(dtype), "channels": self.extractor.channels.cpu().contiguous()}
+        """Model-file tensors: the whitening's (its factor in ``dtype``) and the channel index; with
+        the deep score, the deep whitening's (``deep_``) and the ``fusion``."""
+        out = {**self.whitening.state(dtype), "channels": self.extractor.channels.cpu().contiguous()}
+        if self.deep is not None:
+            out.update({f"deep_{k}": v for k, v in self.deep.state(dtype).items()})
+            out["fusion"] = self.maps.fusion.cpu().clone()
+        return out
 
     @classmethod
     def from_state(cls, extractor, p: PadimParams, meta: dict, tensors: dict[str, torch.Tensor]) -> PadimScorer:
@@ -181,20 +238,43 @@ class PadimScorer(nn.Module):
         channels = expect_tensor(tensors, "channels", (embedding.dim,), torch.int64)
         if not torch.equal(channels, extractor.channels.cpu()):
             raise ValueError("channel index does not match the backbone's channel subset (d, seed)")
-        stored = embedding.whitening()
-        extra = sorted(set(tensors) - stored.tensor_names() - {"channels"})
+        stored, dtype = embedding.whitening(), getattr(torch, p.factor_dtype)
+        deep = None if p.image_score != "deep" else Whitening([embedding.deep_layout], embedding.device)
+        names = stored.tensor_names() | {"channels"}
+        if deep is not None:
+            names |= {f"deep_{k}" for k in deep.tensor_names()} | {"fusion"}
+        extra = sorted(set(tensors) - names)
         if extra:
             raise ValueError(f"unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
-        stored.load_state(tensors, getattr(torch, p.factor_dtype))
-        return cls(embedding, stored, p.sigma, p.top_k, p.image_score)
+        stored.load_state(tensors, dtype)
+        scorer = cls(embedding, stored, p.sigma, p.top_k, p.image_score, deep)
+        if deep is not None:
+            deep.load_state({k[len("deep_"):]: v for k, v in tensors.items() if k.startswith("deep_")}, dtype)
+            fusion = expect_tensor(tensors, "fusion", (4,), torch.float32)
+            if not bool((fusion[1::2] > 0).all()):
+                raise ValueError("fusion spreads must be positive")
+            scorer.maps.fusion.copy_(fusion)
+        return scorer
 
     @classmethod
     def fit(cls, embedding: Embedding, stats: GaussianStats, p: PadimParams) -> PadimScorer:
         """The scorer of ``stats`` for ``embedding`` with parameters ``p``: its factor computed cell
         by cell and rounded to ``p.factor_dtype``, the precision a model file keeps, so that a fitted
         model scores exactly as it will once saved and loaded."""
-        whitening, dtype = embedding.whitening(), getattr(torch, p.factor_dtype)
-        for s, i, cells, rows in factor_rows(stats.to_layouts(embedding.layouts), p.eps, p.covariance):
-            whitening.set_rows(s, i, cells, rows.to(dtype))
-        whitening.finish(stats.mean())
-        return cls(embedding, whitening, p.sigma, p.top_k, p.image_score)
+        stats, dtype = stats.to_layouts(embedding.layouts), getattr(torch, p.factor_dtype)
+        if isinstance(stats, JointStats) != (p.image_score == "deep"):
+            raise ValueError("statistics with the deep tap's are for the deep image score, and only they")
+        main, deep = (stats.main, stats.deep) if isinstance(stats, JointStats) else (stats, None)
+        whitening = _factored(embedding.whitening(), main, p.eps, p.covariance, False, dtype)
+        if deep is not None:  # its own eps, relative to each position's variance (see DEEP_EPS)
+            deep = _factored(Whitening([embedding.deep_layout], embedding.device), deep, DEEP_EPS, "eps", True, dtype)
+        return cls(embedding, whitening, p.sigma, p.top_k, p.image_score, deep)
+
+
+def _factored(whitening: Whitening, stats: GaussianStats, eps: float, estimator: str, relative: bool,
+              dtype: torch.dtype) -> Whitening:
+    """``whitening`` filled with the factor of ``stats`` (see :func:`factor_rows`), rounded to ``dtype``."""
+    for s, i, cells, rows in factor_rows(stats, eps, estimator, relative):
+        whitening.set_rows(s, i, cells, rows.to(dtype))
+    whitening.finish(stats.mean())
+    return whitening

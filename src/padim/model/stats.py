@@ -295,3 +295,72 @@ def check_finite(x: torch.Tensor) -> None:
     """One reduction instead of a boolean copy of a large tensor: NaN and inf propagate to the sum."""
     if not bool(torch.isfinite(x.sum())):
         raise FloatingPointError("the accumulated statistics hold NaN or inf")
+
+
+class JointStats:
+    """The statistics of a model with the deep image score: the map's (``main``, in the model's
+    layout) and the deep tap's (``deep``, one Gaussian per position of its own grid), fed from one
+    embedding's blocks (the deep tap's last, see :mod:`padim.model.embedding`). The same surface as
+    :class:`GaussianStats` where the model uses it: update, add, scale, shift, state."""
+
+    def __init__(self, main: GaussianStats, deep: GaussianStats):
+        self.main, self.deep = main, deep
+
+    @property
+    def count(self) -> float:
+        return self.main.count
+
+    @property
+    def shift(self) -> Blocks | None:
+        """Both parts' shifts, in the blocks' order (None before the first update)."""
+        return None if self.main.shift is None else [*self.main.shift, *self.deep.shift]
+
+    @property
+    def device(self) -> torch.device:
+        return self.main.device
+
+    def update(self, blocks: Blocks) -> None:
+        """Add a batch of embedding blocks (the scales', then the deep tap's)."""
+        k = len(self.main.layouts)
+        self.deep._check(blocks[k:])  # both checked before either changes
+        self.main.update(blocks[:k])
+        self.deep.update(blocks[k:])
+
+    def __iadd__(self, other: JointStats) -> JointStats:
+        if not isinstance(other, JointStats):
+            raise ValueError("cannot merge statistics with and without the deep image score's")
+        self.main += other.main
+        self.deep += other.deep
+        return self
+
+    def __add__(self, other: JointStats) -> JointStats:
+        out = JointStats(GaussianStats(self.main.layouts, self.device), GaussianStats(self.deep.layouts, self.device))
+        out += self
+        out += other
+        return out
+
+    def to_layouts(self, layouts: list[ScaleLayout]) -> JointStats:
+        """The map's statistics in other ``layouts`` (see :meth:`GaussianStats.to_layouts`)."""
+        main = self.main.to_layouts(layouts)
+        return self if main is self.main else JointStats(main, self.deep)
+
+    def scale(self, factor: float) -> JointStats:
+        """See :meth:`GaussianStats.scale`."""
+        self.main.scale(factor)
+        self.deep.scale(factor)
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Both parts' :meth:`GaussianStats.state`, the deep one's names prefixed ``deep_``."""
+        return {**self.main.state(), **{f"deep_{k}": v for k, v in self.deep.state().items()}}
+
+    @classmethod
+    def from_state(cls, layouts: list[ScaleLayout], deep_layout: ScaleLayout, count: float,
+                   tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> JointStats:
+        """The statistics of :meth:`state`'s ``tensors``; ValueError names a bad one."""
+        deep = {k[len("deep_"):]: v for k, v in tensors.items() if k.startswith("deep_")}
+        if not deep:
+            raise ValueError("no statistics of the deep image score (deep_* tensors)")
+        main = {k: v for k, v in tensors.items() if not k.startswith("deep_")}
+        return cls(GaussianStats.from_state(layouts, count, main, device),
+                   GaussianStats.from_state([deep_layout], count, deep, device))

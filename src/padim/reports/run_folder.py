@@ -52,7 +52,7 @@ def write_pictures(out_dir: Path, ev: Evaluation, figures: bool = True, progress
     todo = range(len(ev.test)) if figures else sorted(gallery)
     folder = FIGURES_DIR if figures else f"tiles/{FIGURES_DIR}"
     size = tuple(ev.maps.shape[1:])
-    panel = FivePanel(size, ev.threshold, ev.vrange)
+    panel = FivePanel(size, ev.threshold if ev.map_threshold is None else ev.map_threshold, ev.vrange)
 
     def draw(i: int) -> None:
         s = ev.test[i]
