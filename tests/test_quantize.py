@@ -228,10 +228,9 @@ def test_the_node_selections_the_benchmark_compared(tiny):
     early = backbone_nodes(proto, blocks=4)
     assert early and all(int(n.split("blocks.")[1].split("/")[0].split("_")[0].split(".")[0]) < 4 for n in early)
     assert set(backbone_nodes(proto, skip_blocks=4)) == set(every) - set(early)
-    # the taps: backbone outputs read outside the backbone (pooled into features), 3 depths x 2 scales,
-    # and the deep image score's
+    # the taps: backbone outputs read outside the backbone (pooled into features), 3 depths x 2 scales
     taps = tap_nodes(proto, 1)
-    assert len(taps) == 7 and taps < tap_nodes(proto, 2)
+    assert len(taps) == 6 and taps < tap_nodes(proto, 2)
 
 
 def test_calibration_images_come_one_batch_at_a_time_for_the_strided_calibration(tiny):

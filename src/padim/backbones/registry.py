@@ -31,8 +31,9 @@ class BackboneSpec:
     feature maps, the first at stride 4, each next at twice the stride of the one before (PaDiM's
     three taps are at strides 4, 8 and 16; FeatureExtractor.stride relies on it); ``weights``
     is a file the user named (or None for the default source), ``pretrained=False`` gives random
-    weights (tests only). ``deep`` (optional) builds the same network with a fourth tap at stride 32
-    of ``deep_channels`` channels (the deep image score's). A ``"module:function"`` string is
+    weights (tests only). ``deep`` (optional) builds the same network with a ``head``: the module that
+    runs on from the last tap's output to a tap at stride 32 of ``deep_channels`` channels (the deep
+    image score's). A ``"module:function"`` string is
     imported on the first build, so that listing the backbones imports no deep-learning library.
     """
 
@@ -48,7 +49,7 @@ class BackboneSpec:
 
     def build(self, weights: Path | None, pretrained: bool, deep: bool = False) -> nn.Module:
         """The network with its weights (see the class docstring); with ``deep``, its ``deep``
-        factory's: the same taps and one more, at stride 32, for the deep image score."""
+        factory's: the same taps, and the head to the deep image score's tap."""
         factory = self.deep if deep else self.factory
         if factory is None:
             raise BackboneError(f"backbone {self.name!r} has no deep tap for image_score 'deep'; "

@@ -23,7 +23,7 @@ from ..datasets.images import ImageSource
 from ..spill import SpillArray
 from .batches import image_batches
 from .cells import Blocks
-from .scorer import PadimScorer
+from .scorer import PadimScorer, image_scores
 from .stats import GaussianStats, JointStats
 
 HISTORY = 20  # calibrations a model file remembers
@@ -109,18 +109,19 @@ def leave_one_out(distances: torch.Tensor, count: float) -> torch.Tensor:
 @torch.inference_mode()
 def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource] | torch.Tensor,
                 stats: GaussianStats | JointStats, batch_size: int,
-                ) -> tuple[np.ndarray, float | None, tuple[np.ndarray, np.ndarray] | None]:
+                ) -> tuple[np.ndarray, float | None, tuple[np.ndarray, np.ndarray | None] | None]:
     """(scores, median map value, parts) of training images, each scored by the model of the other
     ``stats.count - 1`` images (see :func:`leave_one_out`): their ``kept`` embeddings, or the images
-    (counted in ``stats``), run through the backbone here. No images: no scores. With the deep
-    image score, its fusion is fitted to these scores first (``AnomalyMaps.fit_fusion``) and
-    ``parts`` are the map's and the deep tap's scores it was fitted to; else None."""
+    (counted in ``stats``), run through the backbone here. No images: no scores. ``parts``: the
+    maps' own scores (their max, or top-k mean) and the deep tap's (None without the deep image
+    score, whose fusion is fitted to both here first: ``AnomalyMaps.fit_fusion``)."""
     if not isinstance(kept, KeptEmbeddings):
         images, kept, embedding = kept, KeptEmbeddings(), scorer.embedding
         for batch, out in image_batches(images, embedding, batch_size, desc="calibrate", fork=False):
             kept.offer(embedding(batch, out), stats.shift)
     if not len(kept):
         return np.empty(0), None, None
+    tops: list[np.ndarray] = []
     deep: list[np.ndarray] = []
 
     def batches():
@@ -128,17 +129,17 @@ def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource
             dist, far = scorer.distances(blocks)
             scores, deep_scores, maps = scorer.maps.parts(leave_one_out(dist, stats.count),
                                                           None if far is None else leave_one_out(far, stats.count))
+            tops.append(image_scores(maps, scorer.maps.top_k).cpu().numpy())
             if deep_scores is not None:
                 deep.append(deep_scores.cpu().numpy())
             yield scores, maps
 
     scores, median = normal_summary(batches())
-    if not deep:
-        return scores, median, None
-    deep_scores = np.concatenate(deep)
-    scorer.maps.fit_fusion(scores, deep_scores)
-    fused = scorer.maps.fuse(torch.from_numpy(scores), torch.from_numpy(deep_scores).float()).numpy()
-    return fused, median, (scores, deep_scores)
+    parts = (np.concatenate(tops), np.concatenate(deep) if deep else None)
+    if deep:
+        scorer.maps.fit_fusion(*parts)
+        scores = scorer.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
+    return scores, median, parts
 
 
 def normal_summary(batches: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]],
@@ -178,7 +179,7 @@ def calibration_info(scores: np.ndarray, median_pixel: float | None, target_fpr:
     """(threshold, info) from normal images' ``scores`` (none: no threshold) set by ``method``
     ('out-of-fold', 'normal images', ...): the operating point, the scores kept (a later merge
     thresholds on them), the map's own threshold (for masks: from ``parts[0]``, the same images'
-    map scores, where the image score is not the map's), the heat-map colour range (the median
+    map scores; without parts, the threshold), the heat-map colour range (the median
     normal pixel at the bottom, the map's threshold mid-scale), the calibration history, newest
     last (this one dated ``at``), and the scores the deep score's fusion was fitted to (``parts``
     with the deep tap's, else ``fusion_scores`` as they were)."""

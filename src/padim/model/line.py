@@ -55,7 +55,7 @@ def recalibrate(model: Padim, normal: Images, target_fpr: float | None = None) -
             yield scores, maps
 
     scores, median_pixel = normal_summary(batches())
-    return model.set_threshold(scores, median_pixel, "normal images", now(), (np.concatenate(map_scores), None))
+    return model.set_threshold(scores, median_pixel, (np.concatenate(map_scores), None), "normal images", now())
 
 
 @torch.inference_mode()
@@ -99,4 +99,4 @@ def merge(models: Sequence[Padim], stats: Sequence[GaussianStats | JointStats]) 
         parts = tuple(np.concatenate([np.asarray(f[k], dtype=np.float32) for f in fusion]) for k in ("map", "deep"))
         first.scorer_.maps.fit_fusion(*parts)
         scores = first.scorer_.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
-    return first.set_threshold(scores, float(np.mean(lows)) if lows else None, "merge", now(), parts)
+    return first.set_threshold(scores, float(np.mean(lows)) if lows else None, parts, "merge", now())

@@ -19,7 +19,7 @@ from .calibration import KeptEmbeddings, calibration_info, calibration_sample, o
 from .embedding import Embedding, embedding_for
 from .io import model_metadata, read_model_file, stats_path, write_model_file, write_stats_file
 from .scorer import PadimScorer
-from .stats import GaussianStats
+from .stats import GaussianStats, JointStats
 
 DEFAULTS = PadimParams()
 RUNTIME = ("batch_size", "num_workers", "device", "weights", "progress", "pretrained")
@@ -88,7 +88,7 @@ class Padim:
 
     @torch.inference_mode()
     def accumulate(self, images: Images, desc: str = "fit", kept: KeptEmbeddings | None = None,
-                   into: GaussianStats | None = None) -> GaussianStats:
+                   into: GaussianStats | JointStats | None = None) -> GaussianStats | JointStats:
         """The statistics of ``images`` (added to ``into`` if given); those of disjoint shards add up
         (``a + b``). ``kept`` keeps the embeddings of the images it names, to score them once fitted."""
         embedding = self.embedding(tuple(images.shape[-2:]) if isinstance(images, torch.Tensor) else None)
@@ -102,25 +102,22 @@ class Padim:
         return stats
 
     @torch.inference_mode()
-    def fit_from_stats(self, stats: GaussianStats, calibration: KeptEmbeddings | Images = (),
+    def fit_from_stats(self, stats: GaussianStats | JointStats, calibration: KeptEmbeddings | Images = (),
                        history: list | None = None, method: str = "out-of-fold", at: str | None = None) -> Padim:
         """Finish a fit from the statistics of all training images (e.g. summed over shards); the
         threshold from the out-of-fold scores of ``calibration`` (training images in ``stats``, or
         their kept embeddings); ``history``, ``method``, ``at``: see :meth:`set_threshold`."""
-        p = self.model_params()
-        embedding = self.embedding(params=p)
+        embedding = self.embedding(params=(p := self.model_params()))
         self.scorer_ = None  # a refit frees the previous factor before the new one is built
         self.stats_ = stats = stats.to_layouts(embedding.layouts)  # e.g. per-position sums for a per-cell model
         self.scorer_, self.params_ = PadimScorer.fit(embedding, stats, p), p
         self.info_ = {"calibration_history": list(history or [])}
-        scores, median_pixel, parts = out_of_fold(self.scorer_, calibration, stats, self.batch_size)
-        return self.set_threshold(scores, median_pixel, method, at, parts)
+        return self.set_threshold(*out_of_fold(self.scorer_, calibration, stats, self.batch_size), method, at)
 
-    def set_threshold(self, scores: np.ndarray, median_pixel: float | None, method: str = "out-of-fold",
-                      at: str | None = None, parts: tuple | None = None) -> Padim:
-        """The threshold for the target false-alarm rate from normal images' ``scores`` (their median
-        map value: the heat map's low end; ``parts``: see calibration_info); the history notes
-        ``method`` and time ``at`` (None: a fit)."""
+    def set_threshold(self, scores: np.ndarray, median_pixel: float | None, parts: tuple | None = None,
+                      method: str = "out-of-fold", at: str | None = None) -> Padim:
+        """The threshold for the target false-alarm rate from normal images' ``scores`` (their median map
+        value: the heat map's low end; ``parts``: calibration_info's); the history notes ``method``, ``at``."""
         p, stats = self.params_, getattr(self, "stats_", None)
         self.threshold_, info = calibration_info(scores, median_pixel, p.target_fpr, method, self.info_.get(
             "calibration_history"), at, parts, self.info_.get("fusion_scores"))
