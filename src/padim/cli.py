@@ -443,6 +443,11 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
     stages = _stages()
     data, loaded = _load(data_root, category, split, layout, stages)
     model, prefetch = _new_model(device, workers, loaded, prefetch=True, **params)
+    if prefetch is not None:
+        # the evaluation's libraries (metrics, figures, report), imported while the prefetch still
+        # decodes training images on the other core, rather than between the fit and the evaluation
+        from . import evaluation  # noqa: F401
+        from .reports import run_folder  # noqa: F401
     path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch)
     click.echo(f"fitted on {len(loaded.train)} images; wrote {path}")
     _evaluate(model, path, data, loaded, out, metrics_resolution, figures, params["progress"], stages)
