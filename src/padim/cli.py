@@ -365,6 +365,23 @@ def _new_model(device: str, workers: int | None, split, aspect: str, image_size:
     return model, started
 
 
+_AUTO = click.option("--auto", is_flag=True,
+                     help="Choose the configuration from the training images alone: default, map and plain "
+                          "are each fitted on 80%% of them and score the rest with synthetic defects pasted "
+                          "in (patch, blob, scratch, spot); the best is fitted on all. The choice and its "
+                          "scores go into the model file and the report. Takes about three more fits.")
+
+
+def _auto(device: str, workers: int | None, split, params: dict) -> tuple[dict, dict]:
+    """--auto: ``params`` with the chosen named configuration's options, and the choice's record."""
+    from .auto import choose_config
+    from .params import CONFIGS
+
+    name, record = choose_config([s.path for s in split.train], lambda p: _new_model(device, workers, split, **p)[0],
+                                 params, log=click.echo)
+    return {**params, **CONFIGS[name]}, record
+
+
 _STATS = click.option("--stats/--no-stats", "keep_stats", default=True, show_default=True,
                       help="Also write the fit's statistics beside the model (model.stats.safetensors, float32 "
                            "sums, about twice the model's size) so that 'padim update' and 'padim merge' can add "
@@ -378,23 +395,25 @@ _STATS = click.option("--stats/--no-stats", "keep_stats", default=True, show_def
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder; the model is written to OUT/{MODEL_FILE}.")
 @_STATS
+@_AUTO
 @dask_options
 @handle_errors
-def fit_cmd(data_root, category, split, layout, device, workers, out, keep_stats, dask_address, shard_size,
+def fit_cmd(data_root, category, split, layout, device, workers, out, keep_stats, auto, dask_address, shard_size,
             **params):
     """Fit a model on the normal training images of a category."""
     data, loaded = _load(data_root, category, split, layout)
+    params, record = _auto(device, workers, loaded, params) if auto else (params, None)
     model, prefetch = _new_model(device, workers, loaded, prefetch=not dask_address, **params)
     if dask_address:
         dist = _distributed()
         _, path, info = dist.fit_job(data, out, model, dask_address, shard_size or dist.FIT_SHARD_SIZE,
-                                     params["progress"], click.echo, keep_stats)
+                                     params["progress"], click.echo, keep_stats, record)
         seconds, n_train = info["fit_seconds"], info["n_train"]
     else:
         from .runs import fit_job
 
         stages = _stages()
-        path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch)
+        path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch, record)
         seconds, n_train = stages.seconds["fit"] + stages.seconds["calibrate"], len(loaded.train)
     click.echo(f"fitted on {n_train} images in {seconds:.1f} s; wrote {path} (threshold {model.threshold_})")
 
@@ -433,8 +452,9 @@ def evaluate_cmd(data_root, category, split, layout, model_path, weights, device
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help=f"Output folder for {MODEL_FILE}, metrics.json, scores.csv and figures.")
 @_STATS
+@_AUTO
 @handle_errors
-def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, keep_stats,
+def run_cmd(data_root, category, split, layout, device, workers, metrics_resolution, figures, out, keep_stats, auto,
             **params):
     """Fit, then evaluate: the whole job in one command."""
     from .runs import fit_job
@@ -442,13 +462,17 @@ def run_cmd(data_root, category, split, layout, device, workers, metrics_resolut
     start = time.perf_counter()
     stages = _stages()
     data, loaded = _load(data_root, category, split, layout, stages)
+    record = None
+    if auto:
+        with stages("auto"):
+            params, record = _auto(device, workers, loaded, params)
     model, prefetch = _new_model(device, workers, loaded, prefetch=True, **params)
     if prefetch is not None:
         # the evaluation's libraries (metrics, figures, report), imported while the prefetch still
         # decodes training images on the other core, rather than between the fit and the evaluation
         from . import evaluation  # noqa: F401
         from .reports import run_folder  # noqa: F401
-    path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch)
+    path = fit_job(data, loaded, out, model, stages, keep_stats, prefetch, record)
     click.echo(f"fitted on {len(loaded.train)} images; wrote {path}")
     _evaluate(model, path, data, loaded, out, metrics_resolution, figures, params["progress"], stages)
     click.echo(f"total {time.perf_counter() - start:.1f} s")

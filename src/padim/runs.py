@@ -51,10 +51,11 @@ class DataArgs:
 
 
 def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: Stages | None = None,
-            keep_stats: bool = True, prefetch: Prefetch | None = None) -> Path:
+            keep_stats: bool = True, prefetch: Prefetch | None = None, auto: dict | None = None) -> Path:
     """Fit ``model`` on the training images and write ``out_dir/model.safetensors`` (and, with
     ``keep_stats``, the statistics beside it, for ``padim update``); returns the model's path.
-    ``prefetch``: the training images being decoded since the command started, at the model's size.
+    ``prefetch``: the training images being decoded since the command started, at the model's size;
+    ``auto``: the record of ``--auto``'s choice, kept in the model file.
 
     Stages: 'fit' (the statistics of the training images and the factor), 'calibrate' (the
     out-of-fold scores that set the threshold), 'save'.
@@ -73,6 +74,8 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
     with stages("calibrate"):
         model.set_threshold(*out_of_fold(model.scorer_, kept, model.stats_, model.batch_size))
     kept.close()
+    if auto is not None:
+        model.meta_["auto"] = auto
     with stages("save"):
         path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
     model.stats_ = None  # the sums are on disk: free them before the test images are scored
@@ -117,6 +120,7 @@ def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, mode
                   "image_size": list(model.image_size_), "scales": list(model.meta_["scales"]),
                   "d": model.meta_["d"], "threshold": model.threshold_, "n_train": model.info_.get("n_train"),
                   "operating_point": operating_point(model.info_.get("calibration")),
+                  "auto": model.meta_.get("auto"),
                   "weights": model.meta_.get("backbone_weights")},
         "notes": list(split.notes),
     }

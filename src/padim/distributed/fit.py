@@ -81,8 +81,9 @@ def fit_distributed(model: Padim, images: Sequence[str | Path], client: Client, 
 
 def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_size: int = FIT_SHARD_SIZE,
             progress: bool = True, log: Callable[[str], None] = print, keep_stats: bool = True,
-            ) -> tuple[Padim, Path, dict]:
-    """``padim fit --dask``: fit on the cluster at ``address`` and write ``out_dir/model.safetensors``."""
+            auto: dict | None = None) -> tuple[Padim, Path, dict]:
+    """``padim fit --dask``: fit on the cluster at ``address`` and write ``out_dir/model.safetensors``
+    (``auto``: the record of ``--auto``'s choice, kept in it)."""
     split = data.load()
     paths = [s.path for s in split.train]
     check_training_set(data, len(paths), model)
@@ -92,5 +93,7 @@ def fit_job(data: DataArgs, out_dir: Path, model: Padim, address: str, shard_siz
         start = time.perf_counter()
         fit_distributed(model, paths, client, shard_size, progress=progress)
         seconds = time.perf_counter() - start
+    if auto is not None:
+        model.meta_["auto"] = auto
     path = model.save(out_dir / MODEL_FILE, stats=keep_stats)
     return model, path, {"fit_seconds": seconds, "n_train": len(split.train), "split": split}

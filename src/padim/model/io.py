@@ -157,6 +157,8 @@ CHECKED_OPTIONAL: dict[str, tuple[Callable, str]] = {
     "calibration_history": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
                             "a list of {method, n, target_fpr, threshold}"),
     "map_threshold": (lambda v: v is None or is_number(v), "null or a finite number"),
+    "auto": (lambda v: isinstance(v, dict) and isinstance(v.get("chosen"), str)
+             and isinstance(v.get("synthetic"), dict), "{chosen, synthetic, ...}: the record of --auto"),
     "fusion_scores": (lambda v: v is None or (isinstance(v, dict) and set(v) == {"map", "deep"}
                                               and len(v["map"]) == len(v["deep"]) >= 2
                                               and all(is_number(x) for x in v["map"] + v["deep"])),

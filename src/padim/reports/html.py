@@ -70,6 +70,13 @@ def _defect_rows(metrics: dict, rows: list[dict]) -> list[dict]:
     return out
 
 
+def _auto_fact(auto: dict) -> str:
+    """--auto's choice and each configuration's image AUROC on the synthetic defects."""
+    scores = ", ".join(f"{name} {s['image_auroc']:.3f}" for name, s in auto["synthetic"].items())
+    return (f"{auto['chosen']}, chosen from the training images alone (image AUROC on "
+            f"{auto.get('held_out')} held-out images with synthetic defects: {scores})")
+
+
 def _threshold_fact(threshold: float | None, point: dict | None) -> str:
     """The stored threshold and what it promises on new normal images."""
     if threshold is None or not point:
@@ -153,6 +160,7 @@ def report_context(run_dir: Path) -> dict:
              + (f", pyramid scales {', '.join(f'{x:g}' for x in model['scales'])}"
                 if len(model.get("scales") or []) > 1 else "")),
             ("Training images", str(model.get("n_train", "n/a"))),
+            *([("Configuration (--auto)", _auto_fact(model["auto"]))] if model.get("auto") else []),
             ("Test images", f"{dataset.get('n_test')} ({dataset.get('n_test_normal')} normal, "
                             f"{dataset.get('n_test_anomalous')} anomalous)"),
             ("Stored threshold", _threshold_fact(threshold, model.get("operating_point"))),
