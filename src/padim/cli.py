@@ -367,7 +367,7 @@ def _new_model(device: str, workers: int | None, split, aspect: str, image_size:
 
 _AUTO = click.option("--auto", is_flag=True,
                      help="Choose the configuration from the training images alone: default, map and plain "
-                          "are each fitted on 80%% of them and score the rest with synthetic defects pasted "
+                          "are each fitted on 80% of them and score the rest with synthetic defects pasted "
                           "in (patch, blob, scratch, spot); the best is fitted on all. The choice and its "
                           "scores go into the model file and the report. Takes about three more fits.")
 
