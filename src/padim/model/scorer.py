@@ -257,7 +257,7 @@ class PadimScorer(nn.Module):
         return scorer
 
     @classmethod
-    def fit(cls, embedding: Embedding, stats: GaussianStats, p: PadimParams) -> PadimScorer:
+    def fit(cls, embedding: Embedding, stats: GaussianStats | JointStats, p: PadimParams) -> PadimScorer:
         """The scorer of ``stats`` for ``embedding`` with parameters ``p``: its factor computed cell
         by cell and rounded to ``p.factor_dtype``, the precision a model file keeps, so that a fitted
         model scores exactly as it will once saved and loaded."""
