@@ -47,10 +47,11 @@ def test_update_with_new_images_equals_a_fit_on_the_union(tmp_path, train, test_
     assert [e["method"] for e in loaded.info_["calibration_history"]] == ["out-of-fold", "update"]
 
 
-def test_merge_of_two_halves_equals_a_fit_on_all(train, test_images):
+def test_merge_of_two_halves_equals_a_fit_on_all(train, test_images, caplog):
     joint = Padim(**KW).fit(train)
     a, b = Padim(**KW).fit(train[:8]), Padim(**KW).fit(train[8:])
     merged = merge([a, b], [a.stats_, b.stats_])
+    assert "padim calibrate" in caplog.text  # the deep score's threshold, from the parts' scores
     torch.testing.assert_close(distances(merged, test_images), distances(joint, test_images), rtol=1e-5, atol=1e-6)
     assert merged.info_["calibration"]["n"] == 16 and merged.info_["n_train"] == 16
 

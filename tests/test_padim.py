@@ -32,7 +32,7 @@ def test_fit_scores_a_sample_of_its_images_out_of_fold_for_the_threshold(fitted)
     assert point["method"] == "out-of-fold" and point["rank"] == 1  # 1% of 17: the largest of 16 scores
     assert fitted.threshold_ == max(point["scores"])
     low, high = fitted.info_["map_range"]
-    assert low < fitted.threshold_ < high
+    assert low < fitted.info_["map_threshold"] < high  # the colour range is the map's
 
 
 def test_defects_score_higher_and_maps_point_at_them(fitted):
@@ -188,7 +188,7 @@ def test_the_deep_score_is_fitted_out_of_fold_and_masks_keep_the_maps_own_thresh
     parts = model.info_["fusion_scores"]  # each training image's map and deep scores, out of fold
     assert len(parts["map"]) == len(parts["deep"]) == model.info_["n_calibration"] == 24
     centre = [float(np.median(np.float32(parts[k]))) for k in ("map", "deep")]
-    assert model.scorer_.maps.fusion[0::2].tolist() == pytest.approx(centre, rel=1e-6)
+    assert model.scorer_.maps.fusion[0:4:2].tolist() == pytest.approx(centre, rel=1e-6)
     # the stored scores are the fused ones; masks and colours take the map's own threshold
     fused = model.scorer_.maps.fuse(*(torch.tensor(parts[k]) for k in ("map", "deep"))).numpy()
     np.testing.assert_allclose(model.info_["calibration"]["scores"], np.sort(fused), rtol=1e-5, atol=1e-5)
@@ -198,3 +198,14 @@ def test_the_deep_score_is_fitted_out_of_fold_and_masks_keep_the_maps_own_thresh
     loaded = Padim.load(model.save(tmp_path / "m.safetensors"))
     assert loaded.info_["map_threshold"] == model.info_["map_threshold"]
     np.testing.assert_array_equal(loaded.predict(test).scores, model.predict(test).scores)
+    # 24 images for 160 channels: the deep part is left out, the score is the map's, standardized
+    assert model.scorer_.maps.fusion[4].item() == 0.0
+    pred, f = model.predict(test), model.scorer_.maps.fusion
+    np.testing.assert_allclose(pred.scores, (pred.maps.reshape(4, -1).max(1) - f[0].item()) / f[1].item(), rtol=1e-5)
+
+
+def test_the_deep_part_counts_once_there_are_more_training_images_than_its_channels():
+    rng = np.random.default_rng(10)
+    images = np.stack([texture(rng, 32) for _ in range(170)])
+    model = Padim(image_size=32, d=8, num_workers=0, scales=(1.0,)).fit(images)
+    assert model.scorer_.maps.fusion[4].item() == 1.0  # 170 > 160: the deep score takes part

@@ -98,13 +98,15 @@ def test_deep_image_score_sums_the_standardized_map_and_deep_scores():
     maps = AnomalyMaps([(2, 2)], (2, 2), 0.0, score="deep")
     normal_map, normal_deep = np.array([1.0, 2.0, 3.0, 4.0, 100.0]), np.array([10.0, 10.0, 12.0, 14.0, 14.0])
     maps.fit_fusion(normal_map, normal_deep)  # medians 3 and 12; 1.4826 x the median absolute deviation (1, 2)
-    assert maps.fusion.tolist() == pytest.approx([3.0, 1.4826, 12.0, 2 * 1.4826])
+    assert maps.fusion.tolist() == pytest.approx([3.0, 1.4826, 12.0, 2 * 1.4826, 1.0])
     scores, got = maps(dist, deep)
     top10 = torch.tensor([np.mean(np.arange(2, 12)), np.mean(np.arange(14, 24))], dtype=torch.float32)  # of 12
     torch.testing.assert_close(scores, (torch.tensor([9.0, 1.0]) - 3) / 1.4826 + (top10 - 12) / (2 * 1.4826))
     torch.testing.assert_close(got, AnomalyMaps([(2, 2)], (2, 2), 0.0)(dist)[1])  # the map is the map's
     maps.fit_fusion(np.ones(5), normal_deep)  # no spread: the standard deviation's, or a floor
     assert maps.fusion[1].item() == pytest.approx(1e-12) and maps.fusion[3].item() > 0
+    maps.fit_fusion(normal_map, normal_deep, deep=False)  # too few images: the map's score alone
+    torch.testing.assert_close(maps(dist, deep)[0], (torch.tensor([9.0, 1.0]) - 3) / 1.4826)
     with pytest.raises(ValueError, match="deep tap"):
         maps(dist)
 

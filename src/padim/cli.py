@@ -129,7 +129,7 @@ def model_options(func):
                           "'levels', each level's own unblurred distances over 2x2 positions, averaged over the "
                           "levels; 'deep', the map's score plus one of a deeper tap (stride 32), each scaled by "
                           "its spread on the training images [default: deep where the backbone has that tap "
-                          "(mobilenet_v2), else map]."),
+                          "(mobilenet_v2) and --calibration-images > 0, else map]."),
         click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=DEFAULTS.target_fpr, show_default=True,
                      help="False-alarm rate the stored threshold aims at on new normal images; set from "

@@ -64,8 +64,13 @@ def fit_job(data: DataArgs, split: Split, out_dir: Path, model: Padim, stages: S
 
     stages = stages if stages is not None else Stages()
     paths = [s.path for s in split.train]
-    check_training_set(data, len(paths), model)
-    p = model.model_params()
+    try:
+        check_training_set(data, len(paths), model)
+        p = model.model_params()
+    except BaseException:
+        if prefetch is not None:  # no decoding process outlives a command that stops here
+            prefetch.close()
+        raise
     kept = KeptEmbeddings(calibration_sample(len(paths), p.calibration_images, model.seed))
     with stages("fit"):
         images = paths if prefetch is None else prefetch.take(p.image_size)
@@ -100,9 +105,9 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
                        "images or a smaller --d", n, p.d, p.eps, p.d + 1)
     deep = get_spec(p.backbone).deep_channels
     if p.image_score == "deep" and n <= deep:
-        logger.warning("%d training images for the deep image score's %d channels: its Gaussians are "
-                       "rank-deficient and its out-of-fold scores unsteady; use at least %d images or "
-                       "--image-score map", n, deep, deep + 1)
+        logger.warning("%d training images for the deep image score's %d channels: its Gaussians would be "
+                       "rank-deficient, so the image score is the map's alone; use at least %d images for "
+                       "the deep part", n, deep, deep + 1)
 
 
 def evaluate_job(model: Padim, data: DataArgs, split: Split, out_dir: Path, model_path: Path | None = None,

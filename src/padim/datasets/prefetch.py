@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,15 +26,16 @@ PREFETCH_BYTES = 256 << 20  # decoded images held at most (about 550 at 320 x 48
 def _decode(paths: Sequence[Path], size: tuple[int, int], buffer: mmap.mmap, done, stop) -> None:
     """The prefetching process: decode ``paths`` into ``buffer`` one after another, counting them
     in ``done``, until ``stop`` is set or a file fails (the fit then reads it and reports it)."""
-    images = np.frombuffer(buffer, np.uint8).reshape(-1, size[0], size[1], 3)
-    for i, path in enumerate(paths):
-        if stop.is_set():
-            return
-        try:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to report, not this helper's
+    try:
+        images = np.frombuffer(buffer, np.uint8)[:len(paths) * size[0] * size[1] * 3].reshape(-1, size[0], size[1], 3)
+        for i, path in enumerate(paths):
+            if stop.is_set():
+                return
             images[i] = np.asarray(read_image(path, size))
-        except Exception:  # noqa: BLE001 - the fit decodes this file itself and names it in its error
-            return
-        done.value = i + 1
+            done.value = i + 1
+    except Exception:  # noqa: BLE001, S110 - the fit decodes this file itself and names it in its error
+        return
 
 
 def can_prefetch() -> bool:
@@ -60,9 +62,16 @@ class Prefetch:
     def take(self, size: Sequence[int]) -> list[ImageSource]:
         """Stop decoding; the images in order: (h, w, 3) uint8 arrays for those decoded, then the
         paths of the rest (all paths when ``size``, the model's, is not the one decoded at)."""
-        self.stop.set()
-        self.process.join()
-        n = int(self.done.value) if tuple(size) == self.size else 0
+        self.close()
+        n = int(self.done.value) if tuple(size) == self.size and self.buffer is not None else 0
+        if n == 0:
+            return list(self.paths)
         decoded = np.frombuffer(self.buffer, np.uint8, count=n * self.size[0] * self.size[1] * 3)
         self.buffer = None  # the arrays keep the memory alive as long as the fit holds them
         return [*decoded.reshape(n, self.size[0], self.size[1], 3), *self.paths[n:]]
+
+    def close(self) -> None:
+        """Stop the decoding process and wait for it (again: nothing); a command that fails before
+        its fit takes the images calls it, so no process outlives it."""
+        self.stop.set()
+        self.process.join()

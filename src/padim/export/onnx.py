@@ -95,7 +95,8 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
         "model_id": model_id(sha) if sha else None,
         "batch": "dynamic" if dynamic_batch else batch_size,
         "input": "images: uint8 (batch, 3, H, W) RGB, already resized to image_size",
-        "outputs": "maps: float32 (batch, H, W); scores: float32 (batch,) = max of each map",
+        "outputs": f"maps: float32 (batch, H, W); scores: float32 (batch,), the image score "
+                   f"'{scorer.maps.score}' (see padim.model.scorer.AnomalyMaps)",
     })
     example = torch.zeros(1 if dynamic_batch else batch_size, 3, h, w, dtype=torch.uint8)
     graph = ScoringGraph(scorer.to("cpu")).eval()  # traced cell by cell if it keeps cells

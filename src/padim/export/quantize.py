@@ -160,11 +160,8 @@ def quantize_onnx(float_path: Path, out: Path, calibration: Sequence[Path | str]
     meta = json.loads(props[META_KEY])
     if meta.get("quantization"):
         raise ModelFileError(f"{float_path}: already quantized; quantize the float export")
+    # the deep image score's head (blocks after the last tap, traced outside /net/) is not selected: it stays float
     kept_float = tap_nodes(proto, float_taps)
-    # the blocks after the deepest PaDiM tap (the deep image score's, at stride 32: little work) stay float
-    last = re.search(r"(\d+)$", meta["taps"][-1])
-    if last is not None:
-        blocks = int(last.group(1)) + 1 if blocks is None else min(blocks, int(last.group(1)) + 1)
     nodes = [n for n in backbone_nodes(proto, op_types, depthwise, blocks, skip_blocks) if n not in kept_float]
     if not backbone_nodes(proto, ("Conv",)):
         raise ModelFileError(f"{float_path}: no backbone convolutions named {BACKBONE_PREFIX}... in the graph")

@@ -23,7 +23,7 @@ from ..datasets.images import ImageSource
 from ..spill import SpillArray
 from .batches import image_batches
 from .cells import Blocks
-from .scorer import PadimScorer, image_scores
+from .scorer import PadimScorer, deep_counts, image_scores
 from .stats import GaussianStats, JointStats
 
 HISTORY = 20  # calibrations a model file remembers
@@ -114,7 +114,8 @@ def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource
     ``stats.count - 1`` images (see :func:`leave_one_out`): their ``kept`` embeddings, or the images
     (counted in ``stats``), run through the backbone here. No images: no scores. ``parts``: the
     maps' own scores (their max, or top-k mean) and the deep tap's (None without the deep image
-    score, whose fusion is fitted to both here first: ``AnomalyMaps.fit_fusion``)."""
+    score, whose fusion is fitted to both here first: ``AnomalyMaps.fit_fusion``; the deep part
+    left out with too few training images, see ``deep_counts``)."""
     if not isinstance(kept, KeptEmbeddings):
         images, kept, embedding = kept, KeptEmbeddings(), scorer.embedding
         for batch, out in image_batches(images, embedding, batch_size, desc="calibrate", fork=False):
@@ -137,7 +138,7 @@ def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource
     scores, median = normal_summary(batches())
     parts = (np.concatenate(tops), np.concatenate(deep) if deep else None)
     if deep:
-        scorer.maps.fit_fusion(*parts)
+        scorer.maps.fit_fusion(*parts, deep=deep_counts(stats.count, scorer.embedding.deep_layout.levels[0].channels))
         scores = scorer.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
     return scores, median, parts
 

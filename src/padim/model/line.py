@@ -6,6 +6,7 @@ update equals a fit on the union."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -18,8 +19,10 @@ from ..errors import ModelFileError
 from .calibration import KeptEmbeddings, calibration_sample, normal_summary
 from .io import read_stats_file, stats_path
 from .padim import Images, Padim
-from .scorer import image_scores
+from .scorer import deep_counts, image_scores
 from .stats import GaussianStats, JointStats
+
+logger = logging.getLogger(__name__)
 
 
 def now() -> str:
@@ -97,6 +100,9 @@ def merge(models: Sequence[Padim], stats: Sequence[GaussianStats | JointStats]) 
         if any(f is None for f in fusion):
             raise ValueError("a model with the deep image score keeps no out-of-fold scores to merge; refit it")
         parts = tuple(np.concatenate([np.asarray(f[k], dtype=np.float32) for f in fusion]) for k in ("map", "deep"))
-        first.scorer_.maps.fit_fusion(*parts)
+        first.scorer_.maps.fit_fusion(*parts, deep=deep_counts(total.count, first.scorer_.deep.layouts[0].levels[0]
+                                                               .channels))
+        logger.warning("merged deep image score: standardized by the models' own out-of-fold scores, which a fit on "
+                       "fewer images makes larger; re-set its threshold with 'padim calibrate' on normal images")
         scores = first.scorer_.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
     return first.set_threshold(scores, float(np.mean(lows)) if lows else None, parts, "merge", now())

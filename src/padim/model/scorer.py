@@ -25,6 +25,13 @@ from .whitening import Whitening
 # variances are far from the shallow taps', so a fixed eps would weigh them differently)
 DEEP_TOP = 10
 DEEP_EPS = 0.01
+
+
+def deep_counts(count: float, channels: int) -> bool:
+    """Whether ``count`` training images are enough for the deep score's Gaussians of ``channels``
+    channels: more images than channels (else each covariance is rank-deficient and the
+    out-of-fold distances of its training images run into the leave-one-out floor)."""
+    return count > channels
 MAD_TO_SD = 1.4826  # the median absolute deviation of a normal distribution, in standard deviations
 
 
@@ -87,8 +94,8 @@ class AnomalyMaps(nn.Module):
     scales: the blur and the pyramid's average serve the pixel map and spread a small defect's
     peak over its surroundings; the 2x2 mean keeps one noisy position from deciding alone.
     'deep': the map's score and the deep tap's (the mean of its DEEP_TOP largest distances), each
-    as (score - centre) / spread with the ``fusion`` [centre, spread, centre, spread] of the
-    training images' out-of-fold scores (:meth:`fit_fusion`), summed."""
+    as (score - centre) / spread with the ``fusion`` [centre, spread, centre, spread, deep weight]
+    of the training images' out-of-fold scores (:meth:`fit_fusion`), summed."""
 
     def __init__(self, grids: Sequence[tuple[int, int]], image_size: tuple[int, int], sigma: float, top_k: int = 1,
                  score: str = "map"):
@@ -99,7 +106,7 @@ class AnomalyMaps(nn.Module):
             raise ValueError(f"score must be 'map', 'levels' or 'deep', got {score!r}")
         self.score = score
         if score == "deep":
-            self.register_buffer("fusion", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+            self.register_buffer("fusion", torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0]))
         self.grids = [(int(h), int(w)) for h, w in grids]
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.positions = sum(h * w for h, w in self.grids)
@@ -116,18 +123,20 @@ class AnomalyMaps(nn.Module):
         f = self.fusion
         # summed by a reduction, not an Add: an INT8 export's histogram calibration (onnxruntime)
         # takes in every Add's inputs, and fails on the nearly constant ones of similar images
-        return torch.stack([(scores - f[0]) / f[1], (deep_scores - f[2]) / f[3]]).sum(dim=0)
+        return torch.stack([(scores - f[0]) / f[1], f[4] * (deep_scores - f[2]) / f[3]]).sum(dim=0)
 
-    def fit_fusion(self, scores: np.ndarray, deep_scores: np.ndarray) -> None:
+    def fit_fusion(self, scores: np.ndarray, deep_scores: np.ndarray, deep: bool = True) -> None:
         """Centre and spread of each score from normal images' out-of-fold ``scores`` (the map's)
         and ``deep_scores``: the median and 1.4826 median absolute deviations, which one odd
-        training image cannot move far (the standard deviation where that is 0)."""
+        training image cannot move far (the standard deviation where that is 0). Without ``deep``
+        (too few training images for the deep Gaussians) the deep score's weight is 0: the image
+        score is the map's alone, standardized."""
         fusion = []
         for x in (np.asarray(scores, np.float64), np.asarray(deep_scores, np.float64)):
             centre = float(np.median(x))
             spread = MAD_TO_SD * float(np.median(np.abs(x - centre))) or float(x.std())
             fusion += [centre, max(spread, 1e-12)]
-        self.fusion.copy_(torch.tensor(fusion))
+        self.fusion.copy_(torch.tensor([*fusion, 1.0 if deep else 0.0]))
 
     def parts(self, dist: torch.Tensor, deep: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -250,9 +259,9 @@ class PadimScorer(nn.Module):
         scorer = cls(embedding, stored, p.sigma, p.top_k, p.image_score, deep)
         if deep is not None:
             deep.load_state({k[len("deep_"):]: v for k, v in tensors.items() if k.startswith("deep_")}, dtype)
-            fusion = expect_tensor(tensors, "fusion", (4,), torch.float32)
-            if not bool((fusion[1::2] > 0).all()):
-                raise ValueError("fusion spreads must be positive")
+            fusion = expect_tensor(tensors, "fusion", (5,), torch.float32)
+            if not bool((fusion[1:4:2] > 0).all()) or float(fusion[4]) not in (0.0, 1.0):
+                raise ValueError("fusion spreads must be positive and the deep weight 0 or 1")
             scorer.maps.fusion.copy_(fusion)
         return scorer
 
