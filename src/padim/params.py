@@ -57,6 +57,13 @@ def default_d(backbone: str) -> int:
     return total if total <= 200 else 100
 
 
+def deep_counts(count: float, channels: int) -> bool:
+    """Whether ``count`` training images are enough for the deep image score's Gaussians of
+    ``channels`` channels: more images than channels (else each covariance is rank-deficient and
+    the out-of-fold distances of its training images run into the leave-one-out floor)."""
+    return count > channels
+
+
 def default_sigma(image_size: tuple[int, int]) -> float:
     """PaDiM's blur of 4 px at 256 px, scaled with the shorter input side."""
     return 4.0 * min(image_size) / 256

@@ -16,7 +16,7 @@ from .atomic import csv_text, write_text
 from .backbones.registry import get_spec
 from .datasets import DatasetError, Split, load_split, read_image
 from .datasets.folders import IMAGE_SUFFIXES, is_image_name
-from .params import MODEL_FILE
+from .params import MODEL_FILE, deep_counts
 from .reports.overlay import map_range, save_overlay
 from .stages import Stages
 
@@ -104,7 +104,7 @@ def check_training_set(data: DataArgs, n: int, model: Padim) -> None:
                        "only eps=%g on its diagonal keeps it invertible; expect weak results, use at least %d "
                        "images or a smaller --d", n, p.d, p.eps, p.d + 1)
     deep = get_spec(p.backbone).deep_channels
-    if p.image_score == "deep" and n <= deep:
+    if p.image_score == "deep" and not deep_counts(n, deep):
         logger.warning("%d training images for the deep image score's %d channels: its Gaussians would be "
                        "rank-deficient, so the image score is the map's alone; use at least %d images for "
                        "the deep part", n, deep, deep + 1)

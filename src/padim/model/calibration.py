@@ -23,7 +23,7 @@ from ..datasets.images import ImageSource
 from ..spill import SpillArray
 from .batches import image_batches
 from .cells import Blocks
-from .scorer import PadimScorer, deep_counts, image_scores
+from .scorer import PadimScorer, image_scores
 from .stats import GaussianStats, JointStats
 
 HISTORY = 20  # calibrations a model file remembers
@@ -114,15 +114,13 @@ def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource
     ``stats.count - 1`` images (see :func:`leave_one_out`): their ``kept`` embeddings, or the images
     (counted in ``stats``), run through the backbone here. No images: no scores. ``parts``: the
     maps' own scores (their max, or top-k mean) and the deep tap's (None without the deep image
-    score, whose fusion is fitted to both here first: ``AnomalyMaps.fit_fusion``; the deep part
-    left out with too few training images, see ``deep_counts``)."""
+    score, whose fusion is fitted to both here first: ``PadimScorer.fit_fusion``)."""
     if not isinstance(kept, KeptEmbeddings):
         images, kept, embedding = kept, KeptEmbeddings(), scorer.embedding
         for batch, out in image_batches(images, embedding, batch_size, desc="calibrate", fork=False):
             kept.offer(embedding(batch, out), stats.shift)
     if not len(kept):
         return np.empty(0), None, None
-    tops: list[np.ndarray] = []
     deep: list[np.ndarray] = []
 
     def batches():
@@ -130,30 +128,31 @@ def out_of_fold(scorer: PadimScorer, kept: KeptEmbeddings | Sequence[ImageSource
             dist, far = scorer.distances(blocks)
             scores, deep_scores, maps = scorer.maps.parts(leave_one_out(dist, stats.count),
                                                           None if far is None else leave_one_out(far, stats.count))
-            tops.append(image_scores(maps, scorer.maps.top_k).cpu().numpy())
             if deep_scores is not None:
                 deep.append(deep_scores.cpu().numpy())
             yield scores, maps
 
-    scores, median = normal_summary(batches())
-    parts = (np.concatenate(tops), np.concatenate(deep) if deep else None)
-    if deep:
-        scorer.maps.fit_fusion(*parts, deep=deep_counts(stats.count, scorer.embedding.deep_layout.levels[0].channels))
-        scores = scorer.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
-    return scores, median, parts
+    scores, median, map_scores = normal_summary(batches(), scorer.maps.top_k)
+    if not deep:
+        return scores, median, (map_scores, None)
+    parts = (map_scores, np.concatenate(deep))
+    return scorer.fit_fusion(*parts, stats.count), median, parts
 
 
-def normal_summary(batches: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]],
-                   ) -> tuple[np.ndarray, float]:
-    """(scores, median map value) of normal images from their batches of (scores, maps); the median
-    of every MAP_SAMPLE-th pixel in each direction. ValueError for no images."""
-    scores, pixels = [], []
+def normal_summary(batches: Iterable[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]], top_k: int = 1,
+                   ) -> tuple[np.ndarray, float, np.ndarray]:
+    """(scores, median map value, map scores) of normal images from their batches of (scores,
+    maps): the median of every MAP_SAMPLE-th pixel in each direction; each map's own score (its
+    max, or the mean of its ``top_k`` largest values), which sets the map's threshold. ValueError
+    for no images."""
+    scores, pixels, tops = [], [], []
     for batch_scores, maps in batches:
         scores.append(_host(batch_scores))
         pixels.append(_host(maps[:, ::MAP_SAMPLE, ::MAP_SAMPLE]).ravel())
+        tops.append(_host(image_scores(torch.as_tensor(maps), top_k)))
     if not scores:
         raise ValueError("no normal images to calibrate on")
-    return np.concatenate(scores), float(np.median(np.concatenate(pixels)))
+    return np.concatenate(scores), float(np.median(np.concatenate(pixels))), np.concatenate(tops)
 
 
 def _host(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ from ..errors import ModelFileError
 from .calibration import KeptEmbeddings, calibration_sample, normal_summary
 from .io import read_stats_file, stats_path
 from .padim import Images, Padim
-from .scorer import deep_counts, image_scores
 from .stats import GaussianStats, JointStats
 
 logger = logging.getLogger(__name__)
@@ -50,15 +49,8 @@ def recalibrate(model: Padim, normal: Images, target_fpr: float | None = None) -
     ``target_fpr`` (default: the model's); in place."""
     if target_fpr is not None:
         model.params_, model.target_fpr = replace(model.params_, target_fpr=target_fpr), target_fpr
-    map_scores: list[np.ndarray] = []  # the maps' own scores: their threshold, for masks and colours
-
-    def batches():
-        for scores, maps in model.iter_predict(normal, desc="calibrate"):
-            map_scores.append(image_scores(torch.from_numpy(maps), model.params_.top_k).numpy())
-            yield scores, maps
-
-    scores, median_pixel = normal_summary(batches())
-    return model.set_threshold(scores, median_pixel, (np.concatenate(map_scores), None), "normal images", now())
+    scores, median_pixel, map_scores = normal_summary(model.iter_predict(normal, desc="calibrate"), model.params_.top_k)
+    return model.set_threshold(scores, median_pixel, (map_scores, None), "normal images", now())
 
 
 @torch.inference_mode()
@@ -100,9 +92,7 @@ def merge(models: Sequence[Padim], stats: Sequence[GaussianStats | JointStats]) 
         if any(f is None for f in fusion):
             raise ValueError("a model with the deep image score keeps no out-of-fold scores to merge; refit it")
         parts = tuple(np.concatenate([np.asarray(f[k], dtype=np.float32) for f in fusion]) for k in ("map", "deep"))
-        first.scorer_.maps.fit_fusion(*parts, deep=deep_counts(total.count, first.scorer_.deep.layouts[0].levels[0]
-                                                               .channels))
+        scores = first.scorer_.fit_fusion(*parts, total.count)
         logger.warning("merged deep image score: standardized by the models' own out-of-fold scores, which a fit on "
                        "fewer images makes larger; re-set its threshold with 'padim calibrate' on normal images")
-        scores = first.scorer_.maps.fuse(*(torch.from_numpy(x) for x in parts)).numpy()
     return first.set_threshold(scores, float(np.mean(lows)) if lows else None, parts, "merge", now())

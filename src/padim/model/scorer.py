@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..params import PadimParams
+from ..params import PadimParams, deep_counts
 from .embedding import Embedding, embedding_for
 from .factor import factor_rows
 from .io import expect_tensor
@@ -25,13 +25,6 @@ from .whitening import Whitening
 # variances are far from the shallow taps', so a fixed eps would weigh them differently)
 DEEP_TOP = 10
 DEEP_EPS = 0.01
-
-
-def deep_counts(count: float, channels: int) -> bool:
-    """Whether ``count`` training images are enough for the deep score's Gaussians of ``channels``
-    channels: more images than channels (else each covariance is rank-deficient and the
-    out-of-fold distances of its training images run into the leave-one-out floor)."""
-    return count > channels
 MAD_TO_SD = 1.4826  # the median absolute deviation of a normal distribution, in standard deviations
 
 
@@ -214,6 +207,14 @@ class PadimScorer(nn.Module):
     def score(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding blocks -> (scores (B,), maps (B, H, W))."""
         return self.maps(*self.distances(blocks))
+
+    def fit_fusion(self, scores: np.ndarray, deep_scores: np.ndarray, count: float) -> np.ndarray:
+        """Fit the deep image score's fusion to normal images' out-of-fold map ``scores`` and
+        ``deep_scores`` (its deep part weighs 0 unless the ``count`` training images outnumber the
+        deep tap's channels, see ``deep_counts``); their fused scores."""
+        channels = self.embedding.deep_layout.levels[0].channels
+        self.maps.fit_fusion(scores, deep_scores, deep=deep_counts(count, channels))
+        return self.maps.fuse(torch.from_numpy(scores), torch.from_numpy(deep_scores)).numpy()
 
     def distances(self, blocks) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embedding blocks -> (B, P) Mahalanobis distances of the scales' positions, and (B, P')
