@@ -90,6 +90,24 @@ def test_extractor_writes_into_a_reused_buffer_with_the_same_values():
         extractor(images, buffer)  # 5 images, room for 3
 
 
+def test_bfloat16_features_are_float32_close_to_float32_ones_and_float32_within_the_block():
+    channels = channel_index(152, 152, 0)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    exact = FeatureExtractor("mobilenet_v2", channels, feature_dtype="float32")(images)
+    half = FeatureExtractor("mobilenet_v2", channels, feature_dtype="bfloat16")
+    deep = FeatureExtractor("mobilenet_v2", channels, feature_dtype="bfloat16", deep=True)
+    out, taps = half(images), []
+    deep(images, deep=taps)
+    assert out.dtype == torch.float32 and taps[0].dtype == torch.float32 and out.shape == exact.shape
+    error = float((out - exact).norm() / exact.norm())
+    assert 1e-4 < error < 0.1  # rounded (8 bits of mantissa), yet the same features
+    with half.float32():  # an export traces the network in float32
+        assert torch.equal(half(images), exact)
+    assert half.bfloat16 and torch.equal(half(images), out)
+    with pytest.raises(ValueError, match="feature_dtype"):
+        FeatureExtractor("mobilenet_v2", channels, feature_dtype="float16")
+
+
 def test_micro_batch_follows_the_input_pixels():
     assert [micro_batch_for(s) for s in [(64, 64), (256, 256), (320, 480), (224, 336), (512, 512), (4096, 4096)]] \
         == [64, 4, 2, 4, 1, 1]

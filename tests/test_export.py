@@ -49,6 +49,19 @@ def test_onnx_matches_native_on_real_fryum_images(fryum_small, tmp_path):
     assert b.maps.shape == (24, 128, 128) and b.maps.dtype == np.float32
 
 
+def test_a_bfloat16_model_exports_a_float32_graph_and_says_its_scores_differ(tmp_path, caplog):
+    require("onnxruntime")
+    rng = np.random.default_rng(0)
+    model = Padim(image_size=64, d=16, num_workers=0, feature_dtype="bfloat16").fit([texture(rng) for _ in range(12)])
+    images = [texture(rng) for _ in range(3)] + [texture(rng, defect=True) for _ in range(2)]
+    exported = OnnxModel.load(export_onnx(model, tmp_path / "bf16.onnx"))
+    assert "computes them in float32" in caplog.text and exported.meta_["feature_dtype"] == "bfloat16"
+    with model.scorer_.extractor.float32():  # the same Gaussians on float32 features: what the graph computes
+        report = parity(model.predict(images), exported.predict(images))
+    assert report["rel_score_diff"] < TOLERANCE and report["rel_map_diff"] < TOLERANCE, report
+    assert model.scorer_.extractor.bfloat16  # the export left the model as it was
+
+
 def test_fixed_batch_graph_pads_the_last_batch(synthetic_model, tmp_path):
     path, images = synthetic_model
     native = Padim.load(path)

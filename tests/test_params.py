@@ -53,6 +53,7 @@ def test_state_round_trips_through_json_values_and_names_a_bad_field():
         PadimParams.from_state({**state, "pool": True})
     old = {k: v for k, v in state.items() if k != "image_score"}  # a model file from before the option
     assert p.image_score == "deep" and PadimParams.from_state(old).image_score == "map"  # an older file keeps its score
+    assert PadimParams.from_state(old).feature_dtype == "float32"  # an older file's features were float32
     levels = PadimParams(image_size=(64, 96), image_score="levels").resolved()
     assert PadimParams.from_state(levels.to_state()).image_score == "levels"
     del state["eps"]
@@ -84,3 +85,4 @@ def test_the_image_score_is_kept_in_the_model_file(rng, tmp_path):
     loaded = Padim.load(model.save(tmp_path / "model.safetensors"))
     assert loaded.params_.image_score == "levels" and loaded.scorer_.maps.score == "levels"
     np.testing.assert_allclose(loaded.predict(images).scores, model.predict(images).scores, rtol=1e-5)
+

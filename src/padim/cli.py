@@ -30,6 +30,7 @@ from .errors import exit_code
 from .params import (
     CONFIGS,
     COVARIANCE_ESTIMATORS,
+    FEATURE_DTYPES,
     IMAGE_SCORES,
     MAX_IMAGE_SIDE,
     MIN_IMAGE_SIDE,
@@ -113,6 +114,12 @@ def model_options(func):
                      show_default=True,
                      help="Covariance estimator: sample covariance + eps*I (PaDiM) or OAS shrinkage + eps*I "
                           "(its coefficient differs at every position: fitted and scored per position)."),
+        click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULTS.feature_dtype,
+                     show_default=True,
+                     help="Precision of the backbone's convolutions; the model keeps it and scores in it. "
+                          "bfloat16 is faster on CPUs that compute it natively (AVX512-BF16, AMX; slower "
+                          "elsewhere), at about equal accuracy, but an ONNX export computes float32 features: "
+                          "its scores then differ from the model's (docs/performance.md)."),
         click.option("--eps", type=click.FloatRange(0, min_open=True), default=DEFAULTS.eps, show_default=True,
                      help="Added to each covariance diagonal."),
         click.option("--sigma", type=click.FloatRange(0), default=None,

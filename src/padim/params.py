@@ -12,6 +12,7 @@ MODEL_FILE = "model.safetensors"
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 4096  # 32: the deepest tap of a 4-tap backbone has stride 32
 TAP_RESIZE = ("nearest", "bilinear")
 FACTOR_DTYPES = ("float16", "float32")
+FEATURE_DTYPES = ("float32", "bfloat16")
 COVARIANCE_ESTIMATORS = ("eps", "oas")
 # what the image score ranks: 'map' the smoothed, averaged anomaly map (PaDiM); 'levels' each
 # pyramid level's own distances, unsmoothed, over 2x2 positions, averaged over the levels; 'deep'
@@ -20,12 +21,12 @@ IMAGE_SCORES = ("map", "levels", "deep")
 
 # The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
 # (by parameter name, parsed form) that replace the command's own. 'plain' is plain PaDiM at
-# anomalib's settings (256 px square, a random 100 channels, one scale, no pooling, max image score),
-# the reference every default is held against.
+# anomalib's settings (256 px square, a random 100 channels, one scale, no pooling, max image score,
+# float32 features), the reference every default is held against.
 CONFIGS: dict[str, dict[str, object]] = {
     "default": {},
     "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1,
-              "image_score": "map"},
+              "image_score": "map", "feature_dtype": "float32"},
     # the defaults with the image score of the map alone (the default before the deep score)
     "map": {"image_score": "map"},
     # the defaults with the image score from each level's unblurred distances (issue 28's candidate)
@@ -97,6 +98,7 @@ CHECKS: dict[str, tuple[Callable, str]] = {
     "pool": (lambda v: is_int(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     "tap_resize": (lambda v: v in TAP_RESIZE, " or ".join(TAP_RESIZE)),
     "factor_dtype": (lambda v: v in FACTOR_DTYPES, " or ".join(FACTOR_DTYPES)),
+    "feature_dtype": (lambda v: v in FEATURE_DTYPES, " or ".join(FEATURE_DTYPES)),
     "covariance": (lambda v: v in COVARIANCE_ESTIMATORS, " or ".join(COVARIANCE_ESTIMATORS)),
     "top_k": (lambda v: is_int(v) and v >= 1, "a positive integer"),
     "image_score": (lambda v: v in IMAGE_SCORES, " or ".join(IMAGE_SCORES)),
@@ -113,7 +115,8 @@ def check_param(name: str, value) -> None:
 
 
 # parameters added after the first model files, with the value that gives an older file's behaviour
-OLDER_FILES: dict[str, object] = {"image_score": "map", "target_fpr": 0.01, "calibration_images": 0}
+OLDER_FILES: dict[str, object] = {"image_score": "map", "target_fpr": 0.01, "calibration_images": 0,
+                                  "feature_dtype": "float32"}
 # what a fitted model says of its training and its threshold (Padim.info_, kept in its file)
 INFO_FIELDS = ("n_train", "n_calibration", "calibration_scores", "map_range", "calibration", "calibration_history",
                "map_threshold", "fusion_scores")
@@ -170,6 +173,11 @@ class PadimParams:
         out-of-fold training scores); None: 'deep' where the backbone has a deep tap and there are
         calibration images, else 'map'.
         The maps are the same for all three; masks and colours use the map's own threshold.
+    feature_dtype: the precision the backbone computes in, 'float32' or 'bfloat16' (convolutions
+        on bfloat16 inputs and weights, summing in float32; the taps turned back into float32 for
+        everything after). A model scores in the precision it was fitted in, as its Gaussians hold
+        that precision's rounding. bfloat16 features differ from float32 ones by several percent,
+        which an ONNX export (float32) does not reproduce: see docs/performance.md.
     """
 
     backbone: str = "mobilenet_v2"
@@ -187,6 +195,7 @@ class PadimParams:
     top_k: int = 1
     scales: tuple[float, ...] = (1.0, 0.7)
     image_score: str | None = None
+    feature_dtype: str = "float32"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -4,7 +4,8 @@ scales, whose positions are concatenated."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -85,12 +86,17 @@ class FeatureExtractor(nn.Module):
     ``deep``: also give the backbone's deep tap (stride 32, pooled as the others, all its channels)
     at the largest scale, for the deep image score: pass a list as ``deep`` to :meth:`forward` or
     :meth:`blocks` and they append its (B, C, h, w) maps to it, batch part by batch part.
+    ``feature_dtype``: 'bfloat16' runs the network under autocast (bfloat16 convolutions summing in
+    float32, several times less memory traffic), its taps turned back into float32; 'float32'
+    runs it as it is (see :meth:`float32` for an export).
     """
 
     def __init__(self, backbone: str, channels: torch.Tensor, weights: Path | None = None, pretrained: bool = True,
                  pool: int = 1, tap_resize: str = "nearest", micro_batch: int | Literal["auto"] | None = "auto",
-                 scales: Sequence[float] = (1.0,), deep: bool = False):
+                 scales: Sequence[float] = (1.0,), deep: bool = False, feature_dtype: str = "float32"):
         super().__init__()
+        check_param("feature_dtype", feature_dtype)
+        self.bfloat16 = feature_dtype == "bfloat16"
         self.scales = check_scales(scales)
         self._grids: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
         self._layouts: dict[tuple[int, int], list[ScaleLayout] | None] = {}
@@ -252,10 +258,22 @@ class FeatureExtractor(nn.Module):
     def _run(self, x: torch.Tensor, deep: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """The network's taps of normalized ``x``; its deep tap (the head on from the last tap, only
         here), pooled, appended to ``deep``."""
-        raw = self.net(x.contiguous(memory_format=torch.channels_last))
-        if self.deep_channels and deep is not None:
-            deep.append(self._pooled(self.net.head(raw[-1])))
-        return raw
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bfloat16):
+            raw = self.net(x.contiguous(memory_format=torch.channels_last))
+            head = self.net.head(raw[-1]) if self.deep_channels and deep is not None else None
+        if head is not None:
+            deep.append(self._pooled(head.float()))
+        return [t.float() for t in raw] if self.bfloat16 else raw
+
+    @contextlib.contextmanager
+    def float32(self) -> Iterator[FeatureExtractor]:
+        """Within the block, the network runs in float32 whatever ``feature_dtype`` says: for an
+        export, whose runtimes have no bfloat16 convolutions."""
+        kept, self.bfloat16 = self.bfloat16, False
+        try:
+            yield self
+        finally:
+            self.bfloat16 = kept
 
     def _pooled(self, tap: torch.Tensor) -> torch.Tensor:
         if self.pool == 1:

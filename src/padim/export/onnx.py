@@ -16,6 +16,7 @@ as ``NAME.onnx`` plus its weights in ``NAME.onnx.data`` (ONNX external data), lo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -32,6 +33,7 @@ from ..model import Padim
 from .graph import ScoringGraph
 from .runtime import META_KEY, ONNX_FORMAT, external_data_path, import_optional, model_id
 
+logger = logging.getLogger(__name__)
 OPSET = 17  # ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights above which they go to NAME.onnx.data (limit: 2 GiB)
 HALF_MIN_ELEMENTS = 4096  # smaller weights stay float32: a Cast node each would outweigh the saving
@@ -103,7 +105,14 @@ def export_onnx(model: Padim, out: Path, source: Path | None = None, dynamic_bat
     axes = {"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None
     out = Path(out)
     data = external_data_path(out)
-    with (atomic_path(out) as tmp, warnings.catch_warnings(),
+    if model.params_.feature_dtype != "float32":
+        logger.warning("the model was fitted on %s features; the exported graph computes them in float32 (ONNX "
+                       "runtimes have no %s convolutions), so its scores differ from the model's (the export's check "
+                       "prints by how much) and its threshold may not keep its promise; fit with --feature-dtype "
+                       "float32 for a model to export",
+                       model.params_.feature_dtype, model.params_.feature_dtype)
+    # ONNX runtimes have no bfloat16 convolutions: the graph is traced in float32
+    with (atomic_path(out) as tmp, warnings.catch_warnings(), scorer.extractor.float32(),
           tempfile.TemporaryDirectory(prefix=".padim-export-", dir=out.parent) as scratch):
         # the TorchScript exporter is deprecated in favour of torch.export, but it handles this
         # module as is and gives a plain static graph; its warnings are not actionable here

@@ -28,7 +28,7 @@ from .. import __version__
 from ..atomic import atomic_path, write_bytes
 from ..backbones.registry import get_spec
 from ..errors import BackboneError, ModelFileError
-from ..params import CHECKS, RETIRED, PadimParams, is_int, is_number
+from ..params import CHECKS, OLDER_FILES, RETIRED, PadimParams, is_int, is_number
 
 # 2: feature pyramid (scales, grids); 3: channels deepest tap first; 4: the factor per cell where
 # scoring runs cell by cell, float16 by default
@@ -242,7 +242,9 @@ def read_stats_file(path: Path, params: PadimParams) -> tuple[float, dict[str, t
             if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
                 raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                                  f"expected {STATS_FORMAT!r}")
-            if meta.get("params") != params.model_state():
+            # an older file's params lack those added since: they hold the values that file behaved by
+            written = meta.get("params")
+            if not isinstance(written, dict) or {**OLDER_FILES, **written} != {**OLDER_FILES, **params.model_state()}:
                 raise ValueError("written for a model of other parameters")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:

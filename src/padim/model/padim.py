@@ -38,13 +38,13 @@ class Padim:
 
     def __init__(self, backbone: str = DEFAULTS.backbone, image_size: int | Sequence[int] = DEFAULTS.image_size,
                  d: int | None = DEFAULTS.d, eps: float = DEFAULTS.eps, sigma: float | None = DEFAULTS.sigma,
-                 seed: int = DEFAULTS.seed, target_fpr: float = DEFAULTS.target_fpr,
-                 calibration_images: int = DEFAULTS.calibration_images, pool: int = DEFAULTS.pool,
-                 tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
-                 covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k, scales: Sequence[float] =
-                 DEFAULTS.scales, image_score: str = DEFAULTS.image_score, *, batch_size: int = 16,
-                 num_workers: int | None = None, device: str = "cpu", weights: str | Path | None = None,
-                 progress: bool = False, pretrained: bool = True):
+                 seed: int = DEFAULTS.seed, target_fpr: float = DEFAULTS.target_fpr, pool: int = DEFAULTS.pool,
+                 calibration_images: int = DEFAULTS.calibration_images, tap_resize: str = DEFAULTS.tap_resize,
+                 factor_dtype: str = DEFAULTS.factor_dtype, covariance: str = DEFAULTS.covariance,
+                 top_k: int = DEFAULTS.top_k, scales: Sequence[float] = DEFAULTS.scales,
+                 image_score: str = DEFAULTS.image_score, feature_dtype: str = DEFAULTS.feature_dtype, *,
+                 batch_size: int = 16, num_workers: int | None = None, device: str = "cpu",
+                 weights: str | Path | None = None, progress: bool = False, pretrained: bool = True):
         self.set_params(**{name: value for name, value in locals().items() if name in (*PadimParams.names(), *RUNTIME)})
 
     def get_params(self, deep: bool = True) -> dict:
@@ -68,11 +68,11 @@ class Padim:
         built on first use and kept while the settings it depends on stay the same."""
         p = params or self.model_params()
         key = (p.backbone, p.d, p.seed, p.pool, p.tap_resize, p.scales, p.image_score == "deep", str(self.device),
-               self.weights, self.pretrained)
+               self.weights, self.pretrained, p.feature_dtype)
         if getattr(self, "_extractor", (None,))[0] != key:
             channels, weights = channel_index(sum(get_spec(p.backbone).channels), p.d, p.seed), self.weights
             extractor = FeatureExtractor(p.backbone, channels, weights and Path(weights), self.pretrained, p.pool,
-                                         p.tap_resize, scales=p.scales, deep=key[6])
+                                         p.tap_resize, scales=p.scales, deep=key[6], feature_dtype=p.feature_dtype)
             self._extractor = (key, extractor.to(torch.device(self.device)))
         return self._extractor[1]
 
