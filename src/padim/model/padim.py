@@ -38,12 +38,12 @@ class Padim:
 
     def __init__(self, backbone: str = DEFAULTS.backbone, image_size: int | Sequence[int] = DEFAULTS.image_size,
                  d: int | None = DEFAULTS.d, eps: float = DEFAULTS.eps, sigma: float | None = DEFAULTS.sigma,
-                 seed: int = DEFAULTS.seed, target_fpr: float = DEFAULTS.target_fpr, pool: int = DEFAULTS.pool,
-                 calibration_images: int = DEFAULTS.calibration_images, tap_resize: str = DEFAULTS.tap_resize,
-                 factor_dtype: str = DEFAULTS.factor_dtype, covariance: str = DEFAULTS.covariance,
-                 top_k: int = DEFAULTS.top_k, scales: Sequence[float] = DEFAULTS.scales,
-                 image_score: str = DEFAULTS.image_score, feature_dtype: str = DEFAULTS.feature_dtype, *,
-                 batch_size: int = 16, num_workers: int | None = None, device: str = "cpu",
+                 seed: int = DEFAULTS.seed, target_fpr: float = DEFAULTS.target_fpr,
+                 calibration_images: int = DEFAULTS.calibration_images, pool: int = DEFAULTS.pool,
+                 tap_resize: str = DEFAULTS.tap_resize, factor_dtype: str = DEFAULTS.factor_dtype,
+                 covariance: str = DEFAULTS.covariance, top_k: int = DEFAULTS.top_k, scales: Sequence[float] =
+                 DEFAULTS.scales, image_score: str = DEFAULTS.image_score, feature_dtype: str = DEFAULTS.feature_dtype,
+                 *, batch_size: int = 16, num_workers: int | None = None, device: str = "cpu",
                  weights: str | Path | None = None, progress: bool = False, pretrained: bool = True):
         self.set_params(**{name: value for name, value in locals().items() if name in (*PadimParams.names(), *RUNTIME)})
 
