@@ -9,7 +9,9 @@ written where the user sees it (``padim.reports.run_folder`` puts the result on 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,12 +90,18 @@ def _resize(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                          align_corners=False)[0, 0].numpy()
 
 
-def _pixel_data(sample: Sample, amap: np.ndarray, resolution: str) -> tuple[np.ndarray | None, np.ndarray]:
+def _pixel_data(sample: Sample, amap: np.ndarray, resolution: str) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """One image's ground truth (None for an anomaly without a mask) and map, both at the model
-    input size or, with resolution='original', at the image's own size."""
-    hw = tuple(amap.shape) if resolution == "model" else image_size(sample.path)
+    input size or, with resolution='original', at the image's own size; and the bit-packed mask
+    the figures show, at the model input size (all False without a mask file)."""
+    size = tuple(amap.shape)
+    hw = size if resolution == "model" else image_size(sample.path)
     mask = read_mask(sample.mask, hw) if (sample.mask is not None or sample.label == 0) else None
-    return mask, (amap if hw == tuple(amap.shape) else _resize(amap, hw))
+    if sample.mask is None:  # Evaluation.mask gives None: nothing to keep
+        shown = np.zeros(size, bool)
+    else:
+        shown = mask if resolution == "model" else read_mask(sample.mask, size)
+    return mask, (amap if hw == size else _resize(amap, hw)), np.packbits(shown)
 
 
 def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stages | None = None,
@@ -114,6 +122,9 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
     scores: list[np.ndarray] = []
     low, high = np.inf, -np.inf
     start, metric_seconds = time.perf_counter(), 0.0
+    # the masks are decoded on a thread per core (decoding releases the GIL): between the network's
+    # calls its cores would otherwise wait on this one
+    pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1))
     try:
         done = 0
         for batch_scores, batch_maps in model.iter_predict([s.path for s in test]):
@@ -121,16 +132,11 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
             maps.append(batch_maps)
             scores.append(batch_scores)
             low, high = min(low, float(batch_maps.min())), max(high, float(batch_maps.max()))
-            packed = []
-            for sample, score, amap in zip(test[done:done + len(batch_scores)], batch_scores, batch_maps, strict=True):
-                mask, at = _pixel_data(sample, amap, resolution)
+            batch = test[done:done + len(batch_scores)]
+            pixels = list(pool.map(_pixel_data, batch, batch_maps, [resolution] * len(batch)))
+            for sample, score, (mask, at, _) in zip(batch, batch_scores, pixels, strict=True):
                 stream.add(sample.label, score, sample.defects, mask, at)
-                if sample.mask is None:  # Evaluation.mask gives None: nothing to keep
-                    shown = np.zeros(size, bool)
-                else:  # the figures show the mask at the model's size
-                    shown = mask if resolution == "model" else read_mask(sample.mask, size)
-                packed.append(np.packbits(shown))
-            masks.append(np.stack(packed))
+            masks.append(np.stack([packed for _, _, packed in pixels]))
             done += len(batch_scores)
             release_freed_memory()
             metric_seconds += time.perf_counter() - tick
@@ -143,6 +149,8 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
         maps.close()
         masks.close()
         raise
+    finally:
+        pool.shutdown()
     worst = max((v for v in metrics.get("pixel_metrics_max_error", {}).values() if v is not None), default=0.0)
     if worst > PROMISED_ERROR:  # the scores crowd into few bins (ties of both classes at nearby values)
         logger.warning("the pixel metrics are within %.2g of their exact values (pixel_metrics_max_error in "

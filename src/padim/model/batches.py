@@ -3,8 +3,10 @@ and the buffers that batches are written into."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -28,18 +30,33 @@ def decode_workers(requested: int | None, n_images: int, batch_size: int) -> int
     return max(0, min(2, spare)) if n_images > batch_size else 0
 
 
+def decoded_batches(files: ImageFiles, batch_size: int, threads: int | None = None) -> Iterator[torch.Tensor]:
+    """uint8 (B, 3, H, W) batches of ``files`` in order, each batch decoded on ``threads`` threads
+    (default: one per core) before it is handed on. Decoding and resizing release the GIL, so the
+    cores that the network leaves idle while this process decodes share the work; between the
+    network's calls, nothing competes with its threads (decoding processes would)."""
+    threads = min(threads or os.cpu_count() or 1, batch_size)
+    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+        get = files.__getitem__
+        for start in range(0, len(files), batch_size):
+            indices = range(start, min(start + batch_size, len(files)))
+            yield torch.stack(list(pool.map(get, indices) if pool is not None else map(get, indices)))
+
+
 def image_batches(images: Sequence[ImageSource] | torch.Tensor, embedding: Embedding, batch_size: int,
                   num_workers: int | None = None, desc: str = "predict", progress: bool = False, fork: bool = True,
                   buffer_images: int | None = None) -> Iterator[tuple[torch.Tensor, object]]:
-    """uint8 (B, 3, H, W) batches on the embedding's device, decoded in worker processes (in this
-    one if not ``fork``), each with the one embedding buffer (of ``buffer_images`` images, default
-    one batch; None off the CPU or for a lone image) they are all written into."""
+    """uint8 (B, 3, H, W) batches on the embedding's device, decoded in worker processes where
+    cores are left for them (in this one, on threads, otherwise or if not ``fork``), each with the
+    one embedding buffer (of ``buffer_images`` images, default one batch; None off the CPU or for a
+    lone image) they are all written into."""
     if isinstance(images, torch.Tensor):
         batches = images.split(batch_size)
     else:
         workers = decode_workers(num_workers, len(images), batch_size) if fork else 0
-        batches = torch.utils.data.DataLoader(ImageFiles(images, embedding.size), batch_size=batch_size,
-                                              num_workers=workers)
+        files = ImageFiles(images, embedding.size)
+        batches = (torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers) if workers
+                   else decoded_batches(files, batch_size))
     out = None
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         # no buffer for a lone image: predicting one image runs the network once
