@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import defect_mask, texture
+from conftest import defect_mask, texture, write_png
 from padim import Padim
+from padim.datasets import DatasetError
+from padim.datasets.images import ImageFiles
 from padim.metrics import auroc
 from padim.model import ModelFileError, read_model_file
-from padim.model.batches import STATS_GROUP, decode_workers
+from padim.model.batches import STATS_GROUP, decode_workers, decoded_batches
 from padim.model.calibration import operating_point
 from padim.model.stats import GaussianStats, JointStats
 
@@ -179,6 +181,19 @@ def test_decoding_processes_only_on_cores_that_torch_leaves_free(monkeypatch):
         assert decode_workers(None, 100, 16) == expected
     assert decode_workers(None, 16, 16) == 0  # one batch: nothing to overlap
     assert decode_workers(3, 16, 16) == 3  # as requested
+
+
+def test_batches_decoded_on_threads_equal_the_data_loaders_in_order_and_name_a_bad_file(tmp_path):
+    rng = np.random.default_rng(4)
+    paths = [write_png(tmp_path / f"{i}.png", texture(rng, size=48)) for i in range(7)]
+    files = ImageFiles(paths, (32, 40))
+    want = list(torch.utils.data.DataLoader(files, batch_size=3))
+    got = list(decoded_batches(files, 3, threads=2))
+    assert [b.shape for b in got] == [(3, 3, 32, 40), (3, 3, 32, 40), (1, 3, 32, 40)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    (tmp_path / "4.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="4.png"):
+        list(decoded_batches(files, 3, threads=2))
 
 
 def test_the_deep_score_is_fitted_out_of_fold_and_masks_keep_the_maps_own_threshold(tmp_path):

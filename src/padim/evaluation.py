@@ -123,8 +123,10 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
     low, high = np.inf, -np.inf
     start, metric_seconds = time.perf_counter(), 0.0
     # the masks are decoded on a thread per core (decoding releases the GIL): between the network's
-    # calls its cores would otherwise wait on this one
-    pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1))
+    # calls its cores would otherwise wait on this one. One image per thread at a time, so that full-size
+    # maps and masks (resolution 'original') are held for a few images, not a whole batch
+    threads = max(1, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(threads)
     try:
         done = 0
         for batch_scores, batch_maps in model.iter_predict([s.path for s in test]):
@@ -132,11 +134,15 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
             maps.append(batch_maps)
             scores.append(batch_scores)
             low, high = min(low, float(batch_maps.min())), max(high, float(batch_maps.max()))
-            batch = test[done:done + len(batch_scores)]
-            pixels = list(pool.map(_pixel_data, batch, batch_maps, [resolution] * len(batch)))
-            for sample, score, (mask, at, _) in zip(batch, batch_scores, pixels, strict=True):
-                stream.add(sample.label, score, sample.defects, mask, at)
-            masks.append(np.stack([packed for _, _, packed in pixels]))
+            packed = []
+            for i in range(0, len(batch_scores), threads):
+                end = min(i + threads, len(batch_scores))
+                batch = test[done + i:done + end]
+                pixels = pool.map(_pixel_data, batch, batch_maps[i:end], [resolution] * len(batch))
+                for sample, score, (mask, at, shown) in zip(batch, batch_scores[i:end], pixels, strict=True):
+                    stream.add(sample.label, score, sample.defects, mask, at)
+                    packed.append(shown)
+            masks.append(np.stack(packed))
             done += len(batch_scores)
             release_freed_memory()
             metric_seconds += time.perf_counter() - tick

@@ -35,7 +35,7 @@ def decoded_batches(files: ImageFiles, batch_size: int, threads: int | None = No
     (default: one per core) before it is handed on. Decoding and resizing release the GIL, so the
     cores that the network leaves idle while this process decodes share the work; between the
     network's calls, nothing competes with its threads (decoding processes would)."""
-    threads = min(threads or os.cpu_count() or 1, batch_size)
+    threads = min(threads or os.cpu_count() or 1, batch_size, len(files))
     with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
         get = files.__getitem__
         for start in range(0, len(files), batch_size):
