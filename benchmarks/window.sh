@@ -10,10 +10,11 @@
 # while it runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ANOMALIB=${1:-/tmp/anomvenv/bin/python}
-PREPARED=${2:-/tmp/fryum_mv}
-shift $(( $# < 2 ? $# : 2 ))
-[ "${1:-}" = "--" ] && shift
+ANOMALIB=/tmp/anomvenv/bin/python
+PREPARED=/tmp/fryum_mv
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then ANOMALIB=$1; shift; fi
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then PREPARED=$1; shift; fi
+if [ $# -gt 0 ] && [ "$1" = "--" ]; then shift; fi
 PYTHON=${PYTHON:-.venv/bin/python}
 ours() {
   "$PYTHON" benchmarks/stages.py --datasets fryum -- --image-size 256 --aspect square --d 100 --scales 1 \

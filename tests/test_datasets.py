@@ -113,3 +113,24 @@ def test_keep_aspect_sizes_the_longer_side_from_the_image(tmp_path):
     assert keep_aspect(384, wide) == (384, 576)
     assert keep_aspect(256, tall) == (384, 256)
     assert keep_aspect(250, wide) == (250, 368)  # 375 rounded to a multiple of 16
+
+
+def test_images_opened_on_many_threads_refuse_every_bomb_and_leave_the_warning_filters(tmp_path, monkeypatch):
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [write_png(tmp_path / f"{i}.png", np.full((8, 8, 3), i, np.uint8)) for i in range(32)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 64 px: Pillow only warns (1x-2x), the tool refuses
+
+    def refused(path) -> bool:
+        try:
+            read_image(path, (8, 8))
+        except DatasetError as exc:
+            return "decompression-bomb" in str(exc)
+        return False
+
+    before = list(warnings.filters)
+    for _ in range(5):
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(refused, paths))
+    assert warnings.filters == before  # each thread's filters were its own, one at a time

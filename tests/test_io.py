@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import texture
@@ -210,6 +211,26 @@ def test_older_versions_and_unknown_fields_load_with_a_warning(model_file, tmp_p
         model = Padim.load(path)
     assert model.threshold_ == Padim.load(model_file).threshold_
     assert "unknown metadata field(s) note" in caplog.text
+
+
+def test_a_file_from_before_feature_dtype_loads_as_float32_with_its_statistics(tmp_path):
+    from padim.model.io import STATS_FORMAT, stats_path
+    from padim.model.line import load_stats
+
+    rng = np.random.default_rng(1)
+    fitted = Padim(image_size=64, d=8, sigma=1.0).fit([texture(rng) for _ in range(6)])
+    new = fitted.save(tmp_path / "new" / "model.safetensors")
+    old = rewrite(new, tmp_path / "model.safetensors", meta_change=lambda m: m.pop("feature_dtype"))
+    with safe_open(str(stats_path(new)), framework="pt") as f:  # the sidecar, without the field too
+        meta, stats = json.loads(f.metadata()["padim"]), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == STATS_FORMAT
+    meta["params"].pop("feature_dtype")
+    save_file(stats, str(stats_path(old)), metadata={"padim": json.dumps(meta)})
+    model = Padim.load(old)
+    assert model.params_.feature_dtype == "float32" and not model.scorer_.extractor.bfloat16
+    assert load_stats(model, old).count == 6
+    images = [texture(rng) for _ in range(2)]
+    assert np.array_equal(model.predict(images).scores, fitted.predict(images).scores)
 
 
 def test_model_records_its_weights_file_and_files_without_the_record_load_as_before(model_file, tmp_path, caplog):

@@ -159,7 +159,8 @@ def runtime_options(func):
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
                      help="Images per backbone batch."),
         click.option("--workers", type=click.IntRange(0), default=None,
-                     help="Image decoding processes (default: up to 2, on cores torch's threads leave free)."),
+                     help="Image decoding processes (default: up to 2, on cores torch's threads leave free; "
+                          "without them, a thread per core decodes between the network's calls; 0: one thread)."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars."),
     ]
     for decorator in reversed(decorators):

@@ -125,7 +125,7 @@ def evaluate(model: Padim, split: Split, resolution: str = "model", stages: Stag
     # the masks are decoded on a thread per core (decoding releases the GIL): between the network's
     # calls its cores would otherwise wait on this one. One image per thread at a time, so that full-size
     # maps and masks (resolution 'original') are held for a few images, not a whole batch
-    threads = max(1, os.cpu_count() or 1)
+    threads = max(1, min(4, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(threads)
     try:
         done = 0

@@ -21,12 +21,12 @@ IMAGE_SCORES = ("map", "levels", "deep")
 
 # The named configurations of 'padim benchmark --configs', in one table: 'padim run' option values
 # (by parameter name, parsed form) that replace the command's own. 'plain' is plain PaDiM at
-# anomalib's settings (256 px square, a random 100 channels, one scale, no pooling, max image score,
-# float32 features), the reference every default is held against.
+# anomalib's settings (256 px square, a random 100 channels, one scale, no pooling, max image score),
+# the reference every default is held against.
 CONFIGS: dict[str, dict[str, object]] = {
     "default": {},
     "plain": {"image_size": 256, "aspect": "square", "d": 100, "scales": (1.0,), "pool": 1, "top_k": 1,
-              "image_score": "map", "feature_dtype": "float32"},
+              "image_score": "map"},
     # the defaults with the image score of the map alone (the default before the deep score)
     "map": {"image_score": "map"},
     # the defaults with the image score from each level's unblurred distances (issue 28's candidate)

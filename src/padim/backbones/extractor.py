@@ -268,7 +268,8 @@ class FeatureExtractor(nn.Module):
     @contextlib.contextmanager
     def float32(self) -> Iterator[FeatureExtractor]:
         """Within the block, the network runs in float32 whatever ``feature_dtype`` says: for an
-        export, whose runtimes have no bfloat16 convolutions."""
+        export, whose runtimes have no bfloat16 convolutions. It changes this extractor, which its
+        model shares: not for a model that scores images on another thread meanwhile."""
         kept, self.bfloat16 = self.bfloat16, False
         try:
             yield self

@@ -8,6 +8,7 @@ modes (grayscale, palette, RGBA, 16-bit) are converted to RGB.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,11 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 EXIF_ORIENTATION = 0x0112
 
 
+# catch_warnings swaps the process's one list of warning filters: images are decoded on several
+# threads, so one of them at a time opens a file under its own filters (opening reads the header only)
+_FILTERS = threading.Lock()
+
+
 def _max_pixels() -> int:
     # Pillow's own guard (about 89 Mpx); read at call time so a caller can raise it deliberately
     return int(Image.MAX_IMAGE_PIXELS or 0)
@@ -44,7 +50,7 @@ def _open(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise DatasetError(f"{path}: empty file (0 bytes); replace or remove it")
-        with warnings.catch_warnings():
+        with _FILTERS, warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; refuse the whole range instead
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
@@ -131,7 +137,7 @@ def image_size(path: Path, upright: bool = True) -> tuple[int, int]:
     ``upright``, how :func:`read_mask` reads a mask), from its header only (a PNG's EXIF may follow
     its pixels: reading it decodes the whole file, which ``upright=False`` never does)."""
     try:
-        with warnings.catch_warnings():
+        with _FILTERS, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size

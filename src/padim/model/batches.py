@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..datasets.images import ImageFiles, ImageSource
@@ -43,20 +44,27 @@ def decoded_batches(files: ImageFiles, batch_size: int, threads: int | None = No
             yield torch.stack(list(pool.map(get, indices) if pool is not None else map(get, indices)))
 
 
+def _shared(images: Sequence[ImageSource]) -> bool:
+    """Whether any source is a PIL image: it may be a file opened lazily, which two threads would
+    then read at once (paths and arrays decode apart)."""
+    return any(isinstance(image, Image.Image) for image in images)
+
+
 def image_batches(images: Sequence[ImageSource] | torch.Tensor, embedding: Embedding, batch_size: int,
                   num_workers: int | None = None, desc: str = "predict", progress: bool = False, fork: bool = True,
                   buffer_images: int | None = None) -> Iterator[tuple[torch.Tensor, object]]:
     """uint8 (B, 3, H, W) batches on the embedding's device, decoded in worker processes where
-    cores are left for them (in this one, on threads, otherwise or if not ``fork``), each with the
-    one embedding buffer (of ``buffer_images`` images, default one batch; None off the CPU or for a
-    lone image) they are all written into."""
+    cores are left for them (see :func:`decode_workers`), else in this process: on a thread per
+    core, or on this thread alone with ``num_workers=0`` (as Dask's tasks ask, several of which
+    share a worker's cores). Each batch comes with the one embedding buffer (of ``buffer_images``
+    images, default one batch; None off the CPU or for a lone image) they are all written into."""
     if isinstance(images, torch.Tensor):
         batches = images.split(batch_size)
     else:
         workers = decode_workers(num_workers, len(images), batch_size) if fork else 0
         files = ImageFiles(images, embedding.size)
         batches = (torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=workers) if workers
-                   else decoded_batches(files, batch_size))
+                   else decoded_batches(files, batch_size, threads=1 if num_workers == 0 or _shared(images) else None))
     out = None
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         # no buffer for a lone image: predicting one image runs the network once

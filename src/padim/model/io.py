@@ -71,6 +71,8 @@ def read_model_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ModelFileError(f"{path}: model format {found!r}, this version reads {FORMAT!r} (the whitening "
                              "factor is now stored per cell); re-run 'padim fit'")
+    for name, value in OLDER_FILES.items():  # parameters added since the file was written: its behaviour
+        meta.setdefault(name, value)
     check_metadata(path, meta)
     try:
         with safe_open(str(path), framework="pt") as f:
