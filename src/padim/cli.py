@@ -383,7 +383,6 @@ _AUTO = click.option("--auto", is_flag=True,
 def _auto(device: str, workers: int | None, split, params: dict) -> tuple[dict, dict]:
     """--auto: ``params`` with the chosen named configuration's options, and the choice's record."""
     from .auto import choose_config
-    from .params import CONFIGS
 
     name, record = choose_config([s.path for s in split.train], lambda p: _new_model(device, workers, split, **p)[0],
                                  params, log=click.echo)

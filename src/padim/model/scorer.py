@@ -16,7 +16,7 @@ from ..params import PadimParams, deep_counts
 from .embedding import Embedding, embedding_for
 from .factor import factor_rows
 from .io import expect_tensor
-from .stats import GaussianStats, JointStats
+from .stats import DEEP_PREFIX, GaussianStats, JointStats, split_deep
 from .whitening import Whitening
 
 # the deep image score (image_score 'deep'): the mean of the DEEP_TOP largest distances of the deep
@@ -232,7 +232,7 @@ class PadimScorer(nn.Module):
         the deep score, the deep whitening's (``deep_``) and the ``fusion``."""
         out = {**self.whitening.state(dtype), "channels": self.extractor.channels.cpu().contiguous()}
         if self.deep is not None:
-            out.update({f"deep_{k}": v for k, v in self.deep.state(dtype).items()})
+            out.update({DEEP_PREFIX + k: v for k, v in self.deep.state(dtype).items()})
             out["fusion"] = self.maps.fusion.cpu().clone()
         return out
 
@@ -252,14 +252,14 @@ class PadimScorer(nn.Module):
         deep = None if p.image_score != "deep" else Whitening([embedding.deep_layout], embedding.device)
         names = stored.tensor_names() | {"channels"}
         if deep is not None:
-            names |= {f"deep_{k}" for k in deep.tensor_names()} | {"fusion"}
+            names |= {DEEP_PREFIX + k for k in deep.tensor_names()} | {"fusion"}
         extra = sorted(set(tensors) - names)
         if extra:
             raise ValueError(f"unexpected tensor(s) {', '.join(extra)}; not a file written by 'padim fit'")
         stored.load_state(tensors, dtype)
         scorer = cls(embedding, stored, p.sigma, p.top_k, p.image_score, deep)
         if deep is not None:
-            deep.load_state({k[len("deep_"):]: v for k, v in tensors.items() if k.startswith("deep_")}, dtype)
+            deep.load_state(split_deep(tensors)[1], dtype)
             fusion = expect_tensor(tensors, "fusion", (5,), torch.float32)
             if not bool((fusion[1:4:2] > 0).all()) or float(fusion[4]) not in (0.0, 1.0):
                 raise ValueError("fusion spreads must be positive and the deep weight 0 or 1")

@@ -297,6 +297,15 @@ def check_finite(x: torch.Tensor) -> None:
         raise FloatingPointError("the accumulated statistics hold NaN or inf")
 
 
+DEEP_PREFIX = "deep_"  # the deep tap's tensors beside the map's, in a model file and a statistics sidecar
+
+
+def split_deep(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the map's tensors, the deep tap's with DEEP_PREFIX taken off their names)."""
+    main = {k: v for k, v in tensors.items() if not k.startswith(DEEP_PREFIX)}
+    return main, {k[len(DEEP_PREFIX):]: v for k, v in tensors.items() if k.startswith(DEEP_PREFIX)}
+
+
 class JointStats:
     """The statistics of a model with the deep image score: the map's (``main``, in the model's
     layout) and the deep tap's (``deep``, one Gaussian per position of its own grid), fed from one
@@ -352,15 +361,14 @@ class JointStats:
 
     def state(self) -> dict[str, torch.Tensor]:
         """Both parts' :meth:`GaussianStats.state`, the deep one's names prefixed ``deep_``."""
-        return {**self.main.state(), **{f"deep_{k}": v for k, v in self.deep.state().items()}}
+        return {**self.main.state(), **{DEEP_PREFIX + k: v for k, v in self.deep.state().items()}}
 
     @classmethod
     def from_state(cls, layouts: list[ScaleLayout], deep_layout: ScaleLayout, count: float,
                    tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> JointStats:
         """The statistics of :meth:`state`'s ``tensors``; ValueError names a bad one."""
-        deep = {k[len("deep_"):]: v for k, v in tensors.items() if k.startswith("deep_")}
+        main, deep = split_deep(tensors)
         if not deep:
             raise ValueError("no statistics of the deep image score (deep_* tensors)")
-        main = {k: v for k, v in tensors.items() if not k.startswith("deep_")}
         return cls(GaussianStats.from_state(layouts, count, main, device),
                    GaussianStats.from_state([deep_layout], count, deep, device))
